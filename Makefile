@@ -1,0 +1,40 @@
+# hpc_bkd — the two commands: `make run` (install + default job) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+NP     ?= 2
+RUN_DIR ?= runs/default
+
+.PHONY: install run run-mpi test test-fast bench slurm-up slurm-down clean
+
+$(VENV)/.installed: setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[mpi,test]'
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv with torch (pinned), mpi4py + MPICH, submitit, pytest
+
+run: install  ## install, then run the default job (VGG16 teacher on bundled digits) as one rank
+	$(PY) -m hpc_bkd run --run-dir $(RUN_DIR)
+
+run-mpi: install  ## the default job across NP ranks with the bundled MPICH
+	$(VENV)/bin/mpirun -np $(NP) $(PY) -m hpc_bkd run --run-dir $(RUN_DIR)-np$(NP)
+
+test: install  ## the whole suite (starts and stops a local SLURM when run as root)
+	$(PY) -m pytest -q tests
+
+test-fast: install  ## skip the slow tier
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: install  ## benchmark: 1 vs 2 ranks, paper schedule, end-to-end KD; table + JSON + PNG
+	$(PY) -m hpc_bkd.bench --out bench/results
+
+slurm-up:
+	bash launch/local-slurm.sh start
+
+slurm-down:
+	bash launch/local-slurm.sh stop
+
+clean:
+	rm -rf runs bench/results .pytest_cache

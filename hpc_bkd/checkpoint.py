@@ -1,0 +1,53 @@
+"""Atomic files: a crash or a kill never leaves a half-written checkpoint, report or plot behind."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic on POSIX within one filesystem
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file in the same directory, then rename over ``path``."""
+    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def load(path: str | Path) -> Any:
+    """Load a checkpoint safely: tensors and plain containers only (``weights_only=True``)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    _atomic(Path(path), write)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def savefig(fig: Any, path: str | Path) -> None:
+    """Save a matplotlib figure atomically (the temp file keeps the .png suffix for the backend)."""
+    _atomic(Path(path), lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120,
+                                                bbox_inches="tight"))

@@ -1,0 +1,199 @@
+"""Command line: ``python -m hpc_bkd [run|train-teacher|plan|distill|evaluate|config-keys] ...``.
+
+The same command works alone (one rank) and under ``mpirun -np N``/``srun``/``sbatch``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from .config import ConfigError, Config, describe_keys, load_config, shipped_configs
+
+log = logging.getLogger("hpc_bkd")
+
+EXIT_BAD_INPUT = 2
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", default=None,
+                   help="YAML file or shipped config name (default: digits-vgg16; see `hpc-bkd configs`)")
+    p.add_argument("--run-dir", default=None, help="run directory (overrides run.dir)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set distill.epochs=2 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpc-bkd", description="Parallel blockwise knowledge distillation over MPI.")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("run", help="the whole job: teacher -> distill -> fine-tune -> report (default)")
+    _common(p)
+    p = sub.add_parser("train-teacher", help="train (or load) the teacher and cache it in the run directory")
+    _common(p)
+    p = sub.add_parser("plan", help="print blocks, assignment and predicted per-rank load; trains nothing")
+    _common(p)
+    p.add_argument("--ranks", type=int, default=None, help="plan for this many ranks (default: MPI size)")
+    p.add_argument("--costs", default=None, help="plan from a JSON list of per-block costs; needs no model or data")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    p = sub.add_parser("distill", help="distill and assemble the student, without end-to-end fine-tuning")
+    _common(p)
+    p = sub.add_parser("evaluate", help="test accuracy of the teacher and the saved student of a run directory")
+    _common(p)
+    sub.add_parser("config-keys", help="every config key with its default and meaning")
+    sub.add_parser("configs", help="list the shipped configs")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run.dir={args.run_dir}")
+    return load_config(args.config, overrides)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import costs_from_json, make_plan
+
+    if args.costs:
+        costs = costs_from_json(args.costs)
+        plan = make_plan(costs, args.ranks or 1)
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    from mpi4py import MPI
+
+    from .pipeline import plan_only
+
+    cfg = _load(args)
+    ranks = args.ranks or MPI.COMM_WORLD.size
+    out = plan_only(cfg, ranks)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    plan = out["plan"]
+    print(f"{out['arch']}: {len(out['blocks'])} blocks ({out['granularity']} granularity), costs from {out['cost_model']}")
+    print(f"{'block':>5} {'name':<28} {'in':>14} {'out':>14} {'params':>10} {'MMACs':>9} {'teacher s':>9} {'student s':>9}")
+    for b, c in zip(out["blocks"], plan["costs"]):
+        print(f"{b['index']:>5} {b['name'][:28]:<28} {'x'.join(map(str, b['in_shape'])):>14} "
+              f"{'x'.join(map(str, b['out_shape'])):>14} {b['params']:>10,} {b['macs'] / 1e6:>9.2f} "
+              f"{c['teacher']:>9.4f} {c['student']:>9.4f}")
+    print(f"\nassignment for {ranks} rank(s) ({plan['method']}{', optimal' if plan['optimal'] else ''}):")
+    for r, (blocks, load) in enumerate(zip(plan["assignment"], plan["predicted"])):
+        print(f"  rank {r}: predicted {load:.4f}s/batch  blocks {','.join(map(str, blocks)) or '(idle)'}")
+    print(f"makespan {plan['makespan']:.4f}s/batch, lower bound {plan['lower_bound']:.4f}, one rank "
+          f"{plan['sequential']:.4f}: predicted speedup {plan['predicted_speedup']:.2f}x")
+    return 0
+
+
+def _cmd_train_teacher(args: argparse.Namespace) -> int:
+    from .data import load_data
+    from .runtime import init_runtime, setup_logging
+    from .teacher import accuracy, get_teacher
+
+    cfg = _load(args)
+    rt = init_runtime(cfg.run.device, cfg.run.threads)
+    setup_logging(rt.rank, rt.size)
+    if rt.is_root:
+        data = load_data(cfg.data, cfg.run.seed)
+        run_dir = Path(cfg.run.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        teacher, info = get_teacher(cfg, data, run_dir, rt.device)
+        print(f"teacher {cfg.model.arch} ({info['source']}): test acc "
+              f"{accuracy(teacher, data, 'test', cfg.data.eval_batch_size):.2f}%, cached at {run_dir / 'teacher.pt'}")
+    rt.idle_wait()
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import checkpoint
+    from .data import load_data
+    from .models import build_model
+    from .students import build_student
+    from .surgery import find_blocks, replace_blocks
+    from .teacher import accuracy, get_teacher
+
+    cfg = _load(args)
+    run_dir = Path(cfg.run.dir)
+    path = run_dir / "student.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `hpc-bkd run --run-dir {run_dir}` first")
+    saved = checkpoint.load(path)
+    data = load_data(cfg.data, cfg.run.seed)
+    teacher, _ = get_teacher(cfg, data, run_dir, torch.device("cpu"))
+    blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
+    b = cfg.blocks
+    student = build_model(cfg.model.arch, data.num_classes, cfg.model.width)
+    replace_blocks(student, {i: build_student(blocks[i], b.student_depth, b.student_width)
+                             for i in saved["accepted_blocks"]}, blocks)
+    student.load_state_dict(saved["state_dict"])
+    result = {"teacher_test_acc": accuracy(teacher, data, "test"), "student_test_acc": accuracy(student, data, "test"),
+              "accepted_blocks": saved["accepted_blocks"]}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace, distill_only: bool = False) -> int:
+    from .pipeline import EXIT_INTERRUPTED, Interrupted, run_job
+    from .runtime import install_stop_handlers
+
+    cfg = _load(args)
+    if distill_only:
+        cfg.finetune.epochs = 0
+    install_stop_handlers()
+    try:
+        run_job(cfg)
+    except Interrupted:
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command or "run"
+    if args.command is None:  # `python -m hpc_bkd` alone: the default job
+        args = build_parser().parse_args(["run", *(argv or [])])
+    if command == "config-keys":
+        print(describe_keys())
+        return 0
+    if command == "configs":
+        for name, path in sorted(shipped_configs().items()):
+            print(f"{name:<20} {path}")
+        return 0
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    try:
+        if command == "plan":
+            return _cmd_plan(args)
+        if command == "train-teacher":
+            return _cmd_train_teacher(args)
+        if command == "evaluate":
+            return _cmd_evaluate(args)
+        return _cmd_run(args, distill_only=command == "distill")
+    except ConfigError as exc:  # same on every rank: rank 0 says it, all leave
+        if comm.rank == 0:
+            print(f"hpc-bkd: config error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        from .data import DataError
+        from .distill import RunDirConflict
+        from .teacher import TeacherMismatchError
+
+        clear = isinstance(exc, (DataError, TeacherMismatchError, RunDirConflict, FileNotFoundError, ValueError))
+        prefix = f"[rank {comm.rank}/{comm.size}] " if comm.size > 1 else ""
+        if clear:
+            print(f"hpc-bkd: {prefix}error: {exc}", file=sys.stderr, flush=True)
+        else:
+            print(f"hpc-bkd: {prefix}unexpected error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        if comm.size > 1:  # never leave the other ranks waiting in a collective
+            print(f"hpc-bkd: {prefix}aborting all {comm.size} ranks", file=sys.stderr, flush=True)
+            comm.Abort(EXIT_BAD_INPUT if clear else 1)
+        return EXIT_BAD_INPUT if clear else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Job configuration: readable YAML files, one dataclass per section, strict validation.
+
+Every key a user can write is a dataclass field below, with its meaning in the field's comment;
+``hpc-bkd config-keys`` prints them all. Unknown keys and bad values are rejected with the list of
+valid ones, because a typo in a cluster job config should fail in a second, not after an hour.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import inspect
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    # Teacher architecture: vgg11|vgg13|vgg16|vgg19 (CIFAR-style, with BN), resnet18|resnet34|resnet50
+    # (CIFAR stem), or "torchvision:<name>" for an unmodified torchvision.models constructor.
+    arch: str = "vgg16"
+    # Channel-width multiplier of our CIFAR-style teachers (1.0 = the paper's widths).
+    width: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # digits (scikit-learn's bundled 8x8 digits, upscaled; offline), cifar10, cifar100, imagefolder.
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
+    # Directory of the dataset (cifar*: the folder holding cifar-10-batches-py/; imagefolder: the
+    # folder holding train/ and val/ (or test/) with one sub-folder per class). Unused for digits.
+    root: str | None = None
+    # Side of the square images fed to the network.
+    image_size: int = 32
+    # Mini-batch size for teacher training, distillation and fine-tuning.
+    batch_size: int = 64
+    # Batch size for evaluation passes.
+    eval_batch_size: int = 256
+    # Fraction of the training set held out for validation (block acceptance, early stopping).
+    val_fraction: float = 0.1
+    # Use at most this many training images (null = all); handy for smoke tests.
+    train_limit: int | None = None
+    # Random crop + horizontal flip on training batches (seeded by epoch and step, never by rank).
+    augment: bool = False
+
+
+@dataclass
+class TeacherConfig:
+    # Path to a user checkpoint (a state_dict saved with torch.save); null = train one and cache it.
+    checkpoint: str | None = None
+    # Epochs when the toolkit trains the teacher itself.
+    epochs: int = 10
+    # SGD learning rate (cosine schedule, momentum 0.9) for teacher training.
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    # Cache the trained teacher under the run directory and reuse it when the config matches.
+    cache: bool = True
+
+
+@dataclass
+class BlocksConfig:
+    # conv: every 3x3 Conv2d with groups == 1 (+ the BatchNorm2d after it), as in the paper.
+    # unit: one residual unit (ResNets) or one VGG stage (convs between two poolings) per block.
+    granularity: Literal["conv", "unit"] = "conv"
+    # Depthwise-separable layers (3x3 depthwise + 1x1 pointwise + BN) stacked per student block.
+    student_depth: int = 2
+    # Hidden width of a student block as a multiple of the teacher block's output channels.
+    student_width: float = 1.0
+
+
+@dataclass
+class DistillConfig:
+    # Epochs over the training set for each student block.
+    epochs: int = 4
+    # rmsprop (the paper's), sgd or adam; each block has its own optimizer.
+    optimizer: Literal["rmsprop", "sgd", "adam"] = "rmsprop"
+    lr: float = 1e-3
+    # Multiply the learning rate by this after every epoch (exponential decay).
+    lr_decay: float = 0.8
+    weight_decay: float = 0.0
+    # A block is accepted when the teacher with only this block swapped in keeps accuracy within
+    # this many percentage points of the teacher's own validation accuracy.
+    accept_tolerance: float = 1.0
+    # Stop a block early once its swapped accuracy is within this many points (null = never).
+    early_stop_tolerance: float | None = None
+    # Validate (swapped accuracy) after every epoch and keep the best weights.
+    validate_every_epoch: bool = True
+    # Seconds between periodic checkpoints of unfinished blocks (also saved after each epoch).
+    checkpoint_interval_s: float = 60.0
+    # parallel: blocks trained concurrently, one teacher pass per batch shared by all blocks of a
+    # rank (this toolkit). sequential: the paper's schedule, one block at a time, each re-running
+    # the teacher prefix for its own epochs (a baseline for benchmarks).
+    schedule: Literal["parallel", "sequential"] = "parallel"
+
+
+@dataclass
+class PlanConfig:
+    # measured: time teacher-forward and student-step per block on this device before planning.
+    # macs: estimate from multiply-accumulate counts (no measurement).
+    cost_model: Literal["measured", "macs"] = "measured"
+    # Batches timed per block when cost_model is measured (after one warm-up batch).
+    measure_batches: int = 3
+    # exact: branch-and-bound optimum; lpt: longest-processing-time + local search; auto: exact for
+    # small problems, else lpt.
+    method: Literal["auto", "exact", "lpt"] = "auto"
+    # Let a group of blocks be trained data-parallel by several ranks when that beats a pure block
+    # split (more ranks than useful, or a dominant rank).
+    hybrid: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    # End-to-end fine-tuning of the assembled student (0 = skip).
+    epochs: int = 3
+    lr: float = 0.01
+    # Loss = alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * cross-entropy.
+    alpha: float = 0.7
+    temperature: float = 4.0
+
+
+@dataclass
+class RunConfig:
+    # Run directory (checkpoints, report, plots). Relative paths are relative to the current dir.
+    dir: str = "runs/default"
+    # Global seed; each block's seed derives from this and the block's index, never the rank.
+    seed: int = 0
+    # auto: one GPU per rank by node-local rank when CUDA is available, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPU threads per rank (0 = an even share of this node's cores among its ranks).
+    threads: int = 0
+    # Seconds between progress lines per rank (a tqdm bar is shown instead on a terminal).
+    log_interval_s: float = 10.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    blocks: BlocksConfig = field(default_factory=BlocksConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+DEFAULT_CONFIG = "digits-vgg16"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Configs shipped inside the package, by name (file stem)."""
+    root = importlib.resources.files("hpc_bkd") / "configs"
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_config_path(name_or_path: str | None) -> Path:
+    """A path to a YAML file, or the name of a shipped config (``vgg16-cifar10``)."""
+    name_or_path = name_or_path or DEFAULT_CONFIG
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    raise ConfigError(
+        f"config {name_or_path!r} is neither a file nor a shipped config; "
+        f"shipped configs: {', '.join(sorted(shipped))}"
+    )
+
+
+def _coerce(section: str, key: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against the field's type hint; convert ints to floats where expected."""
+    where = f"{section}.{key}"
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not valid; choose one of {', '.join(map(str, args))}")
+        return value
+    if args and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(section, key, inner, value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {where}")  # a bug in this module
+
+
+def _check_ranges(cfg: Config) -> None:
+    positive = {
+        "data.image_size": cfg.data.image_size, "data.batch_size": cfg.data.batch_size,
+        "data.eval_batch_size": cfg.data.eval_batch_size, "blocks.student_depth": cfg.blocks.student_depth,
+        "blocks.student_width": cfg.blocks.student_width, "distill.lr": cfg.distill.lr,
+        "model.width": cfg.model.width, "plan.measure_batches": cfg.plan.measure_batches,
+        "distill.epochs": cfg.distill.epochs,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    for key, value in {"teacher.epochs": cfg.teacher.epochs, "finetune.epochs": cfg.finetune.epochs,
+                       "run.threads": cfg.run.threads}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
+    if not 0.0 < cfg.distill.lr_decay <= 1.0:
+        raise ConfigError(f"distill.lr_decay: must be in (0, 1], got {cfg.distill.lr_decay}")
+    if cfg.data.dataset in ("cifar10", "cifar100", "imagefolder") and not cfg.data.root:
+        raise ConfigError(f"data.root: required for dataset {cfg.data.dataset!r} (a local directory)")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build a validated Config from a nested dict, rejecting unknown sections and keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError("a config must be a mapping of sections (model, data, ...)")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(SECTIONS)}")
+    cfg = Config()
+    for section, values in raw.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {section!r} must be a mapping of keys, got {values!r}")
+        obj = getattr(cfg, section)
+        hints = get_type_hints(type(obj))
+        valid = [f.name for f in fields(obj)]
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"unknown key {section}.{key}; valid keys in {section}: {', '.join(valid)}")
+            setattr(obj, key, _coerce(section, key, hints[key], value))
+    _check_ranges(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` with a YAML-typed value (``distill.epochs=2``, ``teacher.checkpoint=null``)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. distill.epochs=2")
+    dotted, value = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    return section, key, yaml.safe_load(value) if value != "" else ""
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a config file (or shipped config name) and apply ``section.key=value`` overrides."""
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raw[section] = {}
+        raw[section][key] = value
+    try:
+        return config_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _field_comments(cls: type) -> dict[str, list[str]]:
+    """The ``# ...`` lines written above each field in this module: the keys' documentation."""
+    docs: dict[str, list[str]] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            pending.append(text.lstrip("# "))
+        elif ":" in text and not text.startswith(("def ", "@", '"')):
+            docs[text.split(":", 1)[0]] = pending
+            pending = []
+    return docs
+
+
+def describe_keys() -> str:
+    """Every section and key with its default and documentation, as commented YAML."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        comments = _field_comments(cls)
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            lines += [f"  # {c}" for c in comments.get(f.name, [])]
+            lines.append(f"  {f.name}: {yaml.safe_dump(default).splitlines()[0]}")
+    return "\n".join(lines)

@@ -1,0 +1,305 @@
+"""Per-rank local distillation: one truncated teacher pass per batch feeds every owned student.
+
+Each owned block has a cursor (epoch, step). At every iteration the rank takes the blocks with the
+smallest cursor, fetches that batch (the same batch on every rank, see ``data.py``), runs the frozen
+teacher only as deep as the deepest of them, and takes one MSE step for each. Blocks that start
+together move together, so normally one teacher pass serves all of them; blocks resumed from
+different checkpoints simply run apart until their cursors meet.
+
+Every block is checkpointed after each epoch, every ``checkpoint_interval_s`` and when a stop is
+requested (SIGTERM, preemption), atomically, under ``<run>/blocks/``. A finished block is written
+once as ``block-NNN.pt`` and is never trained again.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint
+from .config import Config
+from .data import Data, steps_per_epoch, train_batch
+from .runtime import stop_requested
+from .students import build_student
+from .surgery import BlockSpec, BlockTap, swapped
+from .teacher import accuracy
+
+log = logging.getLogger("hpc_bkd")
+
+
+class RunDirConflict(RuntimeError):
+    """The run directory holds blocks from a different job; refusing to overwrite them."""
+
+
+def block_path(run_dir: Path, index: int, partial: bool = False) -> Path:
+    return Path(run_dir) / "blocks" / f"block-{index:03d}{'.partial' if partial else ''}.pt"
+
+
+def finished_blocks(run_dir: Path, fingerprint: str, count: int) -> list[int]:
+    """Indices of blocks already finished under ``run_dir`` by this same job."""
+    done = []
+    for index in range(count):
+        path = block_path(run_dir, index)
+        if path.is_file():
+            saved = checkpoint.load(path)
+            if saved.get("fingerprint") != fingerprint:
+                raise RunDirConflict(
+                    f"{path} was written by a different job (config, teacher or blocks changed). "
+                    "Use a new run.dir, or delete that run's blocks/ folder to start over.")
+            done.append(index)
+    return done
+
+
+def load_finished(run_dir: Path, index: int) -> dict[str, Any]:
+    return checkpoint.load(block_path(run_dir, index))
+
+
+def _make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    d = cfg.distill
+    if d.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=d.lr, weight_decay=d.weight_decay)
+    if d.optimizer == "adam":
+        return torch.optim.Adam(params, lr=d.lr, weight_decay=d.weight_decay)
+    return torch.optim.SGD(params, lr=d.lr, momentum=0.9, weight_decay=d.weight_decay)
+
+
+@dataclass
+class BlockTrainer:
+    """One student block with its optimizer, schedule, cursor and best weights."""
+
+    spec: BlockSpec
+    student: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    epochs: int
+    steps: int
+    epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    best_acc: float = -1.0
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_time: float = 0.0
+    started_at: float | None = None
+    spans: list[tuple[float, float]] = field(default_factory=list)  # wall-clock (start, end) per session
+    resumed: bool = False
+    early_stopped: bool = False
+
+    @property
+    def cursor(self) -> tuple[int, int]:
+        return (self.epoch, self.step)
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.epochs or self.early_stopped
+
+    def state(self) -> dict[str, Any]:
+        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
+                "loss_sum": self.loss_sum, "loss_count": self.loss_count, "best_acc": self.best_acc,
+                "best_state": self.best_state, "history": self.history, "train_time": self.train_time,
+                "spans": [list(s) for s in self.spans]}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for key in ("epoch", "step", "loss_sum", "loss_count", "best_acc", "best_state", "history", "train_time"):
+            setattr(self, key, state[key])
+        self.spans = [tuple(s) for s in state["spans"]]
+        self.resumed = True
+
+    def train_step(self, inp: torch.Tensor, target: torch.Tensor) -> None:
+        self.student.train()
+        loss = F.mse_loss(self.student(inp), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.loss_sum += loss.item()
+        self.loss_count += 1
+        self.step += 1
+
+
+class LocalDistiller:
+    """Trains the blocks one rank owns; see the module docstring."""
+
+    def __init__(self, teacher: nn.Module, blocks: Sequence[BlockSpec], data: Data, cfg: Config,
+                 run_dir: Path, fingerprint: str, device: torch.device, rank: int = 0,
+                 teacher_val_acc: float | None = None) -> None:
+        self.teacher = copy.deepcopy(teacher).to(device).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.blocks = list(blocks)
+        self.data, self.cfg, self.run_dir, self.fingerprint = data, cfg, Path(run_dir), fingerprint
+        self.device, self.rank = device, rank
+        self.teacher_val_acc = teacher_val_acc
+        self.steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
+        self._taps: dict[tuple[int, ...], BlockTap] = {}
+
+    # ---------------------------------------------------------------- set-up and checkpoints
+
+    def _trainer(self, spec: BlockSpec) -> BlockTrainer:
+        b, d = self.cfg.blocks, self.cfg.distill
+        student = build_student(spec, b.student_depth, b.student_width, self.cfg.run.seed).to(self.device)
+        opt = _make_optimizer(student.parameters(), self.cfg)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=d.lr_decay)
+        trainer = BlockTrainer(spec, student, opt, sched, d.epochs, self.steps)
+        partial = block_path(self.run_dir, spec.index, partial=True)
+        if partial.is_file():
+            saved = checkpoint.load(partial)
+            if saved.get("fingerprint") != self.fingerprint:
+                raise RunDirConflict(f"{partial} was written by a different job; use a new run.dir")
+            trainer.load(saved["trainer"])
+            log.info("block %d (%s): resuming at epoch %d step %d", spec.index, spec.name, trainer.epoch, trainer.step)
+        return trainer
+
+    def _save_partial(self, t: BlockTrainer) -> None:
+        checkpoint.save({"fingerprint": self.fingerprint, "trainer": t.state()},
+                        block_path(self.run_dir, t.spec.index, partial=True))
+
+    def _finish(self, t: BlockTrainer) -> dict[str, Any]:
+        if t.best_state is None:  # validation disabled: keep the final weights
+            t.best_state = copy.deepcopy(t.student.state_dict())
+        cpu_state = {k: v.detach().cpu() for k, v in t.best_state.items()}
+        metrics = {
+            "index": t.spec.index, "name": t.spec.name, "rank": self.rank, "epochs": t.epoch,
+            "train_time_s": t.train_time, "final_loss": t.history[-1]["loss"] if t.history else None,
+            "swapped_val_acc": t.best_acc if t.best_acc >= 0 else None, "history": t.history,
+            "spans": [list(s) for s in t.spans], "early_stopped": t.early_stopped, "resumed": t.resumed,
+        }
+        result = {"fingerprint": self.fingerprint, "state_dict": cpu_state, "metrics": metrics}
+        checkpoint.save(result, block_path(self.run_dir, t.spec.index))
+        block_path(self.run_dir, t.spec.index, partial=True).unlink(missing_ok=True)
+        return result
+
+    # ---------------------------------------------------------------- training
+
+    def _validate(self, t: BlockTrainer) -> float:
+        t.student.eval()
+        with swapped(self.teacher, t.spec, t.student):
+            acc = accuracy(self.teacher, self.data, "val", self.cfg.data.eval_batch_size, self.device)
+        return acc
+
+    def _end_epoch(self, t: BlockTrainer) -> None:
+        loss = t.loss_sum / max(t.loss_count, 1)
+        entry: dict[str, float] = {"epoch": t.epoch + 1, "loss": loss, "lr": t.optimizer.param_groups[0]["lr"]}
+        if self.cfg.distill.validate_every_epoch or t.epoch + 1 == t.epochs:
+            acc = self._validate(t)
+            entry["swapped_val_acc"] = acc
+            if acc > t.best_acc:
+                t.best_acc = acc
+                t.best_state = copy.deepcopy(t.student.state_dict())
+            tol = self.cfg.distill.early_stop_tolerance
+            if tol is not None and self.teacher_val_acc is not None and acc >= self.teacher_val_acc - tol:
+                t.early_stopped = True
+        t.history.append(entry)
+        log.info("block %2d %-24s epoch %d/%d  mse %.5f%s", t.spec.index, t.spec.name, t.epoch + 1, t.epochs,
+                 loss, f"  swapped val acc {entry['swapped_val_acc']:.2f}%" if "swapped_val_acc" in entry else "")
+        t.epoch, t.step, t.loss_sum, t.loss_count = t.epoch + 1, 0, 0.0, 0
+        t.scheduler.step()
+
+    def _select(self, active: list[BlockTrainer]) -> list[BlockTrainer]:
+        if self.cfg.distill.schedule == "sequential":
+            return [min(active, key=lambda t: t.spec.index)]
+        cursor = min(t.cursor for t in active)
+        return [t for t in active if t.cursor == cursor]
+
+    def run(self, finished: Sequence[int] = ()) -> tuple[list[dict[str, Any]], bool]:
+        """Train every owned block not in ``finished``; returns (results, interrupted)."""
+        results: list[dict[str, Any]] = []
+        active = [self._trainer(s) for s in self.blocks if s.index not in set(finished)]
+        total = sum(t.epochs * t.steps for t in active)
+        done_steps = sum(t.epoch * t.steps + t.step for t in active)
+        progress = _Progress(total, done_steps, self.cfg.run.log_interval_s, self.rank)
+        last_save = time.time()
+        interrupted = False
+        while active:
+            if stop_requested():
+                interrupted = True
+                break
+            group = self._select(active)
+            epoch, step = group[0].cursor
+            x, _ = train_batch(self.data, self.cfg.data.batch_size, self.cfg.run.seed, epoch, step,
+                               self.cfg.data.augment)
+            key = tuple(t.spec.index for t in group)
+            tap = self._taps.setdefault(key, BlockTap(self.teacher, [t.spec for t in group]))
+            t0 = time.perf_counter()
+            pairs = tap(x.to(self.device))
+            share = (time.perf_counter() - t0) / len(group)
+            for t in group:
+                if t.started_at is None:
+                    t.started_at = time.time()
+                t1 = time.perf_counter()
+                t.train_step(*pairs[t.spec.index])
+                t.train_time += share + time.perf_counter() - t1
+            progress.update(len(group), group)
+            for t in group:
+                if t.step >= t.steps:
+                    t1 = time.perf_counter()
+                    self._end_epoch(t)
+                    t.train_time += time.perf_counter() - t1
+                    self._save_partial(t)
+                    if t.done:
+                        t.spans.append((t.started_at, time.time()))
+                        results.append(self._finish(t))
+                        active.remove(t)
+                        progress.skip(t.epochs * t.steps - (t.epoch * t.steps))
+                        log.info("block %2d %-24s done in %.1fs (best swapped val acc %.2f%%)", t.spec.index,
+                                 t.spec.name, t.train_time, t.best_acc)
+            if time.time() - last_save > self.cfg.distill.checkpoint_interval_s:
+                for t in active:
+                    self._save_partial(t)
+                last_save = time.time()
+        for t in active:  # interrupted: keep everything up to this step
+            if t.started_at is not None:
+                t.spans.append((t.started_at, time.time()))
+            self._save_partial(t)
+        progress.close()
+        if interrupted:
+            log.warning("stop requested: saved %d unfinished block(s) at their current step", len(active))
+        return results, interrupted
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise one log line per ``interval`` seconds."""
+
+    def __init__(self, total: int, done: int, interval: float, rank: int) -> None:
+        self.total, self.done, self.interval = total, done, interval
+        self.first = done
+        self.last = time.time()
+        self.start = time.time()
+        self.bar = None
+        if sys.stderr.isatty() and total:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, desc=f"rank {rank}", unit="step", position=rank, leave=False)
+
+    def update(self, n: int, group: Sequence[BlockTrainer]) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif time.time() - self.last >= self.interval:
+            t = group[0]
+            rate = (self.done - self.first) / max(time.time() - self.start, 1e-9)
+            log.info("progress %d/%d block-steps (%.0f%%), blocks %s at epoch %d step %d/%d, %.1f steps/s",
+                     self.done, self.total, 100 * self.done / max(self.total, 1),
+                     ",".join(str(g.spec.index) for g in group), t.epoch + 1, t.step, t.steps, rate)
+            self.last = time.time()
+
+    def skip(self, n: int) -> None:
+        if n > 0:
+            self.done += n
+            if self.bar is not None:
+                self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

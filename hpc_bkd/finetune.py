@@ -1,0 +1,76 @@
+"""Rank 0's last phase: assemble the student from accepted blocks, fine-tune end to end with KD."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config, FinetuneConfig
+from .data import Data, steps_per_epoch, train_batch
+from .surgery import BlockSpec, assemble
+from .teacher import accuracy
+
+log = logging.getLogger("hpc_bkd")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            cfg: FinetuneConfig) -> torch.Tensor:
+    """Hinton KD: alpha * T^2 * KL(soft student || soft teacher) + (1 - alpha) * CE."""
+    t = cfg.temperature
+    soft = F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
+                    reduction="batchmean", log_target=True) * (t * t)
+    return cfg.alpha * soft + (1 - cfg.alpha) * F.cross_entropy(student_logits, labels)
+
+
+def accept_blocks(block_accs: dict[int, float | None], teacher_val_acc: float, tolerance: float) -> list[int]:
+    """Blocks whose swapped validation accuracy stays within ``tolerance`` points of the teacher's."""
+    return sorted(i for i, acc in block_accs.items() if acc is not None and acc >= teacher_val_acc - tolerance)
+
+
+def build_student_model(teacher: nn.Module, blocks: Sequence[BlockSpec], students: dict[int, nn.Module]) -> nn.Module:
+    return assemble(teacher, students, blocks)
+
+
+def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, epochs: int, lr: float,
+             device: torch.device, label: str = "fine-tune", seed_offset: int = 2) -> list[dict[str, float]]:
+    """Train ``student`` end to end against ``teacher`` logits (SGD, cosine schedule)."""
+    student.to(device).train()
+    teacher = teacher.to(device).eval()
+    bs = cfg.data.batch_size
+    steps = steps_per_epoch(len(data.train), bs)
+    total = max(1, epochs * steps)
+    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    history = []
+    for epoch in range(epochs):
+        t0, loss_sum = time.time(), 0.0
+        student.train()
+        for step in range(steps):
+            x, y = train_batch(data, bs, cfg.run.seed + seed_offset, epoch, step, cfg.data.augment)
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                target = teacher(x)
+            loss = kd_loss(student(x), target, y, cfg.finetune)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item()
+        val = accuracy(student, data, "val", cfg.data.eval_batch_size, device)
+        history.append({"epoch": epoch + 1, "loss": loss_sum / steps, "val_acc": val, "time_s": time.time() - t0})
+        log.info("%s epoch %d/%d: KD loss %.4f, val acc %.2f%% (%.1fs)", label, epoch + 1, epochs,
+                 loss_sum / steps, val, time.time() - t0)
+    return history
+
+
+def finetune(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, device: torch.device) -> list[dict[str, float]]:
+    """Fine-tune the assembled student; keeps the teacher untouched."""
+    if cfg.finetune.epochs <= 0:
+        return []
+    return kd_train(student, copy.deepcopy(teacher), data, cfg, cfg.finetune.epochs, cfg.finetune.lr, device)

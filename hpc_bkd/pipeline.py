@@ -1,0 +1,276 @@
+"""The job, start to end, on every rank: config -> plan -> per-rank distill -> gather -> assemble ->
+fine-tune -> report. Rank 0 coordinates; every rank trains the blocks the plan gives it.
+
+Phases and what travels over MPI:
+1. rank 0 gets the teacher (cache, checkpoint or training), finds and costs the blocks, and
+   broadcasts teacher weights + block list (no shared filesystem needed);
+2. every rank reports the finished blocks it can see under the run directory (resume), rank 0 plans
+   the remaining blocks and broadcasts the plan;
+3. every rank distills its blocks, checkpointing each under the run directory;
+4. trained blocks and metrics are gathered to rank 0, which assembles, fine-tunes, evaluates, saves
+   the student and writes the report.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint
+from .config import Config
+from .data import Data, describe, load_data, train_batch
+from .distill import LocalDistiller, block_path, finished_blocks, load_finished
+from .energy import EnergyMeter
+from .finetune import accept_blocks, finetune
+from .models import build_model
+from .plan import Plan, make_plan, mac_costs, measure_costs
+from .runtime import Runtime, init_runtime, setup_logging
+from .students import build_student
+from .surgery import BlockSpec, assemble, conv_params, find_blocks, total_macs
+from .teacher import accuracy, get_teacher, state_fingerprint
+
+log = logging.getLogger("hpc_bkd")
+
+EXIT_INTERRUPTED = 3  # the job was stopped (preemption, time limit) after saving; re-run to resume
+
+
+class Interrupted(Exception):
+    """Raised on every rank when a stop was requested; all progress has been saved."""
+
+
+@dataclass
+class Phases:
+    """Wall time per phase, in seconds, measured on rank 0."""
+
+    times: dict[str, float] = field(default_factory=dict)
+    _t: float = field(default_factory=time.perf_counter)
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self._t
+        self._t = now
+
+
+def job_fingerprint(cfg: Config, teacher_fp: str, blocks: list[BlockSpec]) -> str:
+    """What determines the trained blocks; a run directory is only resumed by the same job."""
+    d = cfg.distill
+    key = {"model": vars(cfg.model), "data": vars(cfg.data), "blocks": vars(cfg.blocks), "seed": cfg.run.seed,
+           "distill": {k: v for k, v in vars(d).items() if k not in ("checkpoint_interval_s", "schedule")},
+           "teacher": teacher_fp, "specs": [b.members for b in blocks]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _costs(cfg: Config, teacher, blocks, data: Data, device) -> tuple[list, str]:
+    b = cfg.blocks
+    students = [build_student(s, b.student_depth, b.student_width, cfg.run.seed) for s in blocks]
+    if cfg.plan.cost_model == "macs":
+        return mac_costs(blocks, students), "macs"
+    batches = [train_batch(data, cfg.data.batch_size, cfg.run.seed, 0, k)[0]
+               for k in range(cfg.plan.measure_batches + 1)]
+    return measure_costs(teacher, blocks, students, batches, device), "measured"
+
+
+def coordinate(cfg: Config, rt: Runtime, data: Data, run_dir: Path, phases: Phases) -> dict[str, Any]:
+    """Rank 0: teacher, blocks, costs. Returns what is broadcast to every rank."""
+    teacher, teacher_info = get_teacher(cfg, data, run_dir, rt.device)
+    phases.mark("teacher")
+    teacher_val = accuracy(teacher, data, "val", cfg.data.eval_batch_size, rt.device)
+    teacher_test = accuracy(teacher, data, "test", cfg.data.eval_batch_size, rt.device)
+    teacher.cpu()
+    log.info("teacher %s (%s): val acc %.2f%%, test acc %.2f%%", cfg.model.arch, teacher_info["source"],
+             teacher_val, teacher_test)
+    blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
+    costs, cost_model = _costs(cfg, teacher, blocks, data, rt.device)
+    teacher.cpu()
+    checkpoint.write_json(run_dir / "costs.json", {"cost_model": cost_model, "device": str(rt.device),
+                                                   "threads": rt.threads, "batch_size": cfg.data.batch_size,
+                                                   "blocks": [b.name for b in blocks],
+                                                   "costs": [vars(c) for c in costs]})
+    phases.mark("plan")
+    state = teacher.state_dict()
+    teacher_fp = state_fingerprint(state)
+    return {"teacher_state": state, "teacher_info": teacher_info, "teacher_val": teacher_val,
+            "teacher_test": teacher_test, "blocks": blocks, "costs": costs, "cost_model": cost_model,
+            "fingerprint": job_fingerprint(cfg, teacher_fp, blocks), "teacher_fp": teacher_fp}
+
+
+def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
+    """Run the whole job on this rank. Returns the report on rank 0, None on the others.
+
+    Raises ``Interrupted`` on every rank if a stop was requested (everything finished is saved).
+    """
+    rt = rt or init_runtime(cfg.run.device, cfg.run.threads)
+    setup_logging(rt.rank, rt.size)
+    phases = Phases()
+    wall0 = time.time()
+    run_dir = Path(cfg.run.dir)
+    if rt.is_root:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json(run_dir / "config.json", cfg.to_dict())
+        log.info("hpc_bkd: %d rank(s), run dir %s, device %s, %d thread(s) per rank", rt.size, run_dir,
+                 rt.device, rt.threads)
+    data = load_data(cfg.data, cfg.run.seed)
+    if rt.is_root:
+        log.info("data: %s: %s", cfg.data.dataset, describe(data))
+    phases.mark("data")
+
+    shared = coordinate(cfg, rt, data, run_dir, phases) if rt.is_root else None
+    t_bcast = time.perf_counter()
+    shared = rt.bcast(shared)
+    blocks: list[BlockSpec] = shared["blocks"]
+    teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width)
+    teacher.load_state_dict(shared["teacher_state"])
+    teacher.eval()
+    fingerprint = shared["fingerprint"]
+
+    # resume: which finished blocks can each rank see? (the run dir need not be shared)
+    seen = rt.allgather(finished_blocks(run_dir, fingerprint, len(blocks)))
+    finished = sorted(set().union(*seen))
+    remaining = [b for b in blocks if b.index not in finished]
+    plan: Plan | None = None
+    if rt.is_root:
+        sub = make_plan([shared["costs"][b.index] for b in remaining], rt.size, cfg.plan.method)
+        local_to_global = [b.index for b in remaining]
+        sub.assignment = [[local_to_global[i] for i in blocks_] for blocks_ in sub.assignment]
+        sub.costs = shared["costs"]
+        plan = sub
+        if finished:
+            log.info("resuming: %d block(s) already finished (%s), %d to train", len(finished),
+                     ",".join(map(str, finished)), len(remaining))
+        _log_plan(plan, blocks)
+    plan = rt.bcast(plan)
+    bcast_s = time.perf_counter() - t_bcast
+    if rt.is_root:
+        phases.mark("broadcast")
+
+    # distill
+    owned = [blocks[i] for i in plan.assignment[rt.rank]]
+    if not owned:
+        log.info("idle: no blocks for this rank (%d ranks, %d blocks to train)", rt.size, len(remaining))
+    meter = EnergyMeter(rt.device)
+    meter.start()
+    t0 = time.time()
+    distiller = LocalDistiller(teacher, owned, data, cfg, run_dir, fingerprint, rt.device, rt.rank,
+                               shared["teacher_val"])
+    results, interrupted = distiller.run(finished)
+    t1 = time.time()
+    energy = meter.stop()
+    peak_mem = _peak_memory_mb(rt.device)
+    # forward finished blocks rank 0 cannot see itself (run dir not shared across nodes)
+    carried = [load_finished(run_dir, i) for i in finished
+               if i not in seen[0] and rt.rank == min(r for r, s in enumerate(seen) if i in s)]
+    t_gather = time.perf_counter()
+    gathered = rt.gather({"rank": rt.rank, "host": rt.host, "results": results, "carried": carried,
+                          "interrupted": interrupted, "start": t0, "end": t1, "energy": energy,
+                          "peak_mem_mb": peak_mem, "device": str(rt.device), "threads": rt.threads,
+                          "blocks": [b.index for b in owned]})
+    gather_s = time.perf_counter() - t_gather
+    any_interrupted = rt.bcast(any(g["interrupted"] for g in gathered) if rt.is_root else None)
+    if any_interrupted:
+        if rt.is_root:
+            log.warning("job interrupted: finished blocks and unfinished checkpoints are saved under %s; "
+                        "re-run the same command to resume", run_dir)
+        raise Interrupted(str(run_dir))
+    if not rt.is_root:
+        rt.idle_wait()  # sleep while rank 0 fine-tunes, then leave together
+        return None
+    phases.mark("distill+gather")
+    try:
+        report = _finish(cfg, rt, data, run_dir, teacher, blocks, shared, plan, gathered, finished, phases,
+                         {"broadcast_s": bcast_s, "gather_s": gather_s}, wall0)
+    finally:
+        rt.idle_wait()
+    return report
+
+
+def _finish(cfg, rt, data, run_dir, teacher, blocks, shared, plan, gathered, finished, phases, comm, wall0):
+    """Rank 0: assemble accepted blocks, fine-tune, evaluate, save the student, write the report."""
+    from .report import write_report
+
+    results: dict[int, dict] = {}
+    for g in gathered:
+        for r in g["results"] + g["carried"]:
+            results[r["metrics"]["index"]] = r
+    for i in finished:
+        if i not in results:
+            results[i] = load_finished(run_dir, i)
+            results[i]["metrics"]["resumed_finished"] = True
+    for g in gathered:
+        for r in g["carried"]:
+            results[r["metrics"]["index"]]["metrics"]["resumed_finished"] = True
+    b = cfg.blocks
+    students = {}
+    for i, r in results.items():
+        s = build_student(blocks[i], b.student_depth, b.student_width, cfg.run.seed)
+        s.load_state_dict(r["state_dict"])
+        students[i] = s.eval()
+    accs = {i: r["metrics"]["swapped_val_acc"] for i, r in results.items()}
+    accepted = accept_blocks(accs, shared["teacher_val"], cfg.distill.accept_tolerance)
+    student = assemble(teacher, {i: students[i] for i in accepted}, blocks)
+    before = accuracy(student, data, "test", cfg.data.eval_batch_size, rt.device)
+    log.info("assembled student: %d/%d blocks accepted, test acc %.2f%% before fine-tuning",
+             len(accepted), len(blocks), before)
+    phases.mark("assemble")
+    history = finetune(student, teacher, data, cfg, rt.device)
+    student.cpu()
+    phases.mark("finetune")
+    after = accuracy(student, data, "test", cfg.data.eval_batch_size, rt.device)
+    student.cpu()
+    phases.mark("evaluate")
+    checkpoint.save({"state_dict": student.state_dict(), "accepted_blocks": accepted,
+                     "config": cfg.to_dict()}, run_dir / "student.pt")
+    shape = data.input_shape
+    models = {
+        "teacher": {"params": sum(p.numel() for p in teacher.parameters()), "conv_params": conv_params(teacher),
+                    "macs": total_macs(teacher, shape)},
+        "student": {"params": sum(p.numel() for p in student.parameters()), "conv_params": conv_params(student),
+                    "macs": total_macs(student, shape)},
+    }
+    return write_report(cfg, run_dir, rt, blocks, plan, shared, results, accepted, gathered, models,
+                        {"teacher_test": shared["teacher_test"], "teacher_val": shared["teacher_val"],
+                         "student_before_finetune": before, "student_after_finetune": after},
+                        history, phases, comm, wall0)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _log_plan(plan: Plan, blocks: list[BlockSpec]) -> None:
+    log.info("plan (%s%s): predicted makespan %.3fs/batch, lower bound %.3fs, one rank %.3fs, speedup %.2fx",
+             plan.method, ", optimal" if plan.optimal else "", plan.makespan, plan.lower_bound, plan.sequential,
+             plan.predicted_speedup)
+    for r, (owned, load) in enumerate(zip(plan.assignment, plan.predicted)):
+        log.info("  rank %d: %.3fs/batch  blocks %s", r, load, ",".join(map(str, owned)) or "(idle)")
+
+
+def plan_only(cfg: Config, ranks: int) -> dict[str, Any]:
+    """`hpc-bkd plan`: blocks, the assignment and predicted loads, without training students.
+
+    Needs the teacher's shape only: a fresh model when no checkpoint is given (costs then come from
+    MACs unless measured on random weights, which time the same).
+    """
+    rt = init_runtime("cpu", cfg.run.threads)
+    setup_logging(rt.rank, rt.size)
+    data = load_data(cfg.data, cfg.run.seed)
+    teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width).eval()
+    if cfg.teacher.checkpoint:
+        from .teacher import load_teacher_checkpoint
+        load_teacher_checkpoint(cfg.teacher.checkpoint, teacher)
+    blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
+    costs, cost_model = _costs(cfg, teacher, blocks, data, rt.device)
+    plan = make_plan(costs, ranks, cfg.plan.method)
+    return {"arch": cfg.model.arch, "granularity": cfg.blocks.granularity, "cost_model": cost_model,
+            "blocks": [b.to_dict() for b in blocks], "plan": plan.to_dict()}
+
+
+__all__ = ["run_job", "plan_only", "Interrupted", "EXIT_INTERRUPTED", "block_path"]

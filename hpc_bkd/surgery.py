@@ -1,0 +1,294 @@
+"""Model surgery: find a teacher's replaceable blocks, tap their inputs/targets, swap students in.
+
+Everything here works on any ``nn.Module`` by tracing one forward pass with hooks: which modules
+run, in which order, and which tensor flows from one to the next. No per-architecture code.
+
+A block is a run of modules executed one after another (``members``) whose first member's input is
+the block input and whose last member's output is the block target. Swapping a student in puts it
+at the first member's place and ``nn.Identity`` at the others, which is exact because the members
+form a chain.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import asdict, dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One replaceable block of a teacher, described by what the toolkit needs to plan and build."""
+
+    index: int
+    name: str                      # the first member's module path
+    members: tuple[str, ...]       # module paths in execution order
+    in_shape: tuple[int, int, int]  # C, H, W of the block input
+    out_shape: tuple[int, int, int]
+    stride: int
+    params: int                    # teacher parameters in the block
+    macs: int                      # teacher multiply-accumulates per image in the block
+    prefix_macs: int               # teacher MACs per image up to and including this block
+    nonnegative_output: bool       # target is post-ReLU (students may end in a ReLU)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Call:
+    name: str
+    module: nn.Module
+    inp: torch.Tensor | None
+    out: torch.Tensor | None
+    macs: int
+    nonnegative: bool  # taken when produced: later in-place ops (ReLU(inplace)) change the values
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return next(module.children(), None) is None
+
+
+def _module_macs(module: nn.Module, out: torch.Tensor) -> int:
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return out[0].numel() * (module.in_channels // module.groups) * kh * kw
+    if isinstance(module, nn.Linear):
+        return out[0].numel() * module.in_features
+    return 0
+
+
+def _trace(model: nn.Module, input_shape: Sequence[int]) -> list[_Call]:
+    """Leaf modules in execution order with the tensors they consumed and produced (batch of 2)."""
+    calls: list[_Call] = []
+    handles = []
+    for name, module in model.named_modules():
+        if name and _is_leaf(module):
+            def hook(mod, args, out, name=name):
+                inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                tensor_out = out if isinstance(out, torch.Tensor) else None
+                calls.append(_Call(name, mod, inp, tensor_out,
+                                   _module_macs(mod, tensor_out) if tensor_out is not None else 0,
+                                   tensor_out is not None and bool((tensor_out >= 0).all())))
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            model(torch.randn(2, *input_shape, generator=gen))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return calls
+
+
+def _is_block_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.groups == 1
+
+
+def _conv_blocks(calls: list[_Call]) -> list[list[int]]:
+    """Each 3x3 dense conv, with the BatchNorm2d that consumes its output when there is one."""
+    groups = []
+    for i, call in enumerate(calls):
+        if _is_block_conv(call.module):
+            group = [i]
+            nxt = calls[i + 1] if i + 1 < len(calls) else None
+            if nxt is not None and isinstance(nxt.module, nn.BatchNorm2d) and nxt.inp is call.out:
+                group.append(i + 1)
+            groups.append(group)
+    return groups
+
+
+def _parent(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _residual_units(model: nn.Module) -> list[str]:
+    """Composite modules held directly in an nn.Sequential that contain a 3x3 dense conv."""
+    units = []
+    for name, module in model.named_modules():
+        if not name or _is_leaf(module) or isinstance(module, (nn.Sequential, nn.ModuleList)):
+            continue
+        parent = model.get_submodule(_parent(name)) if _parent(name) else model
+        if isinstance(parent, nn.Sequential) and any(_is_block_conv(m) for m in module.modules()):
+            if not any(name.startswith(u + ".") for u in units):
+                units.append(name)
+    return units
+
+
+def _stage_blocks(calls: list[_Call]) -> list[list[int]]:
+    """VGG stages: chains of sibling layers between poolings, from a 3x3 conv to the last BN/conv."""
+    groups: list[list[int]] = []
+    i = 0
+    while i < len(calls):
+        if not _is_block_conv(calls[i].module):
+            i += 1
+            continue
+        parent, chain, j = _parent(calls[i].name), [i], i + 1
+        while j < len(calls) and _parent(calls[j].name) == parent and calls[j].inp is calls[j - 1].out \
+                and not isinstance(calls[j].module, POOLING):
+            chain.append(j)
+            j += 1
+        while len(chain) > 1 and not isinstance(calls[chain[-1]].module, (nn.BatchNorm2d, nn.Conv2d)):
+            chain.pop()  # end on a pre-activation, the trailing ReLU stays in the network
+        groups.append(chain)
+        i = chain[-1] + 1
+    return groups
+
+
+def find_blocks(model: nn.Module, input_shape: Sequence[int], granularity: str = "conv") -> list[BlockSpec]:
+    """Describe the replaceable blocks of ``model`` for inputs of shape ``input_shape`` (C, H, W)."""
+    calls = _trace(model, input_shape)
+    spans: list[tuple[tuple[str, ...], int, int]] = []  # members, first call, last call
+    if granularity == "conv":
+        for group in _conv_blocks(calls):
+            spans.append((tuple(calls[k].name for k in group), group[0], group[-1]))
+    elif granularity == "unit":
+        units = _residual_units(model)
+        if units:
+            for unit in units:
+                idx = [k for k, c in enumerate(calls) if c.name.startswith(unit + ".")]
+                spans.append(((unit,), idx[0], idx[-1]))
+        else:
+            for group in _stage_blocks(calls):
+                spans.append((tuple(calls[k].name for k in group), group[0], group[-1]))
+    else:
+        raise ValueError(f"unknown granularity {granularity!r}; valid: conv, unit")
+
+    blocks: list[BlockSpec] = []
+    cumulative = [0]
+    for call in calls:
+        cumulative.append(cumulative[-1] + call.macs)
+    for members, first, last in spans:
+        inside = [k for k, c in enumerate(calls) if any(c.name == m or c.name.startswith(m + ".") for m in members)]
+        if any(k < first or k > last for k in inside):
+            continue  # a module also run outside the block cannot be replaced by one student
+        inp, out, nonnegative = calls[first].inp, calls[last].out, calls[last].nonnegative
+        if inp is None or out is None or inp.dim() != 4 or out.dim() != 4:
+            continue
+        if granularity == "unit" and len(members) == 1:
+            # the unit's own output is what the next module consumes, not its last leaf's output
+            out = _unit_output(model, members[0], input_shape)
+            nonnegative = bool((out >= 0).all())
+        params = sum(p.numel() for m in members for p in model.get_submodule(m).parameters())
+        stride = max(1, inp.shape[-1] // out.shape[-1])
+        blocks.append(BlockSpec(
+            index=len(blocks), name=members[0], members=members,
+            in_shape=tuple(inp.shape[1:]), out_shape=tuple(out.shape[1:]), stride=stride,
+            params=params, macs=(cumulative[last + 1] - cumulative[first]) // 2,
+            prefix_macs=cumulative[last + 1] // 2, nonnegative_output=nonnegative,
+        ))
+    if not blocks:
+        raise ValueError(f"found no replaceable blocks (granularity {granularity!r}) in {type(model).__name__}")
+    return blocks
+
+
+def _unit_output(model: nn.Module, unit: str, input_shape: Sequence[int]) -> torch.Tensor:
+    captured: list[torch.Tensor] = []
+    handle = model.get_submodule(unit).register_forward_hook(lambda m, a, o: captured.append(o.clone()))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return captured[0]
+
+
+def total_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Conv + linear multiply-accumulates per image."""
+    return sum(c.macs for c in _trace(model, input_shape)) // 2
+
+
+def conv_params(model: nn.Module) -> int:
+    """Parameters in convolutions (the paper's compression measure)."""
+    return sum(p.numel() for m in model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters())
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a teacher pass once the deepest needed block has run."""
+
+
+class BlockTap:
+    """Capture the inputs and targets of chosen blocks in one (truncated) teacher forward.
+
+    ``tap(x)`` runs ``model`` on ``x`` only as deep as the deepest tapped block and returns
+    ``{block index: (input, target)}``. Tensors are cloned because later in-place ops (ReLU(inplace),
+    residual ``+=``) would otherwise overwrite them.
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[BlockSpec]) -> None:
+        self.model = model
+        self.blocks = list(blocks)
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._targets: dict[int, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        if not self.blocks:
+            return {}
+        self._inputs, self._targets = {}, {}
+        remaining = {b.index for b in self.blocks}
+        handles = []
+
+        def pre_hook(index):
+            def hook(module, args):
+                self._inputs[index] = args[0].detach().clone()
+            return hook
+
+        def post_hook(index):
+            def hook(module, args, out):
+                self._targets[index] = out.detach().clone()
+                remaining.discard(index)
+                if not remaining:
+                    raise _StopForward
+            return hook
+
+        for b in self.blocks:
+            handles.append(self.model.get_submodule(b.members[0]).register_forward_pre_hook(pre_hook(b.index)))
+            handles.append(self.model.get_submodule(b.members[-1]).register_forward_hook(post_hook(b.index)))
+        try:
+            with torch.no_grad():
+                self.model(x)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return {i: (self._inputs[i], self._targets[i]) for i in self._targets}
+
+
+def replace_blocks(model: nn.Module, replacements: dict[int, nn.Module], blocks: Sequence[BlockSpec]) -> nn.Module:
+    """Put ``replacements[index]`` in place of each block, in ``model`` itself; returns ``model``."""
+    by_index = {b.index: b for b in blocks}
+    for index, student in replacements.items():
+        spec = by_index[index]
+        model.set_submodule(spec.members[0], student)
+        for member in spec.members[1:]:
+            model.set_submodule(member, nn.Identity())
+    return model
+
+
+def assemble(teacher: nn.Module, replacements: dict[int, nn.Module], blocks: Sequence[BlockSpec]) -> nn.Module:
+    """A new model: the teacher with students swapped in (the teacher is left untouched)."""
+    return replace_blocks(copy.deepcopy(teacher), {i: copy.deepcopy(s) for i, s in replacements.items()}, blocks)
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, spec: BlockSpec, student: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily run ``model`` with ``student`` in place of one block (for swapped accuracy)."""
+    originals = [model.get_submodule(m) for m in spec.members]
+    replace_blocks(model, {spec.index: student}, [spec])
+    try:
+        yield model
+    finally:
+        for member, module in zip(spec.members, originals):
+            model.set_submodule(member, module)

@@ -1,0 +1,143 @@
+"""The teacher: trained by the toolkit (and cached), or loaded from a user checkpoint; evaluation."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint
+from .config import Config
+from .data import Data, eval_batches, steps_per_epoch, train_batch
+from .models import build_model
+
+log = logging.getLogger("hpc_bkd")
+
+
+class TeacherMismatchError(ValueError):
+    """A teacher checkpoint does not fit the configured architecture."""
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Data, split: str = "test", batch_size: int = 256,
+             device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy in percent on ``split`` (train, val or test), in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in eval_batches(data, getattr(data, split), batch_size):
+        pred = model(x.to(device)).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+def _teacher_identity(cfg: Config, num_classes: int) -> dict[str, Any]:
+    """What makes a cached teacher reusable: architecture, data and training settings."""
+    return {"arch": cfg.model.arch, "width": cfg.model.width, "num_classes": num_classes,
+            "dataset": cfg.data.dataset, "root": cfg.data.root, "image_size": cfg.data.image_size,
+            "train_limit": cfg.data.train_limit, "val_fraction": cfg.data.val_fraction,
+            "epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr, "seed": cfg.run.seed,
+            "augment": cfg.data.augment, "batch_size": cfg.data.batch_size}
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A short hash of a state dict's values (detects a changed teacher under a resumed run)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                      if state[key].numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def load_teacher_checkpoint(path: str | Path, model: nn.Module) -> nn.Module:
+    """Load a user's state_dict into ``model`` with ``weights_only=True``; explain any mismatch."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher.checkpoint={str(path)!r} does not exist")
+    try:
+        state = checkpoint.load(path)
+    except Exception as exc:  # pickle errors, truncated files, non-weights content
+        raise TeacherMismatchError(f"{path}: cannot be read as a weights-only checkpoint ({exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise TeacherMismatchError(f"{path}: expected a state_dict (a mapping of tensors), got {type(state).__name__}")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} with other shapes (e.g. {'; '.join(wrong[:3])})")
+        raise TeacherMismatchError(
+            f"teacher checkpoint {path} does not match model.arch={type(model).__name__} as configured: "
+            + ", ".join(parts) + ". Check model.arch, model.width and the dataset's number of classes.")
+    model.load_state_dict(state)
+    return model
+
+
+def train_teacher(cfg: Config, data: Data, device: torch.device) -> nn.Module:
+    """Train a teacher from scratch: SGD + Nesterov momentum, cosine learning rate, cross-entropy."""
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model.arch, data.num_classes, cfg.model.width).to(device)
+    bs = cfg.data.batch_size
+    steps = steps_per_epoch(len(data.train), bs)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.teacher.lr, momentum=0.9, nesterov=True,
+                          weight_decay=cfg.teacher.weight_decay)
+    total = max(1, cfg.teacher.epochs * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    for epoch in range(cfg.teacher.epochs):
+        t0, loss_sum = time.time(), 0.0
+        model.train()
+        for step in range(steps):
+            x, y = train_batch(data, bs, cfg.run.seed + 1, epoch, step, cfg.data.augment)
+            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item()
+        val = accuracy(model, data, "val", cfg.data.eval_batch_size, device)
+        log.info("teacher epoch %d/%d: loss %.4f, val acc %.2f%% (%.1fs)", epoch + 1, cfg.teacher.epochs,
+                 loss_sum / steps, val, time.time() - t0)
+    return model.eval()
+
+
+def get_teacher(cfg: Config, data: Data, run_dir: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher for this job and where it came from (checkpoint, cache, or trained now)."""
+    model = build_model(cfg.model.arch, data.num_classes, cfg.model.width)
+    if cfg.teacher.checkpoint:
+        load_teacher_checkpoint(cfg.teacher.checkpoint, model)
+        source = f"checkpoint {cfg.teacher.checkpoint}"
+    else:
+        cache = run_dir / "teacher.pt"
+        identity = _teacher_identity(cfg, data.num_classes)
+        cached = checkpoint.load(cache) if cfg.teacher.cache and cache.is_file() else None
+        if cached is not None and cached.get("identity") == identity:
+            model.load_state_dict(cached["state_dict"])
+            source = f"cache {cache}"
+        else:
+            if cached is not None:
+                log.warning("cached teacher %s was trained with other settings: training a new one", cache)
+            t0 = time.time()
+            log.info("training the teacher (%s, %d epochs) ...", cfg.model.arch, cfg.teacher.epochs)
+            model = train_teacher(cfg, data, device).cpu()
+            if cfg.teacher.cache:
+                checkpoint.save({"state_dict": model.state_dict(), "identity": identity}, cache)
+            source = f"trained in {time.time() - t0:.1f}s"
+    return model.eval(), {"source": source}
