@@ -46,8 +46,9 @@ class DataConfig:
     val_fraction: float = 0.1
     # Use at most this many training images (null = all); handy for smoke tests.
     train_limit: int | None = None
-    # Random crop + horizontal flip on training batches (seeded by epoch and step, never by rank).
-    augment: bool = False
+    # Training-batch augmentation, seeded by epoch and step (never by rank): none, crop (random
+    # 4-pixel shifts; for digits and text), crop-flip (shifts + horizontal flips; CIFAR, photos).
+    augment: Literal["none", "crop", "crop-flip"] = "none"
 
 
 @dataclass
@@ -58,6 +59,7 @@ class TeacherConfig:
     epochs: int = 10
     # SGD learning rate (cosine schedule, momentum 0.9) for teacher training.
     lr: float = 0.05
+    # L2 weight decay for teacher training.
     weight_decay: float = 5e-4
     # Cache the trained teacher under the run directory and reuse it when the config matches.
     cache: bool = True
@@ -80,9 +82,11 @@ class DistillConfig:
     epochs: int = 4
     # rmsprop (the paper's), sgd or adam; each block has its own optimizer.
     optimizer: Literal["rmsprop", "sgd", "adam"] = "rmsprop"
+    # Initial learning rate of each block's optimizer.
     lr: float = 1e-3
     # Multiply the learning rate by this after every epoch (exponential decay).
     lr_decay: float = 0.8
+    # L2 weight decay of the student blocks.
     weight_decay: float = 0.0
     # A block is accepted when the teacher with only this block swapped in keeps accuracy within
     # this many percentage points of the teacher's own validation accuracy.
@@ -116,11 +120,16 @@ class PlanConfig:
 
 @dataclass
 class FinetuneConfig:
+    # Before fine-tuning, re-estimate the assembled student's BatchNorm statistics on this many
+    # training batches (students see each other's outputs now, not the teacher's; 0 = skip).
+    recalibrate_bn_batches: int = 20
     # End-to-end fine-tuning of the assembled student (0 = skip).
     epochs: int = 3
+    # SGD (Nesterov momentum 0.9, cosine schedule) learning rate for fine-tuning.
     lr: float = 0.01
     # Loss = alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * cross-entropy.
     alpha: float = 0.7
+    # Softmax temperature T of the distillation term.
     temperature: float = 4.0
 
 
@@ -222,6 +231,7 @@ def _check_ranges(cfg: Config) -> None:
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
     for key, value in {"teacher.epochs": cfg.teacher.epochs, "finetune.epochs": cfg.finetune.epochs,
+                       "finetune.recalibrate_bn_batches": cfg.finetune.recalibrate_bn_batches,
                        "run.threads": cfg.run.threads}.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")

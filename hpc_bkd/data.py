@@ -158,12 +158,12 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def _augment(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+def _augment(images: torch.Tensor, gen: torch.Generator, flips: bool, pad: int = 4) -> torch.Tensor:
     n, _, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    flip = torch.rand(n, generator=gen) < 0.5
+    flip = (torch.rand(n, generator=gen) < 0.5) & flips
     out = torch.empty_like(images)
     for i in range(n):
         crop = padded[i, :, dy[i]: dy[i] + h, dx[i]: dx[i] + w]
@@ -172,13 +172,14 @@ def _augment(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.
 
 
 def train_batch(data: Data, batch_size: int, seed: int, epoch: int, step: int,
-                augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                augment: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """The training batch number ``step`` of ``epoch``: identical on every rank."""
     order = _epoch_order(len(data.train), seed, epoch)
     idx = order[step * batch_size: (step + 1) * batch_size]
     images = data.train.images[idx]
-    if augment:
-        images = _augment(images, torch.Generator().manual_seed((seed * 100_003 + epoch) * 100_019 + step))
+    if augment != "none":
+        gen = torch.Generator().manual_seed((seed * 100_003 + epoch) * 100_019 + step)
+        images = _augment(images, gen, flips=augment == "crop-flip")
     return data.normalize(images), data.train.labels[idx]
 
 

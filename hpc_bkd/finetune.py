@@ -69,6 +69,31 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
     return history
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: Data, cfg: Config, batches: int, device: torch.device) -> None:
+    """Re-estimate every BatchNorm's running statistics (cumulative average) on training batches.
+
+    Each student block learnt its statistics on the teacher's activations; once assembled, a block
+    sees the previous students' outputs instead, and the mismatch compounds through the network.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches <= 0:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the calibration batches
+    was_training = model.training
+    model.to(device).train()
+    steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
+    for k in range(batches):
+        x, _ = train_batch(data, cfg.data.batch_size, cfg.run.seed + 3, k // steps, k % steps)
+        model(x.to(device))
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 def finetune(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, device: torch.device) -> list[dict[str, float]]:
     """Fine-tune the assembled student; keeps the teacher untouched."""
     if cfg.finetune.epochs <= 0:

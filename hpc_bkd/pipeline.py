@@ -27,7 +27,7 @@ from .config import Config
 from .data import Data, describe, load_data, train_batch
 from .distill import LocalDistiller, block_path, finished_blocks, load_finished
 from .energy import EnergyMeter
-from .finetune import accept_blocks, finetune
+from .finetune import accept_blocks, finetune, recalibrate_bn
 from .models import build_model
 from .plan import Plan, make_plan, mac_costs, measure_costs
 from .runtime import Runtime, init_runtime, setup_logging
@@ -214,8 +214,10 @@ def _finish(cfg, rt, data, run_dir, teacher, blocks, shared, plan, gathered, fin
     accepted = accept_blocks(accs, shared["teacher_val"], cfg.distill.accept_tolerance)
     student = assemble(teacher, {i: students[i] for i in accepted}, blocks)
     before = accuracy(student, data, "test", cfg.data.eval_batch_size, rt.device)
-    log.info("assembled student: %d/%d blocks accepted, test acc %.2f%% before fine-tuning",
-             len(accepted), len(blocks), before)
+    recalibrate_bn(student, data, cfg, cfg.finetune.recalibrate_bn_batches, rt.device)
+    recalibrated = accuracy(student, data, "test", cfg.data.eval_batch_size, rt.device)
+    log.info("assembled student: %d/%d blocks accepted, test acc %.2f%% (%.2f%% after BN recalibration)",
+             len(accepted), len(blocks), before, recalibrated)
     phases.mark("assemble")
     history = finetune(student, teacher, data, cfg, rt.device)
     student.cpu()
@@ -234,7 +236,8 @@ def _finish(cfg, rt, data, run_dir, teacher, blocks, shared, plan, gathered, fin
     }
     return write_report(cfg, run_dir, rt, blocks, plan, shared, results, accepted, gathered, models,
                         {"teacher_test": shared["teacher_test"], "teacher_val": shared["teacher_val"],
-                         "student_before_finetune": before, "student_after_finetune": after},
+                         "student_assembled": before, "student_before_finetune": recalibrated,
+                         "student_after_finetune": after},
                         history, phases, comm, wall0)
 
 

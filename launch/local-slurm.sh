@@ -50,9 +50,10 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root" 3; }
 lock() { install -d -m 0755 "$DIR"; exec 9>"$DIR/.lock"; flock -w 900 9 || die "lock $DIR/.lock busy"; }
 
-# node_ready [SINCE]: node idle/mix/alloc (no '*' = responding), its slurmd registered at or
-# after SINCE (epoch s), slurmctld ran >= 1 scheduling cycle (before that, jobs pend ~3 s),
-# and slurmctld is registered with slurmdbd (else sacct does not know the cluster).
+# node_ready SINCE CYCLE: node idle/mix/alloc (no '*' = responding); if SINCE != 0 its slurmd
+# registered at or after SINCE (epoch s); if CYCLE = 1 slurmctld ran >= 1 scheduling cycle
+# (right after its start, jobs pend ~3 s; sdiag counters also reset at midnight, so only asked
+# after a start); and slurmctld is registered with slurmdbd (else sacct lacks the cluster).
 READY_WHY=""
 node_ready() {
   local st reg cyc
@@ -63,8 +64,10 @@ node_ready() {
     reg=$(date -d "$reg" +%s 2>/dev/null || echo 0)
     [ "$reg" -ge "$1" ] || { READY_WHY="slurmd not registered yet"; return 1; }
   fi
-  cyc=$(sdiag 2>/dev/null | awk '/Main schedule statistics/{m=1} m && /Total cycles:/{print $3; exit}')
-  [ "${cyc:-0}" -ge 1 ] || { READY_WHY="no scheduling cycle yet"; return 1; }
+  if [ "${2:-0}" = 1 ]; then
+    cyc=$(sdiag 2>/dev/null | awk '/Main schedule statistics/{m=1} m && /Total cycles:/{print $3; exit}')
+    [ "${cyc:-0}" -ge 1 ] || { READY_WHY="no scheduling cycle yet"; return 1; }
+  fi
   sacctmgr -n -P show cluster "$CLUSTER" format=ControlHost 2>/dev/null | grep -q . \
     || { READY_WHY="slurmctld not registered with slurmdbd"; return 1; }
 }
@@ -243,7 +246,7 @@ stop_pids() {
 
 cmd_start() {
   need_root; lock
-  local t0 sd_start=0 changed=0; t0=$(now); PKGS_NEW=0
+  local t0 sd_start=0 ctld_new=0 changed=0; t0=$(now); PKGS_NEW=0
   install_packages
   install -d -m 0755 /etc/slurm "$DIR/etc" "$LOG" "$RUN" "$DIR/state/ctld" "$DIR/state/d"
   local conf; conf=$(slurm_conf)
@@ -257,6 +260,7 @@ cmd_start() {
   fi
   if ! alive "$RUN/slurmctld.pid" slurmctld; then
     port_open 6817 && die "port 6817 is taken but not by our slurmctld"
+    ctld_new=1
     /usr/sbin/slurmctld </dev/null 9>&- || { tail -20 "$LOG/slurmctld.log" >&2; die "slurmctld failed"; }
     for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.1; done
     log "slurmctld started"
@@ -269,14 +273,14 @@ cmd_start() {
   fi
   local i
   for (( i = 0; i < WAIT_S * 10; i++ )); do
-    node_ready "$sd_start" && break
+    node_ready "$sd_start" "$ctld_new" && break
     # a node left DOWN/DRAIN by an earlier run: resume it (ReturnToService=2 covers most cases)
     if (( i % 20 == 19 )) && [[ "$READY_WHY" =~ down|drain|drng|fail ]]; then
       scontrol update NodeName="$H" State=RESUME 2>/dev/null || true
     fi
     sleep 0.1
   done
-  node_ready "$sd_start" || {
+  node_ready "$sd_start" "$ctld_new" || {
     sinfo -N -l >&2 || true; tail -n 15 "$LOG/slurmctld.log" "$LOG/slurmd.log" "$LOG/slurmdbd.log" >&2 || true
     die "not ready after ${WAIT_S}s: $READY_WHY"; }
   log "ready in $(since "$t0")s: node $H ($CPUS CPUs), partition $PART, logs $LOG"
@@ -316,7 +320,7 @@ cmd_status() {
     elif [ $d = munged ] && command -v munge >/dev/null && munge_ok; then echo "munged: running (not ours)"
     else echo "$d: not running"; ok=1; fi
   done
-  if [ $ok = 0 ] && node_ready 0; then
+  if [ $ok = 0 ] && node_ready 0 0; then
     echo "ready: node $H, partition $PART, state dir $DIR"; sinfo -o '%P %a %D %t %c %N' 2>/dev/null || true
     return 0
   fi

@@ -1,0 +1,44 @@
+"""Shared fixtures: run the real CLI (alone or under the bundled mpirun), a tiny trained teacher."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a real local SLURM)
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MPIRUN = BIN / "mpirun"
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "SLURM_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def hpc(*args: str, np: int | None = None, timeout: float = 300, cwd: Path | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m hpc_bkd ARGS``, under ``mpirun -np NP`` when ``np`` is given."""
+    cmd = [sys.executable, "-m", "hpc_bkd", *args]
+    if np is not None:
+        cmd = [str(MPIRUN), "-np", str(np), *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=cli_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
+                             f"\n--- stderr\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A teacher for the `tiny` config, trained once per session (single thread: deterministic)."""
+    run_dir = tmp_path_factory.mktemp("tiny-teacher")
+    hpc("train-teacher", "-c", "tiny", "--run-dir", str(run_dir), "--set", "run.threads=1")
+    return run_dir / "teacher.pt"

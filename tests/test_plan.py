@@ -1,0 +1,71 @@
+"""The planner: optimal on cases small enough to enumerate; cost files; the plan CLI."""
+import itertools
+import json
+import random
+
+import pytest
+
+from conftest import hpc
+from hpc_bkd.plan import BlockCost, costs_from_json, lower_bound, make_plan, rank_cost
+
+
+def brute_force(costs, ranks):
+    best = float("inf")
+    for labels in itertools.product(range(ranks), repeat=len(costs)):
+        bins = [[b for b, r in enumerate(labels) if r == k] for k in range(ranks)]
+        best = min(best, max(rank_cost(b, costs) for b in bins))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_plan_is_optimal_on_small_cases(seed):
+    rng = random.Random(seed)
+    n, ranks = rng.randint(3, 8), rng.randint(2, 3)
+    depth = sorted(rng.uniform(0.01, 0.3) for _ in range(n))  # deeper blocks: longer teacher prefix
+    costs = [BlockCost(depth[i], rng.uniform(0.01, 0.15)) for i in range(n)]
+    plan = make_plan(costs, ranks, method="exact")
+    assert plan.optimal
+    assert plan.makespan == pytest.approx(brute_force(costs, ranks))
+    assert sorted(b for r in plan.assignment for b in r) == list(range(n))
+    assert lower_bound(costs, ranks) <= plan.makespan + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lpt_is_close_to_optimal(seed):
+    rng = random.Random(100 + seed)
+    costs = [BlockCost(0.02 * i, rng.uniform(0.01, 0.1)) for i in range(8)]
+    lpt = make_plan(costs, 3, method="lpt")
+    assert lpt.makespan <= 1.25 * brute_force(costs, 3)
+
+
+def test_more_ranks_than_blocks_leaves_idle_ranks():
+    costs = [BlockCost(0.1, 0.1), BlockCost(0.2, 0.1)]
+    plan = make_plan(costs, 5)
+    assert len(plan.assignment) == 5 and len(plan.idle_ranks) == 3
+    assert plan.makespan == pytest.approx(0.3)
+
+
+def test_costs_file_formats(tmp_path):
+    (tmp_path / "plain.json").write_text("[0.5, 0.25, 0.25]")
+    assert [c.student for c in costs_from_json(tmp_path / "plain.json")] == [0.5, 0.25, 0.25]
+    (tmp_path / "obj.json").write_text(json.dumps([{"teacher": 0.1, "student": 0.2}]))
+    assert costs_from_json(tmp_path / "obj.json") == [BlockCost(0.1, 0.2)]
+    (tmp_path / "bad.json").write_text('[{"student": 1}]')
+    with pytest.raises(ValueError, match="item 0"):
+        costs_from_json(tmp_path / "bad.json")
+
+
+def test_plan_cli_from_costs_needs_no_model(tmp_path):
+    (tmp_path / "costs.json").write_text("[4, 3, 3, 2, 2, 2]")
+    out = json.loads(hpc("plan", "--costs", str(tmp_path / "costs.json"), "--ranks", "2").stdout)
+    assert out["makespan"] == pytest.approx(8.0) and out["optimal"]
+    assert sorted(sum(out["assignment"], [])) == list(range(6))
+
+
+def test_plan_cli_on_torchvision_models():
+    for arch, count in [("torchvision:vgg16_bn", 13), ("torchvision:resnet50", 16)]:
+        out = hpc("plan", "--set", f"model.arch={arch}", "--set", "plan.cost_model=macs", "--ranks", "4",
+                  "--json").stdout
+        plan = json.loads(out)
+        assert len(plan["blocks"]) == count
+        assert sorted(sum(plan["plan"]["assignment"], [])) == list(range(count))

@@ -1,0 +1,130 @@
+"""Surgery on our CIFAR-style nets and unmodified torchvision models, found with hooks alone."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hpc_bkd.models import build_model
+from hpc_bkd.students import build_student
+from hpc_bkd.surgery import BlockTap, assemble, conv_params, find_blocks, replace_blocks
+
+SMALL = (3, 32, 32)
+
+
+@pytest.mark.parametrize("arch, conv_blocks, unit_blocks", [
+    ("torchvision:vgg16_bn", 13, 5),     # the paper's VGG16: 13 3x3 convs, 5 stages
+    ("torchvision:resnet50", 16, 16),    # the paper's ResNet50: 16 bottleneck 3x3 convs (stem is 7x7)
+    ("torchvision:resnet18", 16, 8),
+    ("torchvision:vgg11_bn", 8, 5),
+    ("vgg16", 13, 5),
+    ("vgg19", 16, 5),
+    ("resnet18", 17, 8),                 # CIFAR stem is a 3x3 conv: one more block
+    ("resnet50", 17, 16),
+])
+def test_block_counts(arch, conv_blocks, unit_blocks):
+    model = build_model(arch, 10)
+    assert len(find_blocks(model, SMALL, "conv")) == conv_blocks
+    assert len(find_blocks(model, SMALL, "unit")) == unit_blocks
+
+
+def _identity_student(model: nn.Module, spec) -> nn.Module:
+    """A 'student' that is an exact copy of the teacher block: swapping it in must change nothing."""
+    return nn.Sequential(*[copy.deepcopy(model.get_submodule(m)) for m in spec.members])
+
+
+@pytest.mark.parametrize("arch, granularity", [
+    ("torchvision:resnet18", "conv"), ("torchvision:resnet18", "unit"), ("vgg11", "conv"),
+    ("vgg11", "unit"), ("torchvision:resnet50", "conv"), ("torchvision:densenet121", "conv"),
+])
+def test_members_form_a_chain(arch, granularity):
+    """Replacing every block by a copy of its own members reproduces the teacher exactly."""
+    torch.manual_seed(0)
+    model = build_model(arch, 10).eval()
+    blocks = find_blocks(model, SMALL, granularity)
+    copies = {b.index: _identity_student(model, b) for b in blocks}
+    rebuilt = assemble(model, copies, blocks).eval()
+    x = torch.randn(2, *SMALL)
+    with torch.no_grad():
+        assert torch.allclose(model(x), rebuilt(x), atol=1e-5)
+    # and the rebuilt model really runs the copies, not the old modules
+    assert all(isinstance(rebuilt.get_submodule(b.members[0]), nn.Sequential) for b in blocks)
+
+
+def test_tap_matches_block_input_and_output():
+    torch.manual_seed(0)
+    model = build_model("torchvision:resnet18", 10).eval()
+    blocks = find_blocks(model, SMALL)
+    spec = blocks[5]
+    x = torch.randn(4, *SMALL)
+    inp, target = BlockTap(model, [spec])(x)[spec.index]
+    block = _identity_student(model, spec).eval()
+    with torch.no_grad():
+        assert torch.allclose(block(inp), target, atol=1e-5)
+    assert target.min() < 0, "a BN output before its ReLU must be captured before the in-place ReLU"
+
+
+def test_tap_stops_at_deepest_block():
+    model = build_model("vgg16", 10, 0.25).eval()
+    blocks = find_blocks(model, SMALL)
+    ran = []
+    model.classifier.register_forward_hook(lambda *a: ran.append("classifier"))
+    model.features[-1].register_forward_hook(lambda *a: ran.append("last"))
+    out = BlockTap(model, blocks[:3])(torch.randn(2, *SMALL))
+    assert set(out) == {0, 1, 2} and ran == [], "the teacher ran deeper than the deepest tapped block"
+
+
+@pytest.mark.parametrize("arch", ["torchvision:resnet50", "resnet18", "vgg16", "torchvision:vgg16_bn"])
+@pytest.mark.parametrize("granularity", ["conv", "unit"])
+def test_students_fit_their_blocks(arch, granularity):
+    model = build_model(arch, 10)
+    for spec in find_blocks(model, SMALL, granularity):
+        student = build_student(spec)  # raises if the output shape differs
+        ends_in_relu = isinstance(list(student.children())[-1], nn.ReLU)
+        assert ends_in_relu == spec.nonnegative_output
+        dw = [m for m in student.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+        assert dw and all(m.kernel_size == (3, 3) for m in dw)
+
+
+def test_student_can_output_negative_values():
+    """The paper's ResNet students ended in a ReLU and could not fit pre-activation targets."""
+    spec = find_blocks(build_model("resnet18", 10), SMALL)[3]
+    assert not spec.nonnegative_output
+    student = build_student(spec).train()
+    out = student(torch.randn(8, *spec.in_shape))
+    assert out.min() < 0
+
+
+def test_vgg16_students_are_under_30_percent_of_conv_weights():
+    model = build_model("vgg16", 10, 0.25)
+    blocks = find_blocks(model, SMALL)
+    student = assemble(model, {b.index: build_student(b) for b in blocks}, blocks)
+    assert conv_params(student) <= 0.30 * conv_params(model)
+
+
+def test_replace_is_in_place_and_assemble_copies():
+    model = build_model("vgg11", 10, 0.25)
+    blocks = find_blocks(model, SMALL)
+    before = copy.deepcopy(model.state_dict())
+    assemble(model, {0: build_student(blocks[0])}, blocks)
+    assert model.state_dict().keys() == before.keys()
+    replace_blocks(model, {0: build_student(blocks[0])}, blocks)
+    assert isinstance(model.get_submodule(blocks[0].members[1]), nn.Identity)
+
+
+def test_student_init_depends_on_block_index_only():
+    blocks = find_blocks(build_model("vgg11", 10, 0.25), SMALL)
+    a, b = build_student(blocks[2], seed=0), build_student(blocks[2], seed=0)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c = build_student(blocks[2], seed=1)
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_model_without_blocks_is_a_clear_error():
+    with pytest.raises(ValueError, match="no replaceable blocks"):
+        find_blocks(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), SMALL)
+
+
+def test_unknown_arch_lists_valid():
+    with pytest.raises(ValueError, match="valid: .*vgg16.*resnet50"):
+        build_model("alexnet-ish", 10)
