@@ -19,10 +19,28 @@
 #                         "" = the cluster's MpiDefault
 #   HPC_BKD_SRUN_ARGS     extra srun options, space separated
 #   HPC_BKD_MAX_REQUEUES  stop requeueing after this many restarts (default 10)
+#   HPC_BKD_SHM_CLEANUP   0 = skip the step that removes stale MPICH shared memory (see below)
 # Arguments after the script name are appended to `hpc_bkd run` and win over all of the above:
 #   sbatch slurm/vgg.sbatch --set distill.epochs=2 -c my.yaml
 
 _bkd_log() { printf '[%(%H:%M:%S)T hpc_bkd.sbatch] %s\n' -1 "$*" >&2; }
+
+# MPICH (ch4) keeps each node's shared memory in /dev/shm/mpich_shm_<FNV-1a of "jobid.stepid">_<node>
+# and removes it in MPI_Finalize only. A requeued job keeps its id and numbers its steps from 0
+# again, so a segment left by a killed step makes MPI_Init of the same step id fail or hang until
+# the time limit. Run on every node in a step of its own: remove what steps 0..next of this job
+# id may have left (no live step of this job can own them: this one runs alone).
+_bkd_shm_clean() {
+  local s k h i c
+  for (( s = 0; s <= SLURM_STEP_ID + 1; s++ )); do
+    k=$SLURM_JOB_ID.$s h=2166136261
+    for (( i = 0; i < ${#k}; i++ )); do
+      printf -v c %d "'${k:i:1}"; h=$(( ((h ^ c) * 16777619) & 0xffffffff ))
+    done
+    printf -v h %x "$h"
+    rm -f "/dev/shm/mpich_shm_${h}_"* "/dev/shm/mpich_vci_${h}_"*
+  done
+}
 
 hpc_bkd_sbatch_main() {  # hpc_bkd_sbatch_main DEFAULT_CONFIG [hpc_bkd run arguments...]
   local default_config=$1; shift
@@ -65,6 +83,11 @@ hpc_bkd_sbatch_main() {  # hpc_bkd_sbatch_main DEFAULT_CONFIG [hpc_bkd run argum
            "GPUs/task ${SLURM_GPUS_PER_TASK:-none}"
   _bkd_log "run dir $run_dir"
   _bkd_log "srun ${srun_args[*]} $py ${args[*]}"
+
+  if [ "${HPC_BKD_SHM_CLEANUP:-1}" != 0 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    srun --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" --mpi=none --cpus-per-task=1 \
+      bash -c "$(declare -f _bkd_shm_clean); _bkd_shm_clean" || _bkd_log "warning: /dev/shm cleanup step failed"
+  fi
 
   _BKD_REQUEUE=0 _BKD_SRUN=
   # time limit near (--signal=B:USR1@...): ask the ranks to save, then requeue ourselves

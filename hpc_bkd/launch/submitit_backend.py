@@ -66,6 +66,27 @@ log = logging.getLogger("hpc_bkd")
 
 EXECUTORS = ("auto", "slurm", "local", "debug")
 
+# Lines for the batch script, before the main srun (same as slurm/common.sh). MPICH (ch4) keeps
+# each node's shared memory in /dev/shm/mpich_shm_<FNV-1a of "jobid.stepid">_<node> and removes it
+# in MPI_Finalize only; a requeued job keeps its id and numbers its steps from 0 again, so a
+# segment left by a killed step makes MPI_Init of the same step id fail or hang until the time
+# limit. This step removes, on every node, what steps 0..next of this job id may have left.
+MPICH_SHM_CLEANUP = [
+    "_bkd_shm_clean() {",
+    "  local s k h i c",
+    "  for (( s = 0; s <= SLURM_STEP_ID + 1; s++ )); do",
+    "    k=$SLURM_JOB_ID.$s h=2166136261",
+    "    for (( i = 0; i < ${#k}; i++ )); do",
+    "      printf -v c %d \"'${k:i:1}\"; h=$(( ((h ^ c) * 16777619) & 0xffffffff ))",
+    "    done",
+    "    printf -v h %x \"$h\"",
+    "    rm -f \"/dev/shm/mpich_shm_${h}_\"* \"/dev/shm/mpich_vci_${h}_\"*",
+    "  done",
+    "}",
+    "srun --ntasks-per-node=1 --ntasks=\"${SLURM_JOB_NUM_NODES:-1}\" --mpi=none --cpus-per-task=1 "
+    "bash -c \"$(declare -f _bkd_shm_clean); _bkd_shm_clean\" || echo 'hpc_bkd: /dev/shm cleanup failed' >&2",
+]
+
 
 class LaunchError(RuntimeError):
     """A job cannot be launched as asked (or a launched job cannot form its MPI world)."""
@@ -229,7 +250,7 @@ def make_executor(executor: str = "auto", folder: str | os.PathLike = "submitit/
                   partition: str | None = None, time_min: float = 60, job_name: str = "hpc_bkd",
                   mpi: str | None = "pmi2", max_requeues: int = 3, signal_delay_s: int = 120,
                   setup: Sequence[str] = (), sbatch: Mapping[str, Any] | None = None,
-                  srun_args: Sequence[str] = ()) -> Any:
+                  srun_args: Sequence[str] = (), shm_cleanup: bool = True) -> Any:
     """A configured submitit executor.
 
     executor: ``slurm``, ``local`` (subprocess on this machine, one rank), ``debug`` (in this
@@ -241,6 +262,9 @@ def make_executor(executor: str = "auto", folder: str | os.PathLike = "submitit/
     ``max_num_timeout``; preemptions do not count).
     signal_delay_s: the preemption signal comes this long before the time limit.
     sbatch: extra ``#SBATCH`` options, e.g. ``{"account": "proj", "qos": "high"}``.
+    setup: shell lines run in the batch script before srun (``module load ...``).
+    shm_cleanup: run the one-line step that removes stale MPICH shared memory of this job id
+    before the main step (see ``MPICH_SHM_CLEANUP``; needed for requeues with MPICH).
     """
     import submitit
 
@@ -265,8 +289,9 @@ def make_executor(executor: str = "auto", folder: str | os.PathLike = "submitit/
             params["gpus_per_task"] = gpus_per_task
         if cpus_per_task:
             params["cpus_per_task"] = cpus_per_task
-        if setup:
-            params["setup"] = list(setup)
+        lines = [*setup, *(MPICH_SHM_CLEANUP if shm_cleanup else [])]
+        if lines:
+            params["setup"] = lines
         ex.update_parameters(**params)
         return ex
     if nodes != 1 or tasks_per_node != 1:

@@ -1,0 +1,58 @@
+"""Real mpirun with several ranks (the bundled MPICH): placement-independent blocks, idle ranks,
+oversubscription, and a failing rank that takes the job down fast instead of hanging."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import hpc
+from hpc_bkd import checkpoint
+
+pytestmark = pytest.mark.mpi
+
+
+def _blocks(run: Path) -> dict[int, dict]:
+    return {int(p.stem.split("-")[1]): checkpoint.load(p)["state_dict"] for p in sorted((run / "blocks").glob("block-*.pt"))}
+
+
+def test_one_rank_and_two_ranks_train_the_same_blocks(tmp_path: Path, tiny_teacher: Path):
+    common = ["-c", "tiny", "--set", f"teacher.checkpoint={tiny_teacher}", "--set", "run.threads=1",
+              "--set", "distill.epochs=2", "--set", "finetune.epochs=0"]
+    hpc("distill", *common, "--run-dir", str(tmp_path / "np1"))
+    proc = hpc("distill", *common, "--run-dir", str(tmp_path / "np2"), np=2)
+    assert "[rank 1/2]" in proc.stderr
+    report = json.loads((tmp_path / "np2" / "report.json").read_text())
+    assert report["world_size"] == 2 and {b["rank"] for b in report["blocks"]} == {0, 1}
+    one, two = _blocks(tmp_path / "np1"), _blocks(tmp_path / "np2")
+    assert one.keys() == two.keys() == set(range(8))
+    for i in one:
+        for k in one[i]:
+            assert torch.allclose(one[i][k].float(), two[i][k].float(), rtol=1e-4, atol=1e-5), (i, k)
+
+
+def test_more_ranks_than_blocks_on_two_cores(tmp_path: Path, tiny_teacher: Path):
+    """6 ranks, 5 blocks (VGG stages), 2 cores: completes, and the spare rank is reported idle."""
+    proc = hpc("run", "-c", "tiny", "--run-dir", str(tmp_path), "--set", f"teacher.checkpoint={tiny_teacher}",
+               "--set", "blocks.granularity=unit", np=6, timeout=400)
+    assert "idle: no blocks for this rank" in proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["world_size"] == 6 and len(report["blocks"]) == 5
+    assert len(report["plan"]["idle_ranks"]) == 1
+    assert sum(1 for r in report["ranks"] if not r["blocks"]) == 1
+
+
+def test_four_ranks_on_two_cores(tmp_path: Path, tiny_teacher: Path):
+    hpc("run", "-c", "tiny", "--run-dir", str(tmp_path), "--set", f"teacher.checkpoint={tiny_teacher}", np=4,
+        timeout=400)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["world_size"] == 4 and sorted(b["index"] for b in report["blocks"]) == list(range(8))
+
+
+def test_error_on_the_coordinator_aborts_every_rank(tmp_path: Path, tiny_teacher: Path):
+    t0 = time.time()
+    proc = hpc("run", "-c", "tiny", "--run-dir", str(tmp_path), "--set", "model.arch=vgg13",
+               "--set", f"teacher.checkpoint={tiny_teacher}", np=3, check=False, timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 120
+    assert "does not match" in proc.stderr and "aborting all 3 ranks" in proc.stderr
