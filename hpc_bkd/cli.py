@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=int, default=None, help="plan for this many ranks (default: MPI size)")
     p.add_argument("--costs", default=None, help="plan from a JSON list of per-block costs; needs no model or data")
     p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--hybrid", action="store_true", help="with --costs: allow data-parallel teams")
     p = sub.add_parser("distill", help="distill and assemble the student, without end-to-end fine-tuning")
     _common(p)
     p = sub.add_parser("evaluate", help="test accuracy of the teacher and the saved student of a run directory")
@@ -59,7 +60,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     if args.costs:
         costs = costs_from_json(args.costs)
-        plan = make_plan(costs, args.ranks or 1)
+        plan = make_plan(costs, args.ranks or 1, hybrid=args.hybrid)
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
     from mpi4py import MPI
@@ -80,8 +81,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
               f"{'x'.join(map(str, b['out_shape'])):>14} {b['params']:>10,} {b['macs'] / 1e6:>9.2f} "
               f"{c['teacher']:>9.4f} {c['student']:>9.4f}")
     print(f"\nassignment for {ranks} rank(s) ({plan['method']}{', optimal' if plan['optimal'] else ''}):")
-    for r, (blocks, load) in enumerate(zip(plan["assignment"], plan["predicted"])):
-        print(f"  rank {r}: predicted {load:.4f}s/batch  blocks {','.join(map(str, blocks)) or '(idle)'}")
+    for members in plan["teams"]:
+        blocks, load = plan["assignment"][members[0]], plan["predicted"][members[0]]
+        who = f"rank {members[0]}" if len(members) == 1 else f"ranks {members[0]}-{members[-1]} (team, batch split)"
+        print(f"  {who}: predicted {load:.4f}s/batch  blocks {','.join(map(str, blocks)) or '(idle)'}")
     print(f"makespan {plan['makespan']:.4f}s/batch, lower bound {plan['lower_bound']:.4f}, one rank "
           f"{plan['sequential']:.4f}: predicted speedup {plan['predicted_speedup']:.2f}x")
     return 0

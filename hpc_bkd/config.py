@@ -116,6 +116,9 @@ class PlanConfig:
     # Let a group of blocks be trained data-parallel by several ranks when that beats a pure block
     # split (more ranks than useful, or a dominant rank).
     hybrid: bool = True
+    # Force this many data-parallel teams (1 = every rank trains every block on its slice of each
+    # batch; null = let the planner choose; ignored unless hybrid is true).
+    teams: int | None = None
 
 
 @dataclass
@@ -235,6 +238,8 @@ def _check_ranges(cfg: Config) -> None:
                        "run.threads": cfg.run.threads}.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if cfg.plan.teams is not None and cfg.plan.teams < 1:
+        raise ConfigError(f"plan.teams: must be >= 1 or null, got {cfg.plan.teams}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
     if not 0.0 < cfg.distill.lr_decay <= 1.0:

@@ -30,7 +30,7 @@ from .data import Data, steps_per_epoch, train_batch
 from .runtime import stop_requested
 from .students import build_student
 from .surgery import BlockSpec, BlockTap, swapped
-from .teacher import accuracy
+from .teams import Team, to_team
 
 log = logging.getLogger("hpc_bkd")
 
@@ -118,11 +118,16 @@ class BlockTrainer:
         self.spans = [tuple(s) for s in state["spans"]]
         self.resumed = True
 
-    def train_step(self, inp: torch.Tensor, target: torch.Tensor) -> None:
+    def train_step(self, inp: torch.Tensor, target: torch.Tensor, team: Team | None = None,
+                   weight: float = 1.0) -> None:
+        """One MSE step. In a team, ``weight`` is this member's share of the batch: the weighted
+        losses sum to the full-batch mean, and summed gradients equal the full-batch gradient."""
         self.student.train()
-        loss = F.mse_loss(self.student(inp), target)
+        loss = F.mse_loss(self.student(inp), target) * weight
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if team is not None:
+            loss = team.sum_grads(self.student.parameters(), extra=loss.detach().reshape(1))
         self.optimizer.step()
         self.loss_sum += loss.item()
         self.loss_count += 1
@@ -130,11 +135,15 @@ class BlockTrainer:
 
 
 class LocalDistiller:
-    """Trains the blocks one rank owns; see the module docstring."""
+    """Trains the blocks one rank owns (alone, or with its team; see ``teams.py``).
+
+    In a team every member runs the same loop on its slice of each batch; the leader alone writes
+    checkpoints and returns results.
+    """
 
     def __init__(self, teacher: nn.Module, blocks: Sequence[BlockSpec], data: Data, cfg: Config,
                  run_dir: Path, fingerprint: str, device: torch.device, rank: int = 0,
-                 teacher_val_acc: float | None = None) -> None:
+                 teacher_val_acc: float | None = None, team: Team | None = None) -> None:
         self.teacher = copy.deepcopy(teacher).to(device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -142,6 +151,8 @@ class LocalDistiller:
         self.data, self.cfg, self.run_dir, self.fingerprint = data, cfg, Path(run_dir), fingerprint
         self.device, self.rank = device, rank
         self.teacher_val_acc = teacher_val_acc
+        self.team = team if team is not None and team.size > 1 else None
+        self.leader = self.team is None or self.team.is_leader
         self.steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
         self._taps: dict[tuple[int, ...], BlockTap] = {}
 
@@ -150,6 +161,8 @@ class LocalDistiller:
     def _trainer(self, spec: BlockSpec) -> BlockTrainer:
         b, d = self.cfg.blocks, self.cfg.distill
         student = build_student(spec, b.student_depth, b.student_width, self.cfg.run.seed).to(self.device)
+        if self.team is not None:
+            to_team(student, self.team)
         opt = _make_optimizer(student.parameters(), self.cfg)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=d.lr_decay)
         trainer = BlockTrainer(spec, student, opt, sched, d.epochs, self.steps)
@@ -163,6 +176,8 @@ class LocalDistiller:
         return trainer
 
     def _save_partial(self, t: BlockTrainer) -> None:
+        if not self.leader:
+            return
         checkpoint.save({"fingerprint": self.fingerprint, "trainer": t.state()},
                         block_path(self.run_dir, t.spec.index, partial=True))
 
@@ -176,18 +191,36 @@ class LocalDistiller:
             "swapped_val_acc": t.best_acc if t.best_acc >= 0 else None, "history": t.history,
             "spans": [list(s) for s in t.spans], "early_stopped": t.early_stopped, "resumed": t.resumed,
         }
+        if self.team is not None:
+            metrics["team_size"] = self.team.size
         result = {"fingerprint": self.fingerprint, "state_dict": cpu_state, "metrics": metrics}
+        if not self.leader:
+            return result
         checkpoint.save(result, block_path(self.run_dir, t.spec.index))
         block_path(self.run_dir, t.spec.index, partial=True).unlink(missing_ok=True)
         return result
 
     # ---------------------------------------------------------------- training
 
+    @torch.no_grad()
     def _validate(self, t: BlockTrainer) -> float:
+        """Teacher accuracy on the validation set with only this block swapped in (a team splits
+        the validation set and sums the counts)."""
         t.student.eval()
+        val = self.data.val
+        rows = self.team.slice(len(val)) if self.team is not None else slice(0, len(val))
+        images, labels = val.images[rows], val.labels[rows]
+        correct = torch.zeros(2, dtype=torch.float64)
+        bs = self.cfg.data.eval_batch_size
         with swapped(self.teacher, t.spec, t.student):
-            acc = accuracy(self.teacher, self.data, "val", self.cfg.data.eval_batch_size, self.device)
-        return acc
+            for start in range(0, len(labels), bs):
+                x = self.data.normalize(images[start: start + bs]).to(self.device)
+                pred = self.teacher(x).argmax(1).cpu()
+                correct += torch.tensor([float((pred == labels[start: start + bs]).sum()), float(len(pred))],
+                                        dtype=torch.float64)
+        if self.team is not None:
+            self.team.allreduce_(correct)
+        return 100.0 * float(correct[0]) / max(float(correct[1]), 1.0)
 
     def _end_epoch(self, t: BlockTrainer) -> None:
         loss = t.loss_sum / max(t.loss_count, 1)
@@ -202,8 +235,9 @@ class LocalDistiller:
             if tol is not None and self.teacher_val_acc is not None and acc >= self.teacher_val_acc - tol:
                 t.early_stopped = True
         t.history.append(entry)
-        log.info("block %2d %-24s epoch %d/%d  mse %.5f%s", t.spec.index, t.spec.name, t.epoch + 1, t.epochs,
-                 loss, f"  swapped val acc {entry['swapped_val_acc']:.2f}%" if "swapped_val_acc" in entry else "")
+        if self.leader:
+            log.info("block %2d %-24s epoch %d/%d  mse %.5f%s", t.spec.index, t.spec.name, t.epoch + 1, t.epochs,
+                     loss, f"  swapped val acc {entry['swapped_val_acc']:.2f}%" if "swapped_val_acc" in entry else "")
         t.epoch, t.step, t.loss_sum, t.loss_count = t.epoch + 1, 0, 0.0, 0
         t.scheduler.step()
 
@@ -223,13 +257,21 @@ class LocalDistiller:
         last_save = time.time()
         interrupted = False
         while active:
-            if stop_requested():
+            stop = stop_requested()
+            if self.team is not None:
+                stop = self.team.any(stop)  # members must stop at the same step
+            if stop:
                 interrupted = True
                 break
             group = self._select(active)
             epoch, step = group[0].cursor
             x, _ = train_batch(self.data, self.cfg.data.batch_size, self.cfg.run.seed, epoch, step,
                                self.cfg.data.augment)
+            weight = 1.0
+            if self.team is not None:
+                rows = self.team.slice(len(x))
+                weight = (rows.stop - rows.start) / len(x)
+                x = x[rows]
             key = tuple(t.spec.index for t in group)
             tap = self._taps.setdefault(key, BlockTap(self.teacher, [t.spec for t in group]))
             t0 = time.perf_counter()
@@ -239,7 +281,7 @@ class LocalDistiller:
                 if t.started_at is None:
                     t.started_at = time.time()
                 t1 = time.perf_counter()
-                t.train_step(*pairs[t.spec.index])
+                t.train_step(*pairs[t.spec.index], team=self.team, weight=weight)
                 t.train_time += share + time.perf_counter() - t1
             progress.update(len(group), group)
             for t in group:
@@ -250,11 +292,14 @@ class LocalDistiller:
                     self._save_partial(t)
                     if t.done:
                         t.spans.append((t.started_at, time.time()))
-                        results.append(self._finish(t))
+                        result = self._finish(t)
+                        if self.leader:
+                            results.append(result)
                         active.remove(t)
                         progress.skip(t.epochs * t.steps - (t.epoch * t.steps))
-                        log.info("block %2d %-24s done in %.1fs (best swapped val acc %.2f%%)", t.spec.index,
-                                 t.spec.name, t.train_time, t.best_acc)
+                        if self.leader:
+                                log.info("block %2d %-24s done in %.1fs (best swapped val acc %.2f%%)", t.spec.index,
+                                     t.spec.name, t.train_time, t.best_acc)
             if time.time() - last_save > self.cfg.distill.checkpoint_interval_s:
                 for t in active:
                     self._save_partial(t)

@@ -34,6 +34,7 @@ from .runtime import Runtime, init_runtime, setup_logging
 from .students import build_student
 from .surgery import BlockSpec, assemble, conv_params, find_blocks, total_macs
 from .teacher import accuracy, get_teacher, state_fingerprint
+from .teams import Team
 
 log = logging.getLogger("hpc_bkd")
 
@@ -135,7 +136,8 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
     remaining = [b for b in blocks if b.index not in finished]
     plan: Plan | None = None
     if rt.is_root:
-        sub = make_plan([shared["costs"][b.index] for b in remaining], rt.size, cfg.plan.method)
+        sub = make_plan([shared["costs"][b.index] for b in remaining], rt.size, cfg.plan.method,
+                        cfg.plan.hybrid, cfg.plan.teams)
         local_to_global = [b.index for b in remaining]
         sub.assignment = [[local_to_global[i] for i in blocks_] for blocks_ in sub.assignment]
         sub.costs = shared["costs"]
@@ -149,7 +151,9 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
     if rt.is_root:
         phases.mark("broadcast")
 
-    # distill
+    # distill (a team of ranks shares its blocks and splits every batch; see teams.py)
+    team_comm = rt.comm.Split(color=plan.team_of(rt.rank), key=rt.rank)
+    team = Team(team_comm) if team_comm.size > 1 else None
     owned = [blocks[i] for i in plan.assignment[rt.rank]]
     if not owned:
         log.info("idle: no blocks for this rank (%d ranks, %d blocks to train)", rt.size, len(remaining))
@@ -157,7 +161,7 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
     meter.start()
     t0 = time.time()
     distiller = LocalDistiller(teacher, owned, data, cfg, run_dir, fingerprint, rt.device, rt.rank,
-                               shared["teacher_val"])
+                               shared["teacher_val"], team)
     results, interrupted = distiller.run(finished)
     t1 = time.time()
     energy = meter.stop()
@@ -252,8 +256,10 @@ def _log_plan(plan: Plan, blocks: list[BlockSpec]) -> None:
     log.info("plan (%s%s): predicted makespan %.3fs/batch, lower bound %.3fs, one rank %.3fs, speedup %.2fx",
              plan.method, ", optimal" if plan.optimal else "", plan.makespan, plan.lower_bound, plan.sequential,
              plan.predicted_speedup)
-    for r, (owned, load) in enumerate(zip(plan.assignment, plan.predicted)):
-        log.info("  rank %d: %.3fs/batch  blocks %s", r, load, ",".join(map(str, owned)) or "(idle)")
+    for members in plan.teams:
+        owned, load = plan.assignment[members[0]], plan.predicted[members[0]]
+        who = f"rank {members[0]}" if len(members) == 1 else f"ranks {members[0]}-{members[-1]} (team)"
+        log.info("  %s: %.3fs/batch  blocks %s", who, load, ",".join(map(str, owned)) or "(idle)")
 
 
 def plan_only(cfg: Config, ranks: int) -> dict[str, Any]:
@@ -271,7 +277,7 @@ def plan_only(cfg: Config, ranks: int) -> dict[str, Any]:
         load_teacher_checkpoint(cfg.teacher.checkpoint, teacher)
     blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
     costs, cost_model = _costs(cfg, teacher, blocks, data, rt.device)
-    plan = make_plan(costs, ranks, cfg.plan.method)
+    plan = make_plan(costs, ranks, cfg.plan.method, cfg.plan.hybrid, cfg.plan.teams)
     return {"arch": cfg.model.arch, "granularity": cfg.blocks.granularity, "cost_model": cost_model,
             "blocks": [b.to_dict() for b in blocks], "plan": plan.to_dict()}
 

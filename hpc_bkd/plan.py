@@ -8,6 +8,11 @@ and one train step per owned student, so its cost per batch is
 where ``teacher[b]`` is the time of a teacher forward up to the end of block b. The plan minimises
 the makespan max_r cost(B_r): exactly by branch and bound when the search is small, else by LPT
 (deepest block first, to the rank it raises least) followed by move/swap local search.
+
+Hybrid plans (``plan.hybrid``) also consider splitting the ranks into k teams of near-equal size
+(k = 1 .. ranks); a team of m ranks splits every batch m ways (see ``teams.py``), so its cost is
+cost(B) / m plus an allreduce overhead. The best layout over k wins; k = ranks is the pure block
+split. This is what lets more ranks than blocks, or a dominant teacher prefix, still scale.
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ class BlockCost:
     student: float
 
 
+# Fraction added to a data-parallel team's cost for its gradient and BatchNorm allreduces.
+TEAM_OVERHEAD = 0.04
+
+
 @dataclass
 class Plan:
     """Which blocks each rank trains, and what the cost model predicts."""
@@ -48,9 +57,22 @@ class Plan:
     method: str                     # exact | lpt+local | trivial
     optimal: bool
     costs: list[BlockCost] = field(default_factory=list)
+    teams: list[list[int]] = field(default_factory=list)  # ranks of each team; [[0], [1], ...] if pure
+
+    def __post_init__(self) -> None:
+        if not self.teams:
+            self.teams = [[r] for r in range(self.size)]
+
+    def team_of(self, rank: int) -> int:
+        return next(t for t, members in enumerate(self.teams) if rank in members)
 
     def owner(self, block: int) -> int:
-        return next(r for r, blocks in enumerate(self.assignment) if block in blocks)
+        """The rank that reports a block: the first member of the team that trains it."""
+        return next(members[0] for members in self.teams if block in self.assignment[members[0]])
+
+    @property
+    def hybrid(self) -> bool:
+        return any(len(m) > 1 for m in self.teams)
 
     @property
     def idle_ranks(self) -> list[int]:
@@ -73,6 +95,12 @@ def rank_cost(blocks: Sequence[int], costs: Sequence[BlockCost]) -> float:
     return max(costs[b].teacher for b in blocks) + sum(costs[b].student for b in blocks)
 
 
+def team_cost(blocks: Sequence[int], costs: Sequence[BlockCost], members: int) -> float:
+    """Seconds per batch for a team of ``members`` ranks splitting every batch of ``blocks``."""
+    cost = rank_cost(blocks, costs)
+    return cost if members == 1 else cost / members * (1 + TEAM_OVERHEAD)
+
+
 def lower_bound(costs: Sequence[BlockCost], ranks: int) -> float:
     """Max of: the deepest block alone, and the total work spread perfectly (every rank pays at
     least the cheapest teacher prefix it could have)."""
@@ -85,37 +113,39 @@ def lower_bound(costs: Sequence[BlockCost], ranks: int) -> float:
     return max(single, spread)
 
 
-def _lpt(costs: Sequence[BlockCost], ranks: int) -> list[list[int]]:
+def _lpt(costs: Sequence[BlockCost], sizes: Sequence[int]) -> list[list[int]]:
     order = sorted(range(len(costs)), key=lambda b: (-costs[b].teacher, -costs[b].student, b))
-    bins: list[list[int]] = [[] for _ in range(ranks)]
+    bins: list[list[int]] = [[] for _ in sizes]
     for b in order:
-        best = min(range(ranks), key=lambda r: (rank_cost(bins[r] + [b], costs), rank_cost(bins[r], costs), r))
+        best = min(range(len(sizes)), key=lambda r: (team_cost(bins[r] + [b], costs, sizes[r]),
+                                                     team_cost(bins[r], costs, sizes[r]), r))
         bins[best].append(b)
     return bins
 
 
-def _local_search(bins: list[list[int]], costs: Sequence[BlockCost], max_rounds: int = 200) -> list[list[int]]:
-    """Move or swap single blocks off the slowest rank while the makespan drops."""
-    def span(bs: list[list[int]]) -> tuple[float, float]:
-        loads = sorted((rank_cost(b, costs) for b in bs), reverse=True)
-        return loads[0], sum(loads)
+def _span(bins: list[list[int]], costs: Sequence[BlockCost], sizes: Sequence[int]) -> tuple[float, float]:
+    loads = sorted((team_cost(b, costs, m) for b, m in zip(bins, sizes)), reverse=True)
+    return loads[0], sum(loads)
 
+
+def _local_search(bins: list[list[int]], costs: Sequence[BlockCost], sizes: Sequence[int],
+                  max_rounds: int = 200) -> list[list[int]]:
+    """Move or swap single blocks off the slowest bin while the makespan drops."""
     for _ in range(max_rounds):
-        current = span(bins)
-        slow = max(range(len(bins)), key=lambda r: rank_cost(bins[r], costs))
+        current = _span(bins, costs, sizes)
+        slow = max(range(len(bins)), key=lambda r: team_cost(bins[r], costs, sizes[r]))
         improved = False
         for b, other in itertools.product(list(bins[slow]), range(len(bins))):
             if other == slow:
                 continue
-            candidates = [(None, None)] + [(o, None) for o in bins[other]]
-            for swap, _ in candidates:
+            for swap in [None, *bins[other]]:
                 trial = [list(x) for x in bins]
                 trial[slow].remove(b)
                 trial[other].append(b)
                 if swap is not None:
                     trial[other].remove(swap)
                     trial[slow].append(swap)
-                if span(trial) < current:
+                if _span(trial, costs, sizes) < current:
                     bins, improved = trial, True
                     break
             if improved:
@@ -125,17 +155,19 @@ def _local_search(bins: list[list[int]], costs: Sequence[BlockCost], max_rounds:
     return bins
 
 
-def _exact(costs: Sequence[BlockCost], ranks: int, upper: float, node_limit: int) -> tuple[list[list[int]] | None, bool]:
+def _exact(costs: Sequence[BlockCost], sizes: Sequence[int], upper: float,
+           node_limit: int) -> tuple[list[list[int]] | None, bool]:
     """Branch and bound, deepest block first; returns (best assignment or None, search completed)."""
     order = sorted(range(len(costs)), key=lambda b: (-costs[b].teacher, -costs[b].student))
     suffix_student = [0.0] * (len(order) + 1)
     for i in range(len(order) - 1, -1, -1):
         suffix_student[i] = suffix_student[i + 1] + costs[order[i]].student
+    scale = [1.0 if m == 1 else (1 + TEAM_OVERHEAD) / m for m in sizes]
+    capacity = sum(1.0 / s for s in scale)  # bins' total speed, in single-rank units
     best: list[list[int]] | None = None
     best_span = upper
-    bins: list[list[int]] = [[] for _ in range(ranks)]
-    loads = [0.0] * ranks
-    heads = [0.0] * ranks  # teacher prefix paid by each rank (set by its first, deepest block)
+    bins: list[list[int]] = [[] for _ in sizes]
+    raw = [0.0] * len(sizes)  # single-rank seconds per batch of each bin's blocks
     nodes = 0
 
     def visit(i: int) -> bool:
@@ -144,29 +176,28 @@ def _exact(costs: Sequence[BlockCost], ranks: int, upper: float, node_limit: int
         if nodes > node_limit:
             return False
         if i == len(order):
-            span = max(loads)
+            span = max(r * s for r, s in zip(raw, scale))
             if span < best_span - 1e-12:
                 best_span, best = span, [list(b) for b in bins]
             return True
         b = order[i]
         c = costs[b]
-        empty_tried = False
-        for r in sorted(range(ranks), key=lambda r: loads[r]):
+        tried_empty: set[int] = set()
+        for r in sorted(range(len(sizes)), key=lambda r: raw[r] * scale[r]):
             if not bins[r]:
-                if empty_tried:
-                    continue  # empty ranks are interchangeable
-                empty_tried = True
+                if sizes[r] in tried_empty:
+                    continue  # empty bins of the same size are interchangeable
+                tried_empty.add(sizes[r])
             add = c.student + (c.teacher if not bins[r] else 0.0)
-            if loads[r] + add >= best_span - 1e-12:
+            if (raw[r] + add) * scale[r] >= best_span - 1e-12:
                 continue
-            # bound: remaining student work spread over all ranks
-            if (sum(loads) + add + suffix_student[i + 1]) / ranks >= best_span - 1e-12:
-                continue
+            if (sum(raw) + add + suffix_student[i + 1]) / capacity >= best_span - 1e-12:
+                continue  # even a perfect spread of the remaining work cannot beat the best
             bins[r].append(b)
-            loads[r] += add
+            raw[r] += add
             if not visit(i + 1):
                 return False
-            loads[r] -= add
+            raw[r] -= add
             bins[r].pop()
         return True
 
@@ -174,39 +205,74 @@ def _exact(costs: Sequence[BlockCost], ranks: int, upper: float, node_limit: int
     return best, completed
 
 
-def make_plan(costs: Sequence[BlockCost], ranks: int, method: str = "auto", node_limit: int = 200_000) -> Plan:
-    """Assign blocks to ``ranks`` ranks minimising the predicted makespan."""
+def team_layouts(ranks: int, blocks: int, hybrid: bool, teams: int | None = None) -> list[list[int]]:
+    """Team sizes to consider: one rank per bin, and (hybrid) k near-equal teams, k = 1 .. ranks - 1
+    (only k = ``teams`` when given)."""
+    if hybrid and teams is not None:
+        k = min(teams, ranks)
+        return [sorted(((j + 1) * ranks // k - j * ranks // k for j in range(k)), reverse=True)]
+    layouts = [[1] * ranks]
+    if hybrid and ranks > 1:
+        for k in range(1, ranks):
+            sizes = sorted(((j + 1) * ranks // k - j * ranks // k for j in range(k)), reverse=True)
+            if k <= blocks and sizes not in layouts:
+                layouts.append(sizes)
+    return layouts
+
+
+def _assign(costs: list[BlockCost], sizes: list[int], method: str, node_limit: int) -> tuple[list[list[int]], str, bool]:
+    if len(sizes) == 1:
+        return [list(range(len(costs)))], "trivial", True
+    bins = _local_search(_lpt(costs, sizes), costs, sizes)
+    used, optimal = "lpt+local", False
+    if method in ("auto", "exact"):
+        limit = node_limit if method == "auto" else max(node_limit, 5_000_000)
+        exact, completed = _exact(costs, sizes, _span(bins, costs, sizes)[0] + 1e-9, limit)
+        if exact is not None:
+            bins = exact
+        if completed:
+            used, optimal = "exact", True
+        elif method == "exact":
+            used = "exact (node limit reached: best found)"
+    return bins, used, optimal
+
+
+def make_plan(costs: Sequence[BlockCost], ranks: int, method: str = "auto", hybrid: bool = False,
+              teams: int | None = None, node_limit: int = 200_000) -> Plan:
+    """Assign blocks to ``ranks`` ranks (or, if ``hybrid``, to teams of ranks) minimising the
+    predicted makespan."""
     if ranks < 1:
         raise ValueError("ranks must be >= 1")
     n = len(costs)
     costs = list(costs)
     sequential = rank_cost(range(n), costs)
-    bound = lower_bound(costs, ranks)
     if n == 0:
         return Plan(ranks, [[] for _ in range(ranks)], [0.0] * ranks, 0.0, 0.0, 0.0, "trivial", True, costs)
-    if ranks == 1:
-        bins, used, optimal = [list(range(n))], "trivial", True
-    else:
-        bins = _local_search(_lpt(costs, ranks), costs)
-        used, optimal = "lpt+local", False
-        if method in ("auto", "exact"):
-            limit = node_limit if method == "auto" else max(node_limit, 5_000_000)
-            exact, completed = _exact(costs, ranks, max(rank_cost(b, costs) for b in bins) + 1e-9, limit)
-            if exact is not None:
-                bins = exact
-            if completed:
-                used, optimal = "exact", True
-            elif method == "exact":
-                used = "exact (node limit reached: best found)"
-    bins = [sorted(b) for b in bins]
-    # deterministic layout: busiest rank first, so rank 0 (which also fine-tunes) gets the deepest
-    bins.sort(key=lambda b: (-rank_cost(b, costs), b))
-    bins += [[] for _ in range(ranks - len(bins))]
-    predicted = [rank_cost(b, costs) for b in bins]
+    best = None
+    for sizes in team_layouts(ranks, n, hybrid, teams):
+        bins, used, optimal = _assign(costs, sizes, method, node_limit)
+        span = _span(bins, costs, sizes)[0]
+        if best is None or span < best[0] - 1e-12:
+            best = (span, sizes, bins, used, optimal)
+    _, sizes, bins, used, optimal = best
+    # deterministic layout: biggest team first, then busiest bin first, so rank 0 (which also
+    # fine-tunes) leads the heaviest work; teams take consecutive ranks (same node when possible)
+    order = sorted(range(len(bins)), key=lambda t: (-sizes[t], -team_cost(bins[t], costs, sizes[t]), sorted(bins[t])))
+    teams, assignment, predicted, next_rank = [], [], [], 0
+    for t in order:
+        members = list(range(next_rank, next_rank + sizes[t]))
+        next_rank += sizes[t]
+        teams.append(members)
+        for _ in members:
+            assignment.append(sorted(bins[t]))
+            predicted.append(team_cost(bins[t], costs, sizes[t]))
     makespan = max(predicted)
+    bound = lower_bound(costs, ranks)
+    if hybrid and ranks > 1:
+        bound = min(bound, (max(c.teacher for c in costs) + sum(c.student for c in costs)) / ranks)
     if math.isclose(makespan, bound, rel_tol=1e-9):
         optimal = True
-    return Plan(ranks, bins, predicted, makespan, bound, sequential, used, optimal, costs)
+    return Plan(ranks, assignment, predicted, makespan, bound, sequential, used, optimal, costs, teams)
 
 
 # ------------------------------------------------------------------------------------ costs
