@@ -154,11 +154,15 @@ def _cmd_run(args: argparse.Namespace, distill_only: bool = False) -> int:
     return 0
 
 
+COMMANDS = ("run", "train-teacher", "plan", "distill", "evaluate", "config-keys", "configs")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]  # `python -m hpc_bkd [--set ...]`: the default job
     args = build_parser().parse_args(argv)
-    command = args.command or "run"
-    if args.command is None:  # `python -m hpc_bkd` alone: the default job
-        args = build_parser().parse_args(["run", *(argv or [])])
+    command = args.command
     if command == "config-keys":
         print(describe_keys())
         return 0

@@ -24,12 +24,12 @@ import torch
 
 from . import checkpoint
 from .config import Config
-from .data import Data, describe, load_data, train_batch
+from .data import Data, describe, load_data, steps_per_epoch, train_batch
 from .distill import LocalDistiller, block_path, finished_blocks, load_finished
 from .energy import EnergyMeter
 from .finetune import accept_blocks, finetune, recalibrate_bn
 from .models import build_model
-from .plan import Plan, make_plan, mac_costs, measure_costs
+from .plan import BlockCost, Plan, make_plan, mac_costs, measure_costs
 from .runtime import Runtime, init_runtime, setup_logging
 from .students import build_student
 from .surgery import BlockSpec, assemble, conv_params, find_blocks, total_macs
@@ -74,7 +74,14 @@ def _costs(cfg: Config, teacher, blocks, data: Data, device) -> tuple[list, str]
         return mac_costs(blocks, students), "macs"
     batches = [train_batch(data, cfg.data.batch_size, cfg.run.seed, 0, k)[0]
                for k in range(cfg.plan.measure_batches + 1)]
-    return measure_costs(teacher, blocks, students, batches, device), "measured"
+    costs = measure_costs(teacher, blocks, students, batches, device)
+    if cfg.distill.validate_every_epoch:
+        # each block's end-of-epoch validation is a full teacher pass over the validation set;
+        # spread it over the epoch's steps so the plan balances it too
+        steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
+        per_step = max(c.teacher for c in costs) * len(data.val) / cfg.data.batch_size / steps
+        costs = [BlockCost(c.teacher, c.student + per_step) for c in costs]
+    return costs, "measured"
 
 
 def coordinate(cfg: Config, rt: Runtime, data: Data, run_dir: Path, phases: Phases) -> dict[str, Any]:

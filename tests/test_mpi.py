@@ -32,10 +32,26 @@ def test_one_rank_and_two_ranks_train_the_same_blocks(tmp_path: Path, tiny_teach
             assert torch.allclose(one[i][k].float(), two[i][k].float(), rtol=1e-4, atol=1e-5), (i, k)
 
 
+def test_a_team_trains_the_same_blocks_as_one_rank(tmp_path: Path, tiny_teacher: Path):
+    """Hybrid: two ranks split every batch (team BatchNorm, summed gradients) = one rank, full batch."""
+    common = ["-c", "tiny", "--set", f"teacher.checkpoint={tiny_teacher}", "--set", "run.threads=1",
+              "--set", "distill.epochs=2", "--set", "finetune.epochs=0"]
+    hpc("distill", *common, "--run-dir", str(tmp_path / "np1"))
+    proc = hpc("distill", *common, "--run-dir", str(tmp_path / "team"), "--set", "plan.teams=1", np=2)
+    assert "ranks 0-1 (team)" in proc.stderr
+    report = json.loads((tmp_path / "team" / "report.json").read_text())
+    assert report["plan"]["teams"] == [[0, 1]]
+    one, team = _blocks(tmp_path / "np1"), _blocks(tmp_path / "team")
+    assert one.keys() == team.keys() == set(range(8))
+    for i in one:
+        for k in one[i]:
+            assert torch.allclose(one[i][k].float(), team[i][k].float(), rtol=1e-4, atol=1e-5), (i, k)
+
+
 def test_more_ranks_than_blocks_on_two_cores(tmp_path: Path, tiny_teacher: Path):
-    """6 ranks, 5 blocks (VGG stages), 2 cores: completes, and the spare rank is reported idle."""
+    """6 ranks, 5 blocks (VGG stages), 2 cores, pure block split: the spare rank is reported idle."""
     proc = hpc("run", "-c", "tiny", "--run-dir", str(tmp_path), "--set", f"teacher.checkpoint={tiny_teacher}",
-               "--set", "blocks.granularity=unit", np=6, timeout=400)
+               "--set", "blocks.granularity=unit", "--set", "plan.hybrid=false", np=6, timeout=400)
     assert "idle: no blocks for this rank" in proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["world_size"] == 6 and len(report["blocks"]) == 5
@@ -43,11 +59,14 @@ def test_more_ranks_than_blocks_on_two_cores(tmp_path: Path, tiny_teacher: Path)
     assert sum(1 for r in report["ranks"] if not r["blocks"]) == 1
 
 
-def test_four_ranks_on_two_cores(tmp_path: Path, tiny_teacher: Path):
-    hpc("run", "-c", "tiny", "--run-dir", str(tmp_path), "--set", f"teacher.checkpoint={tiny_teacher}", np=4,
-        timeout=400)
+def test_four_ranks_on_two_cores_hybrid(tmp_path: Path, tiny_teacher: Path):
+    """4 ranks on 2 cores with two forced teams of two: every rank works, every block is trained once."""
+    hpc("run", "-c", "tiny", "--run-dir", str(tmp_path), "--set", f"teacher.checkpoint={tiny_teacher}",
+        "--set", "plan.teams=2", np=4, timeout=400)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["world_size"] == 4 and sorted(b["index"] for b in report["blocks"]) == list(range(8))
+    assert report["plan"]["teams"] == [[0, 1], [2, 3]] and not report["plan"]["idle_ranks"]
+    assert {b["rank"] for b in report["blocks"]} == {0, 2}  # team leaders report the blocks
 
 
 def test_error_on_the_coordinator_aborts_every_rank(tmp_path: Path, tiny_teacher: Path):

@@ -1,0 +1,638 @@
+"""The benchmark: PBKD on 1 and N ranks, the paper's sequential schedule, and end-to-end KD, in one go.
+
+    python -m hpc_bkd.bench [--config digits-vgg16] [--out bench/results] [--ranks 1,2] [--quick]
+
+1. trains the teacher once (``train-teacher``) and gives it to every run via ``teacher.checkpoint``;
+2. runs, each through the real command line in its own process (``mpirun -np N`` for N > 1):
+   ``pbkd-1`` (one rank), ``pbkd-N`` (N ranks, hybrid plan) and ``pbkd-N-blocks`` (N ranks, pure block
+   split, ``plan.hybrid=false``) for every N, ``sequential-1`` (``distill.schedule=sequential``: the
+   paper's one-block-at-a-time schedule) and ``kd-e2e`` (``python -m hpc_bkd.baseline``);
+3. prints one table (runs as columns) and writes ``bench.json``, ``speedup.png`` (speedup and
+   efficiency vs ranks), ``time_to_accuracy.png`` and each run's Gantt chart as ``gantt-<run>.png``.
+
+Fairness: every run, the 1-rank ones included, gets ``run.threads = max(1, cores // max_ranks)`` CPU
+threads per rank (and ``OMP_NUM_THREADS`` to match), so a 1-rank run uses one N-th of the machine and
+the N-rank speedup measures the parallel method, not extra cores. The teacher is trained with all cores
+(it is shared and not part of any comparison).
+
+Definitions (all from each run's ``report.json``):
+* speedup(N) = distill makespan(pbkd-1) / distill makespan(N ranks); efficiency = speedup / N;
+* predicted makespan = plan.makespan (s/batch of the slowest rank) x steps/epoch x distill.epochs;
+  for the sequential schedule, sum over blocks of (teacher prefix + student step) x steps x epochs;
+* block-img/s per rank = images put through a student block's train step on that rank per busy second
+  (a block trained by a team of m ranks counts 1/m of each batch on each);
+* time to teacher-1pt = the time from the end of data loading until the student's validation accuracy
+  first comes within 1 point of the teacher's (PBKD: plan + broadcast + distill + assemble + fine-tune
+  epochs up to that one; KD: training epochs up to that one); null when it never does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint
+
+PHASES = ["data", "teacher", "plan", "broadcast", "distill+gather", "assemble", "finetune", "evaluate", "report"]
+TARGETS = {"efficiency": 0.90, "seq_speedup": 2.5, "seq_acc_points": 0.3, "prediction_error": 0.10,
+           "within_points": 1.0}
+
+
+# ------------------------------------------------------------------------------------------ hardware
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+_PROBE = r"""
+import json, torch
+out = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "gpus": [], "mpi": None}
+if torch.cuda.is_available():
+    out["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+try:
+    from mpi4py import MPI
+    out["mpi"] = MPI.Get_library_version().strip().splitlines()[0]
+except Exception as exc:
+    out["mpi"] = f"unavailable ({exc})"
+print(json.dumps(out))
+"""
+
+
+def hardware(env: dict[str, str]) -> dict[str, Any]:
+    """CPU model, cores, memory, torch, MPI library and GPUs (probed in a child: CUDA stays out of here)."""
+    info: dict[str, Any] = {"host": platform.node(), "cpu_model": _cpu_model(), "cores": _cores(),
+                            "logical_cpus": os.cpu_count(), "mem_gb": _mem_gb(), "python": platform.python_version(),
+                            "os": f"{platform.system()} {platform.release()}"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120, env=env)
+        info.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    except Exception as exc:  # the bench itself will fail loudly later if torch is broken
+        info["probe_error"] = str(exc)
+    return info
+
+
+def _env(threads: int) -> dict[str, str]:
+    # a bench started inside an MPI/SLURM job must not hand its own PMI wiring to the children
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "SLURM_", "OMPI_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _mpirun(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    bundled = Path(sys.executable).parent / "mpirun"
+    return str(bundled) if bundled.exists() else (shutil.which("mpirun") or shutil.which("mpiexec") or "mpirun")
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def plan_runs(ranks: list[int]) -> list[dict[str, Any]]:
+    """The runs, in order: name, ranks, kind (pbkd | kd) and the overrides that make them differ."""
+    runs = [{"name": "pbkd-1", "ranks": 1, "kind": "pbkd", "sets": [], "what": "PBKD, 1 rank"}]
+    for n in ranks:
+        if n > 1:
+            runs.append({"name": f"pbkd-{n}", "ranks": n, "kind": "pbkd", "sets": ["plan.hybrid=true"],
+                         "what": f"PBKD, {n} ranks, hybrid plan"})
+            runs.append({"name": f"pbkd-{n}-blocks", "ranks": n, "kind": "pbkd", "sets": ["plan.hybrid=false"],
+                         "what": f"PBKD, {n} ranks, pure block split"})
+    runs.append({"name": "sequential-1", "ranks": 1, "kind": "pbkd", "sets": ["distill.schedule=sequential"],
+                 "what": "paper schedule (one block at a time), 1 rank"})
+    runs.append({"name": "kd-e2e", "ranks": 1, "kind": "kd", "sets": [], "what": "end-to-end KD from scratch"})
+    return runs
+
+
+def _execute(cmd: list[str], log_path: Path, env: dict[str, str], timeout: float) -> tuple[int, float]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        try:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            log.write(f"\n[bench] timed out after {timeout:.0f}s\n")
+            rc = 124
+    return rc, time.time() - t0
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def _energy_text(energy: dict[str, Any] | None) -> tuple[str, str | None]:
+    """('123 J', None) or ('unavailable', reason)."""
+    if not energy:
+        return "unavailable", "no energy record"
+    parts, reasons = [], []
+    if energy.get("gpu_j") is not None:
+        parts.append(f"GPU {energy['gpu_j']:.0f} J")
+    elif energy.get("gpu_unavailable") and "no GPU" not in str(energy.get("gpu_unavailable")):
+        reasons.append(f"GPU: {energy['gpu_unavailable']}")
+    if energy.get("cpu_package_j") is not None:
+        parts.append(f"CPU {energy['cpu_package_j']:.0f} J")
+    else:
+        reasons.append(f"CPU: {energy.get('cpu_unavailable')}")
+    if parts:
+        return " + ".join(parts), ("; ".join(reasons) or None)
+    return "unavailable", "; ".join(reasons) or None
+
+
+def _team_sizes(ranks: list[dict[str, Any]]) -> dict[int, int]:
+    sizes: dict[int, int] = {}
+    for row in ranks:
+        for b in row.get("blocks", []):
+            sizes[b] = sizes.get(b, 0) + 1
+    return sizes
+
+
+def _predicted_per_batch(report: dict[str, Any]) -> float | None:
+    plan = report.get("plan", {})
+    if report["config"]["distill"].get("schedule") != "sequential":
+        return plan.get("makespan")
+    costs = plan.get("costs") or []
+    if not costs:
+        return None
+    # one block at a time, each with its own teacher prefix: a rank pays the sum of both terms
+    return max((sum(costs[b]["teacher"] + costs[b]["student"] for b in owned)
+                for owned in plan.get("assignment", [])), default=None)
+
+
+def pbkd_metrics(report: dict[str, Any], n_train: int) -> dict[str, Any]:
+    cfg = report["config"]
+    bs, epochs = cfg["data"]["batch_size"], cfg["distill"]["epochs"]
+    steps = max(1, n_train // bs)
+    distill_s = report["distill"]["makespan_s"]
+    per_batch = _predicted_per_batch(report)
+    predicted = per_batch * steps * epochs if per_batch is not None else None
+    blocks = {b["index"]: b for b in report.get("blocks", [])}
+    team = _team_sizes(report["ranks"])
+    per_rank = []
+    for row in report["ranks"]:
+        images = sum((blocks.get(b, {}).get("epochs") or epochs) * steps * bs / team[b] for b in row["blocks"])
+        per_rank.append({"rank": row["rank"], "blocks": row["blocks"], "busy_s": row["busy_s"],
+                         "idle_s": row["idle_s"], "threads": row.get("threads"),
+                         "block_images_per_s": images / row["busy_s"] if row["busy_s"] > 0 else None,
+                         "peak_mem_mb": row["peak_mem_mb"], "energy": row.get("energy")})
+    acc = report["accuracy"]
+    phases = report.get("phases_s", {})
+    # time to a student within 1 point of the teacher (validation accuracy, as KD's)
+    target = acc["teacher_val"] - TARGETS["within_points"]
+    clock = sum(phases.get(k, 0.0) for k in ("plan", "broadcast", "distill+gather", "assemble"))
+    hit = None
+    for h in report.get("finetune", []):
+        clock += h["time_s"]
+        if h["val_acc"] >= target:
+            hit = {"epoch": h["epoch"], "time_s": clock, "acc": h["val_acc"]}
+            break
+    energy_text, energy_reason = _energy_text(report.get("energy"))
+    plan = report.get("plan", {})
+    return {
+        "world_size": report["world_size"], "schedule": cfg["distill"].get("schedule", "parallel"),
+        "hybrid": cfg["plan"].get("hybrid"), "plan_method": plan.get("method"),
+        "plan_teams": plan.get("teams"), "assignment": plan.get("assignment"),
+        "phases_s": phases, "wall_s": report.get("wall_s"),
+        "distill_s": distill_s, "broadcast_s": report["distill"].get("broadcast_s"),
+        "gather_s": report["distill"].get("gather_s"),
+        "predicted_s_per_batch": per_batch, "predicted_distill_s": predicted,
+        "prediction_error": (predicted - distill_s) / distill_s if predicted is not None and distill_s > 0 else None,
+        "plan_predicted_speedup": plan.get("predicted_speedup"), "plan_makespan": plan.get("makespan"),
+        "steps_per_epoch": steps, "distill_epochs": epochs,
+        "block_images_per_s": sum(
+            (blocks.get(b, {}).get("epochs") or epochs) * steps * bs for b in blocks) / distill_s if distill_s else None,
+        "ranks": per_rank,
+        "accuracy": acc, "accepted_blocks": len(report.get("accepted_blocks", [])), "blocks": len(blocks),
+        "student_test_acc": acc.get("student_after_finetune"),
+        "time_to_within": hit, "energy": report.get("energy"), "energy_text": energy_text,
+        "energy_reason": energy_reason, "finetune": report.get("finetune", []),
+    }
+
+
+def kd_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    energy_text, energy_reason = _energy_text(result.get("energy"))
+    return {
+        "world_size": 1, "schedule": "end-to-end KD", "epochs": result["epochs"], "lr": result["lr"],
+        "train_s": result["train_s"], "wall_s": result["wall_s"], "history": result["history"],
+        "block_images_per_s": None, "images_per_s": result.get("images_per_s"),
+        "ranks": [{"rank": 0, "threads": result["threads"], "peak_mem_mb": result["peak_mem_mb"],
+                   "images_per_s": result.get("images_per_s"), "energy": result.get("energy")}],
+        "accuracy": {"teacher_test": result["teacher"]["test_acc"], "teacher_val": result["teacher"]["val_acc"],
+                     "student_after_finetune": result["final_test_acc"]},
+        "student_test_acc": result["final_test_acc"],
+        "time_to_within": result["time_to_within"]["val"], "time_to_within_test": result["time_to_within"]["test"],
+        "energy": result.get("energy"), "energy_text": energy_text, "energy_reason": energy_reason,
+    }
+
+
+def derive(runs: dict[str, dict[str, Any]], ranks: list[int]) -> dict[str, Any]:
+    """Speedup, efficiency and the targets, from the runs that succeeded."""
+    ok = {k: v["metrics"] for k, v in runs.items() if v.get("metrics")}
+    base = ok.get("pbkd-1")
+    scaling: dict[str, list[dict[str, Any]]] = {"hybrid": [], "blocks": []}
+    if base:
+        for variant, suffix in (("hybrid", ""), ("blocks", "-blocks")):
+            scaling[variant].append({"ranks": 1, "speedup": 1.0, "efficiency": 1.0, "predicted_speedup": 1.0})
+            for n in ranks:
+                m = ok.get(f"pbkd-{n}{suffix}")
+                if n > 1 and m:
+                    s = base["distill_s"] / m["distill_s"]
+                    pred = base["plan_makespan"] / m["plan_makespan"] if m.get("plan_makespan") else None
+                    scaling[variant].append({"ranks": n, "speedup": s, "efficiency": s / n, "predicted_speedup": pred})
+                    m["speedup"], m["efficiency"], m["predicted_speedup_vs_1"] = s, s / n, pred
+        base["speedup"], base["efficiency"] = 1.0, 1.0
+
+    targets = []
+    n_top = max(ranks)
+    for n in [n for n in ranks if n > 1]:
+        for suffix, label in (("", "hybrid"), ("-blocks", "pure block split")):
+            m = ok.get(f"pbkd-{n}{suffix}")
+            if m and "efficiency" in m:
+                targets.append({"target": f"parallel efficiency, {n} ranks ({label}) >= {TARGETS['efficiency']:.2f}",
+                                "value": round(m["efficiency"], 3), "met": m["efficiency"] >= TARGETS["efficiency"],
+                                "primary": n == 2 and suffix == ""})
+    seq = ok.get("sequential-1")
+    if base and seq:
+        ratio = seq["distill_s"] / base["distill_s"]
+        targets.append({"target": f"1-rank PBKD vs sequential schedule (distill time) >= {TARGETS['seq_speedup']}x",
+                        "value": round(ratio, 3), "met": ratio >= TARGETS["seq_speedup"], "primary": True})
+        for key, label in (("student_after_finetune", "after fine-tuning"),
+                           ("student_before_finetune", "before fine-tuning")):
+            a, b = base["accuracy"].get(key), seq["accuracy"].get(key)
+            if a is not None and b is not None:
+                targets.append({"target": f"student test acc {label}, PBKD-1 vs sequential, within "
+                                          f"{TARGETS['seq_acc_points']} points",
+                                "value": round(a - b, 3), "met": abs(a - b) <= TARGETS["seq_acc_points"],
+                                "primary": key == "student_after_finetune"})
+    for name, m in ok.items():
+        if m.get("prediction_error") is not None:
+            targets.append({"target": f"{name}: predicted vs measured distill makespan within "
+                                      f"{TARGETS['prediction_error']:.0%}",
+                            "value": round(m["prediction_error"], 3),
+                            "met": abs(m["prediction_error"]) <= TARGETS["prediction_error"],
+                            "primary": m["schedule"] != "sequential"})
+    kd = ok.get("kd-e2e")
+    for name in ["pbkd-1"] + [f"pbkd-{n_top}"] * (n_top > 1):
+        m = ok.get(name)
+        if m and kd:
+            a, b = m.get("time_to_within"), kd.get("time_to_within")
+            met = a is not None and (b is None or a["time_s"] < b["time_s"])
+            targets.append({"target": f"time to a student within {TARGETS['within_points']:g} point of the teacher "
+                                      f"(val): {name} faster than end-to-end KD",
+                            "value": {"pbkd_s": a and round(a["time_s"], 2), "kd_s": b and round(b["time_s"], 2)},
+                            "met": met, "primary": name == "pbkd-1"})
+    return {"scaling": scaling, "targets": targets}
+
+
+def cost_model_notes(runs: dict[str, dict[str, Any]]) -> list[str]:
+    notes = ["The cost model predicts, per batch, the teacher forward up to a rank's deepest block plus one "
+             "train step per owned student, timed on rank 0 alone before distillation. It leaves out: the "
+             "swapped-accuracy validation pass each block makes after every epoch (a teacher forward over the "
+             "validation set), per-epoch checkpoint writes, batch assembly/normalisation, Python/hook overhead, "
+             "and contention between ranks sharing one node's cores, caches and memory bandwidth."]
+    for name, r in runs.items():
+        m = r.get("metrics") or {}
+        if m.get("predicted_distill_s") is not None:
+            resid = m["distill_s"] - m["predicted_distill_s"]
+            notes.append(f"{name}: measured {m['distill_s']:.1f}s vs predicted {m['predicted_distill_s']:.1f}s "
+                         f"({m['prediction_error']:+.1%}); unmodelled time {resid:+.1f}s")
+    return notes
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def _f(v: Any, fmt: str = "{:.1f}", none: str = "-") -> str:
+    return none if v is None else fmt.format(v)
+
+
+def table(runs: dict[str, dict[str, Any]], hw: dict[str, Any], settings: dict[str, Any]) -> str:
+    names = [n for n, r in runs.items() if r.get("metrics")]
+    ms = {n: runs[n]["metrics"] for n in names}
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(label: str, fn) -> None:
+        rows.append((label, [fn(ms[n]) if ms[n] else "-" for n in names]))
+
+    row("ranks x threads", lambda m: f"{m['world_size']} x {m['ranks'][0].get('threads')}")
+    row("schedule / plan", lambda m: m["schedule"] if m["schedule"] != "parallel" else
+        (f"{'hybrid' if m['hybrid'] else 'blocks'} {m['plan_method']}" if m["world_size"] > 1 else "parallel"))
+    for p in PHASES:
+        row(f"phase {p} s", lambda m, p=p: _f(m.get("phases_s", {}).get(p)))
+    row("KD training s", lambda m: _f(m.get("train_s")))
+    row("total wall s", lambda m: _f(m.get("wall_s")))
+    row("distill makespan s", lambda m: _f(m.get("distill_s")))
+    row("predicted makespan s", lambda m: _f(m.get("predicted_distill_s")))
+    row("predicted error", lambda m: _f(m.get("prediction_error"), "{:+.1%}"))
+    row("speedup vs pbkd-1", lambda m: _f(m.get("speedup"), "{:.2f}x"))
+    row("parallel efficiency", lambda m: _f(m.get("efficiency"), "{:.2f}") if m["schedule"] == "parallel" else "-")
+    row("block-img/s per rank", lambda m: "/".join(_f(r.get("block_images_per_s"), "{:.0f}") for r in m["ranks"])
+        if m.get("block_images_per_s") is not None else "-")
+    row("KD img/s", lambda m: _f(m.get("images_per_s"), "{:.0f}"))
+    row("idle s per rank", lambda m: "/".join(_f(r.get("idle_s")) for r in m["ranks"]) if "distill_s" in m else "-")
+    row("peak MB per rank", lambda m: "/".join(_f(r.get("peak_mem_mb"), "{:.0f}") for r in m["ranks"]))
+    row("blocks accepted", lambda m: f"{m['accepted_blocks']}/{m['blocks']}" if "blocks" in m else "all (fresh)")
+    row("student test acc (BN-recal)", lambda m: _f(m["accuracy"].get("student_before_finetune"), "{:.2f}"))
+    row("student test acc (final)", lambda m: _f(m.get("student_test_acc"), "{:.2f}"))
+    row("time to teacher-1pt s", lambda m: _f((m.get("time_to_within") or {}).get("time_s"), none="never"))
+    row("energy", lambda m: m["energy_text"])
+
+    width = max(11, *(len(n) for n in names), *(len(c) for _, cells in rows for c in cells)) + 1
+    label_w = max(len(r[0]) for r in rows) + 1
+    teacher = next((m["accuracy"].get("teacher_test") for m in ms.values() if m), None)
+    head = [f"hpc_bkd bench: {settings['config']} on {hw.get('cpu_model')} ({hw.get('cores')} cores"
+            f"{', GPU ' + ', '.join(hw['gpus']) if hw.get('gpus') else ''}), torch {hw.get('torch')}; "
+            f"{settings['threads']} thread(s) per rank for every run; teacher test acc {_f(teacher, '{:.2f}')}%",
+            "", f"{'':<{label_w}}" + "".join(f"{n:>{width}}" for n in names)]
+    body = [f"{label:<{label_w}}" + "".join(f"{c:>{width}}" for c in cells) for label, cells in rows]
+    reasons = sorted({m["energy_reason"] for m in ms.values() if m and m.get("energy_reason")})
+    foot = [f"energy: {r}" for r in reasons]
+    return "\n".join(head + body + ([""] + foot if foot else []))
+
+
+def targets_text(targets: list[dict[str, Any]]) -> str:
+    lines = ["targets:"]
+    for t in targets:
+        mark = "MET " if t["met"] else "MISS"
+        v = t["value"]
+        value = ", ".join(f"{k} {val}" for k, val in v.items()) if isinstance(v, dict) else str(v)
+        lines.append(f"  [{mark}] {t['target']}: {value}{'' if t.get('primary') else '  (secondary)'}")
+    return "\n".join(lines)
+
+
+def plots(out: Path, derived: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    sc = derived["scaling"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    top = max([p["ranks"] for v in sc.values() for p in v] + [2])
+    xs = list(range(1, top + 1))
+    ax1.plot(xs, xs, "k:", label="ideal")
+    ax2.axhline(1.0, color="k", ls=":", label="ideal")
+    ax2.axhline(TARGETS["efficiency"], color="tab:red", ls="--", lw=0.8, label=f"target {TARGETS['efficiency']}")
+    for variant, color in (("hybrid", "tab:blue"), ("blocks", "tab:orange")):
+        pts = sc.get(variant) or []
+        if len(pts) < 2:
+            continue
+        label = "hybrid plan" if variant == "hybrid" else "pure block split"
+        ax1.plot([p["ranks"] for p in pts], [p["speedup"] for p in pts], "o-", color=color, label=f"{label} (measured)")
+        pred = [p for p in pts if p.get("predicted_speedup") is not None]
+        ax1.plot([p["ranks"] for p in pred], [p["predicted_speedup"] for p in pred], "x--", color=color, alpha=0.6,
+                 label=f"{label} (plan)")
+        ax2.plot([p["ranks"] for p in pts], [p["efficiency"] for p in pts], "o-", color=color, label=label)
+    ax1.set_xlabel("ranks")
+    ax1.set_ylabel("distillation speedup vs 1 rank")
+    ax1.set_xticks(xs)
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("ranks")
+    ax2.set_ylabel("parallel efficiency")
+    ax2.set_xticks(xs)
+    ax2.set_ylim(0, 1.15)
+    ax2.legend(fontsize=8)
+    fig.suptitle("PBKD strong scaling (equal threads per rank)")
+    checkpoint.savefig(fig, out / "speedup.png")
+    plt.close(fig)
+    written.append("speedup.png")
+
+    # validation accuracy vs time: PBKD (after distillation, per fine-tune epoch) vs end-to-end KD
+    fig, ax = plt.subplots(figsize=(7, 4))
+    teacher_val = None
+    for name, r in runs.items():
+        m = r.get("metrics")
+        if not m:
+            continue
+        teacher_val = m["accuracy"].get("teacher_val", teacher_val)
+        if name == "kd-e2e":
+            ax.plot([h["cumulative_s"] for h in m["history"]], [h["val_acc"] for h in m["history"]], "s-",
+                    label="end-to-end KD")
+        elif m.get("finetune") and (m["world_size"] == 1 or m.get("hybrid")):
+            p = m["phases_s"]
+            clock = sum(p.get(k, 0.0) for k in ("plan", "broadcast", "distill+gather", "assemble"))
+            ts, accs = [], []
+            for h in m["finetune"]:
+                clock += h["time_s"]
+                ts.append(clock)
+                accs.append(h["val_acc"])
+            ax.plot(ts, accs, "o-", label=f"{name} (fine-tune epochs)")
+    if teacher_val is not None:
+        ax.axhline(teacher_val - TARGETS["within_points"], color="k", ls="--", lw=0.8, label="teacher - 1 point")
+    ax.set_xlabel("seconds (after data loading; teacher shared)")
+    ax.set_ylabel("student validation accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.set_title("time to a student close to the teacher")
+    checkpoint.savefig(fig, out / "time_to_accuracy.png")
+    plt.close(fig)
+    written.append("time_to_accuracy.png")
+    return written
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def _parse_ranks(text: str | None, cores: int) -> list[int]:
+    if text is None:  # 1, 2 and powers of two while the cores allow one core per rank (at most 8)
+        ranks, n = [1, 2], 4
+        while n <= min(cores, 8):
+            ranks.append(n)
+            n *= 2
+        return ranks
+    try:
+        ranks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit(f"--ranks: expected comma-separated integers like 1,2, got {text!r}") from None
+    if not ranks or ranks[0] < 1:
+        raise SystemExit(f"--ranks: every rank count must be >= 1, got {text!r}")
+    return sorted({1, *ranks})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hpc_bkd.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", default=None, help="config name or YAML (default: digits-vgg16; tiny with --quick)")
+    p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
+    p.add_argument("--ranks", default=None,
+                   help="comma-separated rank counts (default: 1,2 and more powers of two while cores allow)")
+    p.add_argument("--quick", action="store_true", help="smoke test: the tiny config, 2 KD epochs")
+    p.add_argument("--kd-epochs", type=int, default=None,
+                   help="end-to-end KD epochs (default: teacher.epochs; 2 with --quick)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="run.device for every run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override for every run (repeatable)")
+    p.add_argument("--mpirun", default=None, help="MPI launcher (default: the venv's bundled mpirun)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep runs whose report already exists under OUT/runs (re-tabulate without re-running)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError, load_config
+
+    config = args.config or ("tiny" if args.quick else "digits-vgg16")
+    kd_epochs = args.kd_epochs if args.kd_epochs is not None else (2 if args.quick else None)
+    cores = _cores()
+    ranks = _parse_ranks(args.ranks, cores)
+    threads = max(1, cores // max(ranks))
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    sets = list(args.overrides) + ([f"run.device={args.device}"] if args.device else [])
+    try:
+        cfg = load_config(config, sets)
+    except ConfigError as exc:
+        print(f"hpc-bkd bench: config error: {exc}", file=sys.stderr)
+        return 2
+    env = _env(threads)
+    hw = hardware(env)
+    mpirun = _mpirun(args.mpirun)
+    if max(ranks) > cores:
+        print(f"[bench] warning: {max(ranks)} ranks on {cores} cores: ranks will time-share cores", flush=True)
+    gpu_note = None
+    if hw.get("gpus") and cfg.run.device != "cpu" and max(ranks) > len(hw["gpus"]):
+        gpu_note = f"{max(ranks)} ranks share {len(hw['gpus'])} GPU(s): multi-rank runs time-share a GPU"
+        print(f"[bench] warning: {gpu_note}", flush=True)
+    print(f"[bench] {config}: ranks {ranks}, {threads} thread(s) per rank on {cores} cores ({hw.get('cpu_model')}), "
+          f"torch {hw.get('torch')}, GPU {', '.join(hw.get('gpus') or []) or 'none'}; out {out}", flush=True)
+
+    from .data import load_data
+    n_train = len(load_data(cfg.data, cfg.run.seed).train)
+
+    started = time.time()
+    load_start = _loadavg()
+    base = [sys.executable, "-m", "hpc_bkd"]
+    common = ["-c", config] + sum((["--set", s] for s in sets), [])
+    # 1. the teacher, once, with every core (shared by all runs, never timed against anything)
+    teacher_dir = out / "teacher"
+    teacher_pt = teacher_dir / "teacher.pt"
+    rc, secs = _execute(base + ["train-teacher", *common, "--run-dir", str(teacher_dir), "--set",
+                                f"run.threads={cores}"], out / "logs" / "teacher.log", _env(cores), args.timeout)
+    print(f"[bench] teacher: {'ok' if rc == 0 else f'FAILED (rc {rc})'} in {secs:.0f}s", flush=True)
+    if rc != 0 or not teacher_pt.is_file():
+        print(_tail(out / "logs" / "teacher.log"), file=sys.stderr)
+        return 1
+    shared = common + ["--set", f"run.threads={threads}", "--set", f"teacher.checkpoint={teacher_pt}"]
+
+    # 2. the runs
+    runs: dict[str, dict[str, Any]] = {}
+    for spec in plan_runs(ranks):
+        name = spec["name"]
+        run_dir = out / "runs" / name
+        result_file = run_dir / ("kd_baseline.json" if spec["kind"] == "kd" else "report.json")
+        extra = sum((["--set", s] for s in spec["sets"]), [])
+        if spec["kind"] == "kd":
+            cmd = [sys.executable, "-m", "hpc_bkd.baseline", *shared, *extra, "--run-dir", str(run_dir)]
+            if kd_epochs is not None:
+                cmd += ["--epochs", str(kd_epochs)]
+        else:
+            cmd = base + ["run", *shared, *extra, "--run-dir", str(run_dir)]
+            if spec["ranks"] > 1:
+                cmd = [mpirun, "-np", str(spec["ranks"]), *cmd]
+        entry: dict[str, Any] = {**spec, "cmd": " ".join(cmd), "log": str(out / "logs" / f"{name}.log"),
+                                 "result": str(result_file)}
+        if args.reuse and result_file.is_file():
+            rc, secs = 0, None
+            entry["reused"] = True
+            print(f"[bench] {name}: reusing {result_file}", flush=True)
+        else:
+            if run_dir.exists():  # a stale run dir would be resumed (finished blocks skipped): start clean
+                shutil.rmtree(run_dir)
+            print(f"[bench] {name} ({spec['what']}) ...", flush=True)
+            rc, secs = _execute(cmd, Path(entry["log"]), env, args.timeout)
+        entry.update({"rc": rc, "process_s": secs})
+        if rc == 0 and result_file.is_file():
+            result = json.loads(result_file.read_text())
+            entry["metrics"] = kd_metrics(result) if spec["kind"] == "kd" else pbkd_metrics(result, n_train)
+            gantt = run_dir / "gantt.png"
+            if gantt.is_file():
+                shutil.copyfile(gantt, out / f"gantt-{name}.png")
+                entry["gantt"] = f"gantt-{name}.png"
+            if secs is not None:
+                print(f"[bench] {name}: done in {secs:.0f}s", flush=True)
+        else:
+            entry["error"] = _tail(Path(entry["log"]))
+            print(f"[bench] {name}: FAILED (rc {rc}); last lines of {entry['log']}:\n{entry['error']}", flush=True)
+        runs[name] = entry
+
+    # 3. derive, print, write
+    derived = derive(runs, ranks)
+    settings = {"config": config, "ranks": ranks, "threads": threads, "cores": cores, "quick": args.quick,
+                "kd_epochs": kd_epochs, "overrides": sets, "n_train": n_train, "mpirun": mpirun,
+                "teacher_checkpoint": str(teacher_pt)}
+    text = table(runs, hw, settings)
+    ttext = targets_text(derived["targets"])
+    notes = cost_model_notes(runs) + ([gpu_note] if gpu_note else [])
+    try:
+        pngs = plots(out, derived, runs)
+    except Exception as exc:  # plots must not cost the numbers
+        pngs = []
+        print(f"[bench] could not draw plots: {exc}", file=sys.stderr)
+    hw["loadavg_start"], hw["loadavg_end"] = load_start, _loadavg()
+    report = {
+        "command": " ".join([Path(sys.executable).name, "-m", "hpc_bkd.bench", *(argv if argv is not None
+                                                                                  else sys.argv[1:])]),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "bench_wall_s": time.time() - started,
+        "hardware": hw, "settings": settings, "definitions": __doc__.split("Definitions", 1)[-1].strip(),
+        "runs": runs, "scaling": derived["scaling"], "targets": derived["targets"], "notes": notes,
+        "plots": pngs + [r["gantt"] for r in runs.values() if r.get("gantt")], "table": text,
+    }
+    checkpoint.write_json(out / "bench.json", report)
+    checkpoint.write_text(out / "bench.txt", text + "\n\n" + ttext + "\n\n" + "\n".join(notes) + "\n")
+    print("\n" + text + "\n\n" + ttext + "\n")
+    for n in notes:
+        print(n)
+    print(f"\n[bench] {len([r for r in runs.values() if r.get('metrics')])}/{len(runs)} runs ok in "
+          f"{time.time() - started:.0f}s (load average {hw['loadavg_start']} -> {hw['loadavg_end']}); wrote "
+          f"{out / 'bench.json'}, {out / 'bench.txt'}, {', '.join(report['plots'])}")
+    return 0 if all(r.get("metrics") for r in runs.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
