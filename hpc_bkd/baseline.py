@@ -2,11 +2,14 @@
 
 The student is the teacher's architecture with every block (``find_blocks``) replaced by the student
 block PBKD would train (same ``build_student`` spec and seed), and every other layer (stem, pooling,
-classifier) freshly initialised too: nothing is copied from the teacher. It is then trained end to
+classifier) freshly initialised too: nothing is copied from the teacher. ``--blocks`` limits the
+replacement to some blocks (e.g. those a PBKD run accepted, whose student keeps teacher layers for
+the rest); those layers are freshly initialised as well. The model is then trained end to
 end against the frozen teacher's logits with ``finetune.kd_train`` (SGD + Nesterov, cosine schedule,
 ``finetune.alpha``/``temperature``), on the same data, batches and threads as the PBKD runs.
 
-    python -m hpc_bkd.baseline -c CONFIG --run-dir DIR [--epochs N] [--lr LR] [--set section.key=value]
+    python -m hpc_bkd.baseline -c CONFIG --run-dir DIR [--epochs N] [--lr LR] [--blocks 0,3,4]
+                               [--set section.key=value]
 
 writes ``DIR/kd_baseline.json``: per-epoch loss, val and test accuracy, epoch time and cumulative
 training wall time (test evaluation excluded; the validation pass kd_train runs is included, as in
@@ -33,8 +36,13 @@ from .config import Config, ConfigError, load_config
 log = logging.getLogger("hpc_bkd")
 
 
-def build_baseline_student(cfg: Config, num_classes: int, blocks, seed: int | None = None) -> nn.Module:
-    """The PBKD student architecture with all weights freshly initialised (no teacher weights)."""
+def build_baseline_student(cfg: Config, num_classes: int, blocks, seed: int | None = None,
+                           replace: list[int] | None = None) -> nn.Module:
+    """The PBKD student architecture with all weights freshly initialised (no teacher weights).
+
+    ``replace``: the blocks that get a student block (default all); the others keep the teacher's
+    layers, freshly initialised, as in a PBKD student whose block was not accepted.
+    """
     from .models import build_model
     from .students import build_student
     from .surgery import replace_blocks
@@ -44,7 +52,8 @@ def build_baseline_student(cfg: Config, num_classes: int, blocks, seed: int | No
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 17)
         model = build_model(cfg.model.arch, num_classes, cfg.model.width)
-    students = {s.index: build_student(s, b.student_depth, b.student_width, seed) for s in blocks}
+    students = {s.index: build_student(s, b.student_depth, b.student_width, seed) for s in blocks
+                if replace is None or s.index in replace}
     return replace_blocks(model, students, blocks)
 
 
@@ -95,8 +104,11 @@ def _threads(cfg: Config) -> int:
 
 
 def run_baseline(cfg: Config, epochs: int | None = None, lr: float | None = None, within: float = 1.0,
-                 run_dir: Path | None = None, write: bool = True) -> dict[str, Any]:
-    """Train the baseline student; returns (and writes ``run_dir/kd_baseline.json``) its record."""
+                 run_dir: Path | None = None, write: bool = True, replace: list[int] | None = None) -> dict[str, Any]:
+    """Train the baseline student; returns (and writes ``run_dir/kd_baseline.json``) its record.
+
+    ``replace``: block indices given a student block (default: every block, the full PBKD student).
+    """
     from .data import describe, load_data, steps_per_epoch
     from .energy import EnergyMeter
     from .finetune import kd_train
@@ -125,13 +137,17 @@ def run_baseline(cfg: Config, epochs: int | None = None, lr: float | None = None
     teacher_test = accuracy(teacher, data, "test", ebs, device)
     blocks = find_blocks(teacher.cpu(), data.input_shape, cfg.blocks.granularity)
     teacher.to(device)
-    student = build_baseline_student(cfg, data.num_classes, blocks)
+    unknown = sorted(set(replace or []) - {b.index for b in blocks})
+    if unknown:
+        raise ValueError(f"--blocks: no block(s) {unknown}; this teacher has blocks 0..{len(blocks) - 1}")
+    replaced = [b.index for b in blocks if replace is None or b.index in replace]
+    student = build_baseline_student(cfg, data.num_classes, blocks, replace=replaced)
     shape = data.input_shape
     models = {name: {"params": sum(p.numel() for p in m.parameters()), "conv_params": conv_params(m),
                      "macs": total_macs(m.cpu(), shape)} for name, m in (("teacher", teacher), ("student", student))}
     teacher.to(device)
-    log.info("kd-baseline: %s student (%d blocks replaced, %s params), %d epochs, lr %g; teacher val %.2f%%, "
-             "test %.2f%%", cfg.model.arch, len(blocks), f"{models['student']['params']:,}", epochs, lr,
+    log.info("kd-baseline: %s student (%d/%d blocks replaced, %s params), %d epochs, lr %g; teacher val %.2f%%, "
+             "test %.2f%%", cfg.model.arch, len(replaced), len(blocks), f"{models['student']['params']:,}", epochs, lr,
              teacher_val, teacher_test)
 
     if device.type == "cuda":
@@ -166,7 +182,7 @@ def run_baseline(cfg: Config, epochs: int | None = None, lr: float | None = None
         "teacher": {"source": info["source"], "val_acc": teacher_val, "test_acc": teacher_test},
         "epochs": epochs, "lr": lr, "batch_size": cfg.data.batch_size, "steps_per_epoch": steps,
         "kd": {"alpha": cfg.finetune.alpha, "temperature": cfg.finetune.temperature},
-        "blocks_replaced": len(blocks), "models": models,
+        "blocks": len(blocks), "blocks_replaced": replaced, "models": models,
         "history": rows,
         "final_val_acc": rows[-1]["val_acc"] if rows else None, "final_test_acc": final_test,
         "within_points": within,
@@ -197,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default=None, help="run directory (overrides run.dir)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: teacher.epochs)")
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: teacher.lr, a from-scratch rate)")
+    p.add_argument("--blocks", default=None,
+                   help="comma-separated block indices to replace (default: all; e.g. the blocks a PBKD run accepted)")
     p.add_argument("--within", type=float, default=1.0,
                    help="report when accuracy first comes within this many points of the teacher (default 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -206,7 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = list(args.overrides) + ([f"run.dir={args.run_dir}"] if args.run_dir else [])
         cfg = load_config(args.config, overrides)
-        result = run_baseline(cfg, args.epochs, args.lr, args.within)
+        replace = None
+        if args.blocks is not None:
+            try:
+                replace = sorted({int(x) for x in args.blocks.split(",") if x.strip()})
+            except ValueError:
+                raise ConfigError(f"--blocks: expected comma-separated block indices, got {args.blocks!r}") from None
+        result = run_baseline(cfg, args.epochs, args.lr, args.within, replace=replace)
     except ConfigError as exc:
         print(f"hpc-bkd baseline: config error: {exc}", file=sys.stderr)
         return 2

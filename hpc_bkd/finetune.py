@@ -45,8 +45,10 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
     bs = cfg.data.batch_size
     steps = steps_per_epoch(len(data.train), bs)
     total = max(1, epochs * steps)
+    warmup = min(steps, total // 2)  # one epoch of linear warm-up: an assembled student is fragile
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (
+        1 + math.cos(math.pi * min(s, total) / total)))
     history = []
     for epoch in range(epochs):
         t0, loss_sum = time.time(), 0.0

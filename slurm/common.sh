@@ -28,8 +28,9 @@ _bkd_log() { printf '[%(%H:%M:%S)T hpc_bkd.sbatch] %s\n' -1 "$*" >&2; }
 # MPICH (ch4) keeps each node's shared memory in /dev/shm/mpich_shm_<FNV-1a of "jobid.stepid">_<node>
 # and removes it in MPI_Finalize only. A requeued job keeps its id and numbers its steps from 0
 # again, so a segment left by a killed step makes MPI_Init of the same step id fail or hang until
-# the time limit. Run on every node in a step of its own: remove what steps 0..next of this job
-# id may have left (no live step of this job can own them: this one runs alone).
+# the time limit. Run on every node in a step of its own, before the main step and after it when it
+# failed: remove what steps 0..next of this job id may have left (no live step of this job can own
+# them: this one runs alone).
 _bkd_shm_clean() {
   local s k h i c
   for (( s = 0; s <= SLURM_STEP_ID + 1; s++ )); do
@@ -40,6 +41,12 @@ _bkd_shm_clean() {
     printf -v h %x "$h"
     rm -f "/dev/shm/mpich_shm_${h}_"* "/dev/shm/mpich_vci_${h}_"*
   done
+}
+
+_bkd_shm_step() {  # run _bkd_shm_clean once per node, in a step of its own
+  [ "${HPC_BKD_SHM_CLEANUP:-1}" != 0 ] && [ -n "${SLURM_JOB_ID:-}" ] || return 0
+  srun --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" --mpi=none --cpus-per-task=1 \
+    bash -c "$(declare -f _bkd_shm_clean); _bkd_shm_clean" || _bkd_log "warning: /dev/shm cleanup step failed"
 }
 
 hpc_bkd_sbatch_main() {  # hpc_bkd_sbatch_main DEFAULT_CONFIG [hpc_bkd run arguments...]
@@ -64,8 +71,10 @@ hpc_bkd_sbatch_main() {  # hpc_bkd_sbatch_main DEFAULT_CONFIG [hpc_bkd run argum
   fi
   [ -n "${HPC_BKD_DATA:-}" ] && args+=(--set "data.root=$HPC_BKD_DATA")
   [ -n "${HPC_BKD_EPOCHS:-}" ] && args+=(--set "distill.epochs=$HPC_BKD_EPOCHS")
+  local -a words
+  read -r -a words <<<"${HPC_BKD_SET:-}"  # split on blanks, no glob expansion
   local s
-  for s in ${HPC_BKD_SET:-}; do args+=(--set "$s"); done
+  for s in "${words[@]}"; do args+=(--set "$s"); done
   args+=("$@")
 
   local -a srun_args=(--kill-on-bad-exit=1)
@@ -73,8 +82,8 @@ hpc_bkd_sbatch_main() {  # hpc_bkd_sbatch_main DEFAULT_CONFIG [hpc_bkd run argum
   [ -n "$mpi" ] && srun_args+=("--mpi=$mpi")
   # since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch
   [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_args+=("--cpus-per-task=$SLURM_CPUS_PER_TASK")
-  # shellcheck disable=SC2206
-  srun_args+=(${HPC_BKD_SRUN_ARGS:-})
+  read -r -a words <<<"${HPC_BKD_SRUN_ARGS:-}"
+  srun_args+=("${words[@]}")
 
   export PYTHONUNBUFFERED=1
   local restarts=${SLURM_RESTART_COUNT:-0} max_requeues=${HPC_BKD_MAX_REQUEUES:-10}
@@ -84,10 +93,7 @@ hpc_bkd_sbatch_main() {  # hpc_bkd_sbatch_main DEFAULT_CONFIG [hpc_bkd run argum
   _bkd_log "run dir $run_dir"
   _bkd_log "srun ${srun_args[*]} $py ${args[*]}"
 
-  if [ "${HPC_BKD_SHM_CLEANUP:-1}" != 0 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
-    srun --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" --mpi=none --cpus-per-task=1 \
-      bash -c "$(declare -f _bkd_shm_clean); _bkd_shm_clean" || _bkd_log "warning: /dev/shm cleanup step failed"
-  fi
+  _bkd_shm_step  # segments a killed run of this job id left (requeue)
 
   _BKD_REQUEUE=0 _BKD_SRUN=
   # time limit near (--signal=B:USR1@...): ask the ranks to save, then requeue ourselves
@@ -104,6 +110,7 @@ hpc_bkd_sbatch_main() {  # hpc_bkd_sbatch_main DEFAULT_CONFIG [hpc_bkd run argum
   local rc=0
   wait "$_BKD_SRUN" || rc=$?
   trap - USR1 TERM
+  case $rc in 0|3) ;; *) _bkd_shm_step ;; esac  # a killed or aborted rank leaves its segment behind
 
   if [ "$rc" -eq 3 ] && [ "$_BKD_REQUEUE" = 1 ]; then
     if [ "$restarts" -ge "$max_requeues" ]; then

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", type=float, default=60, dest="time_min", help="time limit in minutes (default 60)")
     p.add_argument("--job-name", default="hpc_bkd")
     p.add_argument("--mpi", default="pmi2",
-                   help="srun --mpi plugin: pmi2 (bundled MPICH, default), pmix (Open MPI), none = site default")
+                   help="srun --mpi plugin: pmi2 (bundled MPICH, default), pmix (Open MPI), "
+                        "default = the site's MpiDefault")
     p.add_argument("--max-requeues", type=int, default=3, help="requeues after the time limit (default 3)")
     p.add_argument("--signal-delay", type=int, default=120, dest="signal_delay_s",
                    help="seconds before the time limit at which ranks checkpoint and requeue (default 120)")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         job = submit(args.config, args.overrides, run_dir=args.run_dir, executor=args.executor, folder=args.folder,
                      nodes=args.nodes, tasks_per_node=args.tasks_per_node, gpus_per_task=args.gpus_per_task,
                      cpus_per_task=args.cpus_per_task, partition=args.partition, time_min=args.time_min,
-                     job_name=args.job_name, mpi=None if args.mpi in ("", "none") else args.mpi,
+                     job_name=args.job_name, mpi=None if args.mpi in ("", "default") else args.mpi,
                      max_requeues=args.max_requeues, signal_delay_s=args.signal_delay_s, setup=args.setup,
                      sbatch=dict(args.sbatch))
     except (ConfigError, LaunchError, ValueError) as exc:

@@ -11,7 +11,9 @@ MPI under submitit (and how it differs from mpirun)
     ``mpi=None`` for the cluster's ``MpiDefault``. Every task unpickles and calls the same
     ``DistillJob``; task 0 (rank 0) returns the report, the others return None, so a multi-task
     job's report is ``job.task(0).result()`` or :func:`report` (``job.result()`` only works for one
-    task). A failing rank aborts the whole MPI job (no rank is left waiting in a collective).
+    task). A failing rank aborts the whole MPI job (no rank is left waiting in a collective). A
+    one-line step before the main one (and after it, if it failed) removes MPICH shared memory that
+    a killed earlier run of the same job id left in /dev/shm (see ``MPICH_SHM_CLEANUP``).
 
     submitit's *local* executor forks its tasks itself, with no process manager: each task would be
     a separate one-rank MPI job training every block into the same run directory. So the local and
@@ -66,11 +68,12 @@ log = logging.getLogger("hpc_bkd")
 
 EXECUTORS = ("auto", "slurm", "local", "debug")
 
-# Lines for the batch script, before the main srun (same as slurm/common.sh). MPICH (ch4) keeps
+# Batch-script lines run before and after the main srun (as in slurm/common.sh). MPICH (ch4) keeps
 # each node's shared memory in /dev/shm/mpich_shm_<FNV-1a of "jobid.stepid">_<node> and removes it
 # in MPI_Finalize only; a requeued job keeps its id and numbers its steps from 0 again, so a
 # segment left by a killed step makes MPI_Init of the same step id fail or hang until the time
-# limit. This step removes, on every node, what steps 0..next of this job id may have left.
+# limit. This step removes, on every node, what steps 0..next of this job id may have left: before
+# the main step (requeues) and after it (a failed rank leaves its segment otherwise).
 MPICH_SHM_CLEANUP = [
     "_bkd_shm_clean() {",
     "  local s k h i c",
@@ -86,6 +89,8 @@ MPICH_SHM_CLEANUP = [
     "srun --ntasks-per-node=1 --ntasks=\"${SLURM_JOB_NUM_NODES:-1}\" --mpi=none --cpus-per-task=1 "
     "bash -c \"$(declare -f _bkd_shm_clean); _bkd_shm_clean\" || echo 'hpc_bkd: /dev/shm cleanup failed' >&2",
 ]
+# after srun, when it failed (the function comes from the setup lines); srun's status stays the job's
+MPICH_SHM_CLEANUP_AFTER = ["_bkd_rc=$?", f"[ $_bkd_rc -eq 0 ] || {MPICH_SHM_CLEANUP[-1]}", "exit $_bkd_rc"]
 
 
 class LaunchError(RuntimeError):
@@ -263,8 +268,8 @@ def make_executor(executor: str = "auto", folder: str | os.PathLike = "submitit/
     signal_delay_s: the preemption signal comes this long before the time limit.
     sbatch: extra ``#SBATCH`` options, e.g. ``{"account": "proj", "qos": "high"}``.
     setup: shell lines run in the batch script before srun (``module load ...``).
-    shm_cleanup: run the one-line step that removes stale MPICH shared memory of this job id
-    before the main step (see ``MPICH_SHM_CLEANUP``; needed for requeues with MPICH).
+    shm_cleanup: run the short step that removes stale MPICH shared memory of this job id before
+    and after the main step (see ``MPICH_SHM_CLEANUP``; needed for requeues with MPICH).
     """
     import submitit
 
@@ -292,6 +297,8 @@ def make_executor(executor: str = "auto", folder: str | os.PathLike = "submitit/
         lines = [*setup, *(MPICH_SHM_CLEANUP if shm_cleanup else [])]
         if lines:
             params["setup"] = lines
+        if shm_cleanup:
+            params["teardown"] = MPICH_SHM_CLEANUP_AFTER
         ex.update_parameters(**params)
         return ex
     if nodes != 1 or tasks_per_node != 1:

@@ -1,0 +1,114 @@
+"""The benchmark's outputs (structure, not timings) and the end-to-end KD baseline."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, cli_env
+from hpc_bkd.config import load_config
+
+
+def test_kd_baseline_tiny(tmp_path: Path, tiny_teacher: Path):
+    from hpc_bkd.baseline import build_baseline_student, run_baseline
+    from hpc_bkd.data import load_data
+    from hpc_bkd.models import build_model
+    from hpc_bkd.students import build_student
+    from hpc_bkd.surgery import assemble, find_blocks
+    from hpc_bkd.teacher import load_teacher_checkpoint
+
+    threads = torch.get_num_threads()
+    try:
+        cfg = load_config("tiny", [f"teacher.checkpoint={tiny_teacher}", "run.threads=1", "run.device=cpu"])
+        # within=100 points: the first epoch already counts as "close to the teacher"
+        result = run_baseline(cfg, epochs=2, within=100.0, run_dir=tmp_path / "kd")
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "kd" / "kd_baseline.json").read_text())
+    assert saved["final_test_acc"] == result["final_test_acc"]
+    hist = saved["history"]
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert all(0 <= h["val_acc"] <= 100 and 0 <= h["test_acc"] <= 100 and h["epoch_s"] > 0 for h in hist)
+    assert hist[1]["cumulative_s"] == pytest.approx(hist[0]["cumulative_s"] + hist[1]["epoch_s"])
+    assert saved["train_s"] == pytest.approx(hist[-1]["cumulative_s"])
+    assert saved["final_test_acc"] == hist[-1]["test_acc"]
+    assert saved["time_to_within"]["val"] == {"epoch": 1, "time_s": hist[0]["cumulative_s"], "acc": hist[0]["val_acc"]}
+    assert saved["time_to_within"]["test"]["epoch"] == 1
+    assert 0 <= saved["teacher"]["test_acc"] <= 100 and saved["threads"] == 1
+    assert saved["blocks"] == 8 and saved["blocks_replaced"] == list(range(8))
+    assert saved["models"]["student"]["conv_params"] < saved["models"]["teacher"]["conv_params"]
+
+    # the same architecture as the PBKD student (teacher with every block swapped), no teacher weights
+    data = load_data(cfg.data, cfg.run.seed)
+    teacher = load_teacher_checkpoint(tiny_teacher, build_model(cfg.model.arch, data.num_classes, cfg.model.width))
+    blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
+    pbkd = assemble(teacher, {b.index: build_student(b, cfg.blocks.student_depth, cfg.blocks.student_width)
+                              for b in blocks}, blocks)
+    fresh = build_baseline_student(cfg, data.num_classes, blocks)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(fresh) == shapes(pbkd)
+    t_state = teacher.state_dict()
+    assert not any(torch.equal(v, t_state[k]) for k, v in fresh.state_dict().items()
+                   if k in t_state and v.is_floating_point() and v.numel() > 1 and "running" not in k)
+    trained = torch.load(tmp_path / "kd" / "kd_student.pt", weights_only=True)["state_dict"]
+    assert shapes(pbkd) == {k: tuple(v.shape) for k, v in trained.items()}
+
+
+@pytest.mark.slow
+def test_bench_quick(tmp_path: Path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "hpc_bkd.bench", "--quick", "--ranks", "1,2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env=cli_env())
+    assert proc.returncode == 0, f"bench exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    for label in ("phase distill+gather s", "distill makespan s", "predicted makespan s", "parallel efficiency",
+                  "block-img/s per rank", "peak MB per rank", "student test acc (final)", "energy", "targets:"):
+        assert label in proc.stdout, label
+
+    bench = json.loads((out / "bench.json").read_text())
+    hw = bench["hardware"]
+    assert hw["cpu_model"] and hw["cores"] >= 1 and hw["torch"] == torch.__version__ and "gpus" in hw
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, cores // 2)
+    assert bench["settings"]["threads"] == threads and bench["settings"]["ranks"] == [1, 2]
+    runs = bench["runs"]
+    assert list(runs) == ["pbkd-1", "pbkd-2", "pbkd-2-blocks", "sequential-1", "kd-e2e"]
+    teacher_pt = out / "teacher" / "teacher.pt"
+    assert teacher_pt.is_file()
+    for name, run in runs.items():
+        assert run["rc"] == 0 and run.get("metrics"), name
+        assert f"run.threads={threads}" in run["cmd"] and f"teacher.checkpoint={teacher_pt}" in run["cmd"], name
+        m = run["metrics"]
+        assert 0 <= m["student_test_acc"] <= 100
+        assert m["energy_text"] == "unavailable" or m["energy_text"].endswith("J")
+        assert len(m["ranks"]) == m["world_size"] and all(r["peak_mem_mb"] > 0 for r in m["ranks"])
+    assert "mpirun" in runs["pbkd-2"]["cmd"] and "-np 2" in runs["pbkd-2"]["cmd"]
+    assert "plan.hybrid=false" in runs["pbkd-2-blocks"]["cmd"]
+    assert "distill.schedule=sequential" in runs["sequential-1"]["cmd"]
+    for name in ("pbkd-1", "pbkd-2", "pbkd-2-blocks", "sequential-1"):
+        m = runs[name]["metrics"]
+        assert m["distill_s"] > 0 and m["predicted_distill_s"] > 0 and m["prediction_error"] is not None
+        assert set(m["phases_s"]) >= {"data", "plan", "distill+gather", "assemble", "finetune"}
+        assert all(r["block_images_per_s"] > 0 for r in m["ranks"] if r["blocks"])
+        report = json.loads(Path(runs[name]["result"]).read_text())
+        assert report["config"]["teacher"]["checkpoint"] == str(teacher_pt)
+        assert report["config"]["run"]["threads"] == threads and report["world_size"] == m["world_size"]
+    assert runs["sequential-1"]["metrics"]["schedule"] == "sequential"
+    m2 = runs["pbkd-2"]["metrics"]
+    assert m2["speedup"] > 0 and m2["efficiency"] == pytest.approx(m2["speedup"] / 2)
+    kd = runs["kd-e2e"]["metrics"]
+    assert kd["epochs"] == 2 and len(kd["history"]) == 2
+
+    assert [p["ranks"] for p in bench["scaling"]["hybrid"]] == [1, 2]
+    assert [p["ranks"] for p in bench["scaling"]["blocks"]] == [1, 2]
+    assert bench["targets"] and all({"target", "value", "met"} <= set(t) for t in bench["targets"])
+    assert any("efficiency" in t["target"] for t in bench["targets"])
+    assert any("sequential" in t["target"] for t in bench["targets"])
+    assert any("end-to-end KD" in t["target"] for t in bench["targets"])
+    assert bench["notes"] and "table" in bench
+    for png in ["speedup.png", "time_to_accuracy.png"] + [f"gantt-{n}.png" for n in list(runs)[:4]]:
+        assert (out / png).read_bytes()[:4] == b"\x89PNG", png
+        assert png in bench["plots"]
+    assert (out / "bench.txt").read_text().startswith("hpc_bkd bench: tiny")
