@@ -5,7 +5,7 @@ import copy
 import logging
 import math
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,9 @@ def build_student_model(teacher: nn.Module, blocks: Sequence[BlockSpec], student
 
 
 def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, epochs: int, lr: float,
-             device: torch.device, label: str = "fine-tune", seed_offset: int = 2) -> list[dict[str, float]]:
+             device: torch.device, label: str = "fine-tune", seed_offset: int = 2,
+             on_epoch: Callable[[nn.Module, dict[str, float]], None] | None = None,
+             recalibrate_batches: int = 0) -> list[dict[str, float]]:
     """Train ``student`` end to end against ``teacher`` logits (SGD, cosine schedule)."""
     student.to(device).train()
     teacher = teacher.to(device).eval()
@@ -64,10 +66,14 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
             opt.step()
             sched.step()
             loss_sum += loss.item()
+        if recalibrate_batches:  # running statistics lag weights that moved a lot this epoch
+            recalibrate_bn(student, data, cfg, recalibrate_batches, device)
         val = accuracy(student, data, "val", cfg.data.eval_batch_size, device)
         history.append({"epoch": epoch + 1, "loss": loss_sum / steps, "val_acc": val, "time_s": time.time() - t0})
         log.info("%s epoch %d/%d: KD loss %.4f, val acc %.2f%% (%.1fs)", label, epoch + 1, epochs,
                  loss_sum / steps, val, time.time() - t0)
+        if on_epoch is not None:
+            on_epoch(student, history[-1])  # outside the epoch's clock
     return history
 
 
@@ -100,4 +106,14 @@ def finetune(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, de
     """Fine-tune the assembled student; keeps the teacher untouched."""
     if cfg.finetune.epochs <= 0:
         return []
-    return kd_train(student, copy.deepcopy(teacher), data, cfg, cfg.finetune.epochs, cfg.finetune.lr, device)
+    best: dict[str, Any] = {"acc": -1.0, "state": None, "epoch": 0}
+
+    def keep_best(model: nn.Module, entry: dict[str, float]) -> None:
+        if entry["val_acc"] > best["acc"]:  # an assembled student can collapse for an epoch or two
+            best.update(acc=entry["val_acc"], epoch=entry["epoch"], state=copy.deepcopy(model.state_dict()))
+
+    history = kd_train(student, copy.deepcopy(teacher), data, cfg, cfg.finetune.epochs, cfg.finetune.lr, device,
+                       on_epoch=keep_best, recalibrate_batches=cfg.finetune.recalibrate_bn_batches)
+    student.load_state_dict(best["state"])
+    log.info("fine-tune: keeping epoch %d (val acc %.2f%%)", best["epoch"], best["acc"])
+    return history
