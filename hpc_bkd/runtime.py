@@ -68,9 +68,11 @@ class Runtime:
 
 
 def _cpu_share(local_rank: int, local_size: int) -> int:
+    """CPU threads for this rank: its srun CPU allocation, else an even share of the node's cores."""
+    if os.environ.get("SLURM_CPUS_PER_TASK") and os.environ.get("SLURM_STEP_ID") is not None:
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))  # srun already gave this task its CPUs
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share = max(1, cores // local_size)
-    return share
+    return max(1, cores // local_size)
 
 
 def init_runtime(device: str = "auto", threads: int = 0) -> Runtime:

@@ -13,7 +13,7 @@ that rank 0 wrote to ``<run dir>/report.json``::
 From the shell: ``python -m hpc_bkd.launch submit -c tiny --nodes 1 --tasks-per-node 2 --wait``.
 
 One backend per module (submitit's style): ``submitit_backend`` is the only one so far; the plain
-``sbatch`` path is ``slurm/*.sbatch`` in the repository. See docs/cluster.md.
+``sbatch`` path is ``slurm/*.sbatch`` in the repository. See the README section "Running on a cluster".
 """
 from __future__ import annotations
 
