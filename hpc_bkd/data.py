@@ -192,7 +192,3 @@ def describe(data: Data) -> str:
     return (f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test images "
             f"of {'x'.join(map(str, data.input_shape))}, {data.num_classes} classes")
 
-
-def total_steps(data: Data, batch_size: int, epochs: int) -> int:
-    return epochs * steps_per_epoch(len(data.train), batch_size)
-

@@ -5,7 +5,7 @@ import copy
 import logging
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,6 @@ from torch import nn
 
 from .config import Config, FinetuneConfig
 from .data import Data, steps_per_epoch, train_batch
-from .surgery import BlockSpec, assemble
 from .teacher import accuracy
 
 log = logging.getLogger("hpc_bkd")
@@ -31,10 +30,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 def accept_blocks(block_accs: dict[int, float | None], teacher_val_acc: float, tolerance: float) -> list[int]:
     """Blocks whose swapped validation accuracy stays within ``tolerance`` points of the teacher's."""
     return sorted(i for i, acc in block_accs.items() if acc is not None and acc >= teacher_val_acc - tolerance)
-
-
-def build_student_model(teacher: nn.Module, blocks: Sequence[BlockSpec], students: dict[int, nn.Module]) -> nn.Module:
-    return assemble(teacher, students, blocks)
 
 
 def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, epochs: int, lr: float,

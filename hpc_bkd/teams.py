@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -133,6 +132,3 @@ def to_team(module: nn.Module, team: Team) -> nn.Module:
             to_team(child, team)
     return module
 
-
-def split_counts(n: int, parts: int) -> np.ndarray:
-    return np.array([(k + 1) * n // parts - k * n // parts for k in range(parts)])

@@ -17,6 +17,13 @@ def _blocks(run: Path) -> dict[int, dict]:
     return {int(p.stem.split("-")[1]): checkpoint.load(p)["state_dict"] for p in sorted((run / "blocks").glob("block-*.pt"))}
 
 
+def _assert_same_blocks(one: dict[int, dict], other: dict[int, dict]) -> None:
+    assert one.keys() == other.keys() == set(range(8))
+    for i in one:
+        for k in one[i]:
+            assert torch.allclose(one[i][k].float(), other[i][k].float(), rtol=1e-4, atol=1e-5), (i, k)
+
+
 def test_one_rank_and_two_ranks_train_the_same_blocks(tmp_path: Path, tiny_teacher: Path):
     common = ["-c", "tiny", "--set", f"teacher.checkpoint={tiny_teacher}", "--set", "run.threads=1",
               "--set", "distill.epochs=2", "--set", "finetune.epochs=0"]
@@ -26,10 +33,7 @@ def test_one_rank_and_two_ranks_train_the_same_blocks(tmp_path: Path, tiny_teach
     report = json.loads((tmp_path / "np2" / "report.json").read_text())
     assert report["world_size"] == 2 and {b["rank"] for b in report["blocks"]} == {0, 1}
     one, two = _blocks(tmp_path / "np1"), _blocks(tmp_path / "np2")
-    assert one.keys() == two.keys() == set(range(8))
-    for i in one:
-        for k in one[i]:
-            assert torch.allclose(one[i][k].float(), two[i][k].float(), rtol=1e-4, atol=1e-5), (i, k)
+    _assert_same_blocks(one, two)
 
 
 def test_a_team_trains_the_same_blocks_as_one_rank(tmp_path: Path, tiny_teacher: Path):
@@ -42,10 +46,7 @@ def test_a_team_trains_the_same_blocks_as_one_rank(tmp_path: Path, tiny_teacher:
     report = json.loads((tmp_path / "team" / "report.json").read_text())
     assert report["plan"]["teams"] == [[0, 1]]
     one, team = _blocks(tmp_path / "np1"), _blocks(tmp_path / "team")
-    assert one.keys() == team.keys() == set(range(8))
-    for i in one:
-        for k in one[i]:
-            assert torch.allclose(one[i][k].float(), team[i][k].float(), rtol=1e-4, atol=1e-5), (i, k)
+    _assert_same_blocks(one, team)
 
 
 def test_more_ranks_than_blocks_on_two_cores(tmp_path: Path, tiny_teacher: Path):
