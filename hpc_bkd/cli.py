@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--costs", default=None, help="plan from a JSON list of per-block costs; needs no model or data")
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--hybrid", action="store_true", help="with --costs: allow data-parallel teams")
+    p.add_argument("--bn-groups", type=int, default=1,
+                   help="with --costs: distill.bn_groups of the job (teams of up to this many ranks "
+                        "need no BatchNorm communication)")
     p = sub.add_parser("distill", help="distill and assemble the student, without end-to-end fine-tuning")
     _common(p)
     p = sub.add_parser("evaluate", help="test accuracy of the teacher and the saved student of a run directory")
@@ -56,11 +59,11 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import costs_from_json, make_plan
+    from .plan import TeamModel, costs_from_json, make_plan
 
     if args.costs:
         costs = costs_from_json(args.costs)
-        plan = make_plan(costs, args.ranks or 1, hybrid=args.hybrid)
+        plan = make_plan(costs, args.ranks or 1, hybrid=args.hybrid, tm=TeamModel.for_groups(args.bn_groups))
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
     from mpi4py import MPI

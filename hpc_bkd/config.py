@@ -88,6 +88,11 @@ class DistillConfig:
     lr_decay: float = 0.8
     # L2 weight decay of the student blocks.
     weight_decay: float = 0.0
+    # Ghost batch normalisation: student BatchNorms normalise each of this many equal slices of a
+    # batch on its own (1 = the whole batch). A data-parallel team of up to this many ranks then
+    # needs no BatchNorm communication (each member holds whole slices) and results stay the same
+    # on one rank or many; with 1, team members sync statistics at every BatchNorm (slower).
+    bn_groups: int = 1
     # A block is accepted when the teacher with only this block swapped in keeps accuracy within
     # this many percentage points of the teacher's own validation accuracy.
     accept_tolerance: float = 1.0
@@ -228,7 +233,7 @@ def _check_ranges(cfg: Config) -> None:
         "data.eval_batch_size": cfg.data.eval_batch_size, "blocks.student_depth": cfg.blocks.student_depth,
         "blocks.student_width": cfg.blocks.student_width, "distill.lr": cfg.distill.lr,
         "model.width": cfg.model.width, "plan.measure_batches": cfg.plan.measure_batches,
-        "distill.epochs": cfg.distill.epochs,
+        "distill.epochs": cfg.distill.epochs, "distill.bn_groups": cfg.distill.bn_groups,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -240,6 +245,9 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if cfg.plan.teams is not None and cfg.plan.teams < 1:
         raise ConfigError(f"plan.teams: must be >= 1 or null, got {cfg.plan.teams}")
+    if cfg.distill.bn_groups > cfg.data.batch_size // 2:
+        raise ConfigError(f"distill.bn_groups: at most data.batch_size / 2 = {cfg.data.batch_size // 2} "
+                          f"(BatchNorm needs two images per group), got {cfg.distill.bn_groups}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
     if not 0.0 < cfg.distill.lr_decay <= 1.0:

@@ -30,7 +30,7 @@ from .data import Data, steps_per_epoch, train_batch
 from .runtime import stop_requested
 from .students import build_student
 from .surgery import BlockSpec, BlockTap, swapped
-from .teams import Team, to_team
+from .teams import GhostLayout, Team, ghost_batchnorms, prepare_student
 
 log = logging.getLogger("hpc_bkd")
 
@@ -118,18 +118,20 @@ class BlockTrainer:
         self.spans = [tuple(s) for s in state["spans"]]
         self.resumed = True
 
-    def train_step(self, inp: torch.Tensor, target: torch.Tensor, team: Team | None = None,
-                   weight: float = 1.0) -> None:
-        """One MSE step. In a team, ``weight`` is this member's share of the batch: the weighted
-        losses sum to the full-batch mean, and summed gradients equal the full-batch gradient."""
+    def backward(self, inp: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """Forward and backward of the MSE loss; returns the (weighted) loss. In a team, ``weight``
+        is this member's share of the batch: the weighted losses sum to the full-batch mean, and
+        the summed gradients equal the full-batch gradient."""
         self.student.train()
         loss = F.mse_loss(self.student(inp), target) * weight
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if team is not None:
-            loss = team.sum_grads(self.student.parameters(), extra=loss.detach().reshape(1))
+        return loss.detach()
+
+    def update(self, loss: float) -> None:
+        """The optimizer step, once gradients (and BN statistics) are final for this step."""
         self.optimizer.step()
-        self.loss_sum += loss.item()
+        self.loss_sum += loss
         self.loss_count += 1
         self.step += 1
 
@@ -155,14 +157,16 @@ class LocalDistiller:
         self.leader = self.team is None or self.team.is_leader
         self.steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
         self._taps: dict[tuple[int, ...], BlockTap] = {}
+        groups = cfg.distill.bn_groups
+        self.layout = GhostLayout(groups) if groups > 1 else None
+        self._team_stop = False  # a member's stop request, agreed through the step's allreduce
 
     # ---------------------------------------------------------------- set-up and checkpoints
 
     def _trainer(self, spec: BlockSpec) -> BlockTrainer:
         b, d = self.cfg.blocks, self.cfg.distill
         student = build_student(spec, b.student_depth, b.student_width, self.cfg.run.seed).to(self.device)
-        if self.team is not None:
-            to_team(student, self.team)
+        prepare_student(student, self.team, self.layout)
         opt = _make_optimizer(student.parameters(), self.cfg)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=d.lr_decay)
         trainer = BlockTrainer(spec, student, opt, sched, d.epochs, self.steps)
@@ -241,6 +245,29 @@ class LocalDistiller:
         t.epoch, t.step, t.loss_sum, t.loss_count = t.epoch + 1, 0, 0.0, 0
         t.scheduler.step()
 
+    def _sync_step(self, group: list[BlockTrainer], losses: list[torch.Tensor]) -> list[float]:
+        """Finish a step's gradients and BN statistics; returns the (team-summed) losses.
+
+        In a team, everything the step needs from the other members (every student's gradients,
+        the ghost BatchNorms' running-statistic updates, the losses, and any stop request) travels
+        in one allreduce.
+        """
+        params = [p for t in group for p in t.student.parameters() if p.grad is not None]
+        bns = [bn for t in group for bn in ghost_batchnorms(t.student)]
+        if self.team is None:
+            for bn in bns:
+                bn.apply_pending(bn.pending)
+            return [float(loss) for loss in losses]
+        stop = torch.tensor([1.0 if stop_requested() else 0.0])
+        summed = self.team.sum_tensors([p.grad for p in params] + [bn.pending for bn in bns]
+                                       + [torch.stack(losses).reshape(-1), stop])
+        for p, g in zip(params, summed):
+            p.grad.copy_(g)
+        for bn, pending in zip(bns, summed[len(params):]):
+            bn.apply_pending(pending)
+        self._team_stop = bool(summed[-1].item() > 0)
+        return summed[-2].tolist()
+
     def _select(self, active: list[BlockTrainer]) -> list[BlockTrainer]:
         if self.cfg.distill.schedule == "sequential":
             return [min(active, key=lambda t: t.spec.index)]
@@ -257,9 +284,7 @@ class LocalDistiller:
         last_save = time.time()
         interrupted = False
         while active:
-            stop = stop_requested()
-            if self.team is not None:
-                stop = self.team.any(stop)  # members must stop at the same step
+            stop = self._team_stop if self.team is not None else stop_requested()
             if stop:
                 interrupted = True
                 break
@@ -268,6 +293,8 @@ class LocalDistiller:
             x, _ = train_batch(self.data, self.cfg.data.batch_size, self.cfg.run.seed, epoch, step,
                                self.cfg.data.augment)
             weight = 1.0
+            if self.layout is not None:
+                self.layout.set(len(x), self.team.groups() if self.team is not None else range(self.layout.groups))
             if self.team is not None:
                 rows = self.team.slice(len(x))
                 weight = (rows.stop - rows.start) / len(x)
@@ -277,11 +304,19 @@ class LocalDistiller:
             t0 = time.perf_counter()
             pairs = tap(x.to(self.device))
             share = (time.perf_counter() - t0) / len(group)
+            losses = []
             for t in group:
                 if t.started_at is None:
                     t.started_at = time.time()
                 t1 = time.perf_counter()
-                t.train_step(*pairs[t.spec.index], team=self.team, weight=weight)
+                losses.append(t.backward(*pairs[t.spec.index], weight=weight))
+                t.train_time += share + time.perf_counter() - t1
+            t1 = time.perf_counter()
+            losses = self._sync_step(group, losses)
+            share = (time.perf_counter() - t1) / len(group)
+            for t, loss in zip(group, losses):
+                t1 = time.perf_counter()
+                t.update(loss)
                 t.train_time += share + time.perf_counter() - t1
             progress.update(len(group), group)
             for t in group:

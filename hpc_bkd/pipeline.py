@@ -29,7 +29,7 @@ from .distill import LocalDistiller, block_path, finished_blocks, load_finished
 from .energy import EnergyMeter
 from .finetune import accept_blocks, finetune, recalibrate_bn
 from .models import build_model
-from .plan import BlockCost, Plan, make_plan, mac_costs, measure_costs
+from .plan import BlockCost, Plan, TeamModel, make_plan, mac_costs, measure_costs
 from .runtime import Runtime, init_runtime, setup_logging
 from .students import build_student
 from .surgery import BlockSpec, assemble, conv_params, find_blocks, total_macs
@@ -74,7 +74,7 @@ def _costs(cfg: Config, teacher, blocks, data: Data, device) -> tuple[list, str]
         return mac_costs(blocks, students), "macs"
     batches = [train_batch(data, cfg.data.batch_size, cfg.run.seed, 0, k)[0]
                for k in range(cfg.plan.measure_batches + 1)]
-    costs = measure_costs(teacher, blocks, students, batches, device)
+    costs = measure_costs(teacher, blocks, students, batches, device, cfg.distill.bn_groups)
     if cfg.distill.validate_every_epoch:
         # each block's end-of-epoch validation is a full teacher pass over the validation set;
         # spread it over the epoch's steps so the plan balances it too
@@ -144,7 +144,7 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
     plan: Plan | None = None
     if rt.is_root:
         sub = make_plan([shared["costs"][b.index] for b in remaining], rt.size, cfg.plan.method,
-                        cfg.plan.hybrid, cfg.plan.teams)
+                        cfg.plan.hybrid, cfg.plan.teams, tm=TeamModel.for_groups(cfg.distill.bn_groups))
         local_to_global = [b.index for b in remaining]
         sub.assignment = [[local_to_global[i] for i in blocks_] for blocks_ in sub.assignment]
         sub.costs = shared["costs"]
@@ -160,7 +160,7 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
 
     # distill (a team of ranks shares its blocks and splits every batch; see teams.py)
     team_comm = rt.comm.Split(color=plan.team_of(rt.rank), key=rt.rank)
-    team = Team(team_comm) if team_comm.size > 1 else None
+    team = Team(team_comm, cfg.distill.bn_groups) if team_comm.size > 1 else None
     owned = [blocks[i] for i in plan.assignment[rt.rank]]
     if not owned:
         log.info("idle: no blocks for this rank (%d ranks, %d blocks to train)", rt.size, len(remaining))
@@ -284,7 +284,8 @@ def plan_only(cfg: Config, ranks: int) -> dict[str, Any]:
         load_teacher_checkpoint(cfg.teacher.checkpoint, teacher)
     blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
     costs, cost_model = _costs(cfg, teacher, blocks, data, rt.device)
-    plan = make_plan(costs, ranks, cfg.plan.method, cfg.plan.hybrid, cfg.plan.teams)
+    plan = make_plan(costs, ranks, cfg.plan.method, cfg.plan.hybrid, cfg.plan.teams,
+                     tm=TeamModel.for_groups(cfg.distill.bn_groups))
     return {"arch": cfg.model.arch, "granularity": cfg.blocks.granularity, "cost_model": cost_model,
             "blocks": [b.to_dict() for b in blocks], "plan": plan.to_dict()}
 

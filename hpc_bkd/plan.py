@@ -40,11 +40,36 @@ class BlockCost:
     student: float
 
 
-# Fraction added to a data-parallel team's cost for its gradient and BatchNorm allreduces (about
-# nine small host-staged allreduces per student per step). Calibrated on 2 CPU ranks of the default
-# job (`make bench`: a 2-rank team ran 1.6x its ideal time); with it, teams are chosen where they
-# pay: more ranks than blocks, or one block group that dominates.
-TEAM_OVERHEAD = 0.6
+# Fraction added to a data-parallel team's cost for its communication, calibrated with `make bench`
+# on 2 CPU ranks of the default job. Whole-batch BatchNorm statistics (distill.bn_groups = 1) cost
+# two host-staged allreduces per BatchNorm per step plus one for the gradients: a 2-rank team ran
+# 1.6x its ideal time. Ghost batches (bn_groups > 1) need one allreduce per step for everything.
+TEAM_OVERHEAD_SYNC_BN = 0.6
+TEAM_OVERHEAD_GHOST_BN = 0.06
+
+
+@dataclass(frozen=True)
+class TeamModel:
+    """What a data-parallel team of m ranks costs relative to one rank doing the same blocks."""
+
+    overhead: float = TEAM_OVERHEAD_SYNC_BN
+    bn_groups: int = 1  # > 1: members hold whole ghost batches; teams of at most this many ranks
+
+    @classmethod
+    def for_groups(cls, bn_groups: int) -> "TeamModel":
+        return cls(TEAM_OVERHEAD_GHOST_BN if bn_groups > 1 else TEAM_OVERHEAD_SYNC_BN, bn_groups)
+
+    def allows(self, members: int) -> bool:
+        return self.bn_groups == 1 or members <= self.bn_groups
+
+    def scale(self, members: int) -> float:
+        """A team's seconds per batch as a multiple of one rank's: its busiest member's share of
+        the batch (whole ghost batches, so 3 members of 4 groups take 1/4, 1/4, 1/2) plus overhead."""
+        if members == 1:
+            return 1.0
+        g = self.bn_groups
+        share = math.ceil(g / members) / g if g > 1 else 1.0 / members
+        return share * (1 + self.overhead)
 
 
 @dataclass
@@ -98,10 +123,9 @@ def rank_cost(blocks: Sequence[int], costs: Sequence[BlockCost]) -> float:
     return max(costs[b].teacher for b in blocks) + sum(costs[b].student for b in blocks)
 
 
-def team_cost(blocks: Sequence[int], costs: Sequence[BlockCost], members: int) -> float:
+def team_cost(blocks: Sequence[int], costs: Sequence[BlockCost], members: int, tm: TeamModel = TeamModel()) -> float:
     """Seconds per batch for a team of ``members`` ranks splitting every batch of ``blocks``."""
-    cost = rank_cost(blocks, costs)
-    return cost if members == 1 else cost / members * (1 + TEAM_OVERHEAD)
+    return rank_cost(blocks, costs) * tm.scale(members)
 
 
 def lower_bound(costs: Sequence[BlockCost], ranks: int) -> float:
@@ -116,27 +140,27 @@ def lower_bound(costs: Sequence[BlockCost], ranks: int) -> float:
     return max(single, spread)
 
 
-def _lpt(costs: Sequence[BlockCost], sizes: Sequence[int]) -> list[list[int]]:
+def _lpt(costs: Sequence[BlockCost], sizes: Sequence[int], tm: TeamModel) -> list[list[int]]:
     order = sorted(range(len(costs)), key=lambda b: (-costs[b].teacher, -costs[b].student, b))
     bins: list[list[int]] = [[] for _ in sizes]
     for b in order:
-        best = min(range(len(sizes)), key=lambda r: (team_cost(bins[r] + [b], costs, sizes[r]),
-                                                     team_cost(bins[r], costs, sizes[r]), r))
+        best = min(range(len(sizes)), key=lambda r: (team_cost(bins[r] + [b], costs, sizes[r], tm),
+                                                     team_cost(bins[r], costs, sizes[r], tm), r))
         bins[best].append(b)
     return bins
 
 
-def _span(bins: list[list[int]], costs: Sequence[BlockCost], sizes: Sequence[int]) -> tuple[float, float]:
-    loads = sorted((team_cost(b, costs, m) for b, m in zip(bins, sizes)), reverse=True)
+def _span(bins: list[list[int]], costs: Sequence[BlockCost], sizes: Sequence[int], tm: TeamModel) -> tuple[float, float]:
+    loads = sorted((team_cost(b, costs, m, tm) for b, m in zip(bins, sizes)), reverse=True)
     return loads[0], sum(loads)
 
 
-def _local_search(bins: list[list[int]], costs: Sequence[BlockCost], sizes: Sequence[int],
+def _local_search(bins: list[list[int]], costs: Sequence[BlockCost], sizes: Sequence[int], tm: TeamModel,
                   max_rounds: int = 200) -> list[list[int]]:
     """Move or swap single blocks off the slowest bin while the makespan drops."""
     for _ in range(max_rounds):
-        current = _span(bins, costs, sizes)
-        slow = max(range(len(bins)), key=lambda r: team_cost(bins[r], costs, sizes[r]))
+        current = _span(bins, costs, sizes, tm)
+        slow = max(range(len(bins)), key=lambda r: team_cost(bins[r], costs, sizes[r], tm))
         improved = False
         for b, other in itertools.product(list(bins[slow]), range(len(bins))):
             if other == slow:
@@ -148,7 +172,7 @@ def _local_search(bins: list[list[int]], costs: Sequence[BlockCost], sizes: Sequ
                 if swap is not None:
                     trial[other].remove(swap)
                     trial[slow].append(swap)
-                if _span(trial, costs, sizes) < current:
+                if _span(trial, costs, sizes, tm) < current:
                     bins, improved = trial, True
                     break
             if improved:
@@ -158,14 +182,14 @@ def _local_search(bins: list[list[int]], costs: Sequence[BlockCost], sizes: Sequ
     return bins
 
 
-def _exact(costs: Sequence[BlockCost], sizes: Sequence[int], upper: float,
+def _exact(costs: Sequence[BlockCost], sizes: Sequence[int], tm: TeamModel, upper: float,
            node_limit: int) -> tuple[list[list[int]] | None, bool]:
     """Branch and bound, deepest block first; returns (best assignment or None, search completed)."""
     order = sorted(range(len(costs)), key=lambda b: (-costs[b].teacher, -costs[b].student))
     suffix_student = [0.0] * (len(order) + 1)
     for i in range(len(order) - 1, -1, -1):
         suffix_student[i] = suffix_student[i + 1] + costs[order[i]].student
-    scale = [1.0 if m == 1 else (1 + TEAM_OVERHEAD) / m for m in sizes]
+    scale = [tm.scale(m) for m in sizes]
     capacity = sum(1.0 / s for s in scale)  # bins' total speed, in single-rank units
     best: list[list[int]] | None = None
     best_span = upper
@@ -223,14 +247,14 @@ def team_layouts(ranks: int, blocks: int, hybrid: bool, teams: int | None = None
     return layouts
 
 
-def _assign(costs: list[BlockCost], sizes: list[int], method: str, node_limit: int) -> tuple[list[list[int]], str, bool]:
+def _assign(costs: list[BlockCost], sizes: list[int], tm: TeamModel, method: str, node_limit: int) -> tuple[list[list[int]], str, bool]:
     if len(sizes) == 1:
         return [list(range(len(costs)))], "trivial", True
-    bins = _local_search(_lpt(costs, sizes), costs, sizes)
+    bins = _local_search(_lpt(costs, sizes, tm), costs, sizes, tm)
     used, optimal = "lpt+local", False
     if method in ("auto", "exact"):
         limit = node_limit if method == "auto" else max(node_limit, 5_000_000)
-        exact, completed = _exact(costs, sizes, _span(bins, costs, sizes)[0] + 1e-9, limit)
+        exact, completed = _exact(costs, sizes, tm, _span(bins, costs, sizes, tm)[0] + 1e-9, limit)
         if exact is not None:
             bins = exact
         if completed:
@@ -241,9 +265,9 @@ def _assign(costs: list[BlockCost], sizes: list[int], method: str, node_limit: i
 
 
 def make_plan(costs: Sequence[BlockCost], ranks: int, method: str = "auto", hybrid: bool = False,
-              teams: int | None = None, node_limit: int = 200_000) -> Plan:
+              teams: int | None = None, node_limit: int = 200_000, tm: TeamModel = TeamModel()) -> Plan:
     """Assign blocks to ``ranks`` ranks (or, if ``hybrid``, to teams of ranks) minimising the
-    predicted makespan."""
+    predicted makespan. ``tm`` says what teams cost and how large they may be."""
     if ranks < 1:
         raise ValueError("ranks must be >= 1")
     n = len(costs)
@@ -253,14 +277,19 @@ def make_plan(costs: Sequence[BlockCost], ranks: int, method: str = "auto", hybr
         return Plan(ranks, [[] for _ in range(ranks)], [0.0] * ranks, 0.0, 0.0, 0.0, "trivial", True, costs)
     best = None
     for sizes in team_layouts(ranks, n, hybrid, teams):
-        bins, used, optimal = _assign(costs, sizes, method, node_limit)
-        span = _span(bins, costs, sizes)[0]
+        if not all(tm.allows(m) for m in sizes):
+            continue
+        bins, used, optimal = _assign(costs, sizes, tm, method, node_limit)
+        span = _span(bins, costs, sizes, tm)[0]
         if best is None or span < best[0] - 1e-12:
             best = (span, sizes, bins, used, optimal)
+    if best is None:
+        raise ValueError(f"plan.teams={teams} makes teams larger than distill.bn_groups={tm.bn_groups} "
+                         "(each member must hold whole ghost batches): raise bn_groups or the number of teams")
     _, sizes, bins, used, optimal = best
     # deterministic layout: biggest team first, then busiest bin first, so rank 0 (which also
     # fine-tunes) leads the heaviest work; teams take consecutive ranks (same node when possible)
-    order = sorted(range(len(bins)), key=lambda t: (-sizes[t], -team_cost(bins[t], costs, sizes[t]), sorted(bins[t])))
+    order = sorted(range(len(bins)), key=lambda t: (-sizes[t], -team_cost(bins[t], costs, sizes[t], tm), sorted(bins[t])))
     teams, assignment, predicted, next_rank = [], [], [], 0
     for t in order:
         members = list(range(next_rank, next_rank + sizes[t]))
@@ -268,7 +297,7 @@ def make_plan(costs: Sequence[BlockCost], ranks: int, method: str = "auto", hybr
         teams.append(members)
         for _ in members:
             assignment.append(sorted(bins[t]))
-            predicted.append(team_cost(bins[t], costs, sizes[t]))
+            predicted.append(team_cost(bins[t], costs, sizes[t], tm))
     makespan = max(predicted)
     bound = lower_bound(costs, ranks)
     if hybrid and ranks > 1:
@@ -314,13 +343,16 @@ def mac_costs(blocks: Sequence[BlockSpec], students: Sequence[nn.Module], gmacs_
 
 
 def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Sequence[nn.Module],
-                  batches: Sequence[torch.Tensor], device: torch.device) -> list[BlockCost]:
+                  batches: Sequence[torch.Tensor], device: torch.device, bn_groups: int = 1) -> list[BlockCost]:
     """Time, on this device, the teacher forward up to each block and each student's train step.
 
     The first batch warms up; the median of the rest is kept. Students are trained on copies so
-    measuring never changes the blocks that are then distilled.
+    measuring never changes the blocks that are then distilled, with the BatchNorm they train with
+    (ghost batches when ``bn_groups`` > 1).
     """
     import copy
+
+    from .teams import GhostLayout, ghost_batchnorms, prepare_student
 
     teacher = teacher.to(device).eval()
     stamps: dict[int, float] = {}
@@ -329,7 +361,8 @@ def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Seq
     teacher_times: dict[int, list[float]] = {b.index: [] for b in blocks}
     student_times: dict[int, list[float]] = {b.index: [] for b in blocks}
     tap = BlockTap(teacher, blocks)
-    students = [copy.deepcopy(s).to(device).train() for s in students]
+    layout = GhostLayout(bn_groups) if bn_groups > 1 else None
+    students = [prepare_student(copy.deepcopy(s).to(device).train(), None, layout) for s in students]
     optims = [torch.optim.RMSprop(s.parameters(), lr=1e-6) for s in students]
     try:
         for k, x in enumerate(batches):
@@ -345,12 +378,16 @@ def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Seq
             pairs = tap(x)
             handles = [teacher.get_submodule(b.members[-1]).register_forward_hook(
                 lambda m, a, o, i=b.index: stamps.__setitem__(i, _now(device))) for b in blocks]
+            if layout is not None:
+                layout.set(len(x), range(bn_groups))
             for b, student, opt in zip(blocks, students, optims):
                 inp, target = pairs[b.index]
                 t0 = _now(device)
                 loss = F.mse_loss(student(inp), target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                for bn in ghost_batchnorms(student):
+                    bn.apply_pending(bn.pending)
                 opt.step()
                 if k:
                     student_times[b.index].append(_now(device) - t0)

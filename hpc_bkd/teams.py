@@ -7,31 +7,65 @@ same optimizer step, and BatchNorm statistics are computed over the whole team b
 blocks therefore equal a single rank's blocks for the same total batch (within float tolerance),
 which is what keeps results independent of the plan.
 
+Two ways to keep BatchNorm statistics placement-independent:
+
+* ghost batches (``distill.bn_groups`` = G > 1, the default job's choice): every batch is cut into G
+  fixed slices and each student BatchNorm normalises each slice on its own, on one rank or many. A
+  team of up to G members gives each member whole slices, so members never talk about BatchNorm:
+  one allreduce per step carries every student's gradients and BN running-statistic updates (like
+  DDP without SyncBN, but with the same result as one rank).
+* whole-batch statistics (G = 1): members exchange per-channel sums at every BatchNorm, forward and
+  backward (``TeamBatchNorm2d``). Exact, but a round trip per layer; the planner charges for it.
+
 All collectives here go through the team's MPI communicator; GPU tensors are staged through host
 memory, which costs little because student gradients are small.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 
+def group_bounds(n: int, groups: int) -> list[int]:
+    """Row boundaries of the ``groups`` ghost-batch slices of a batch of ``n`` rows."""
+    return [j * n // groups for j in range(groups + 1)]
+
+
 class Team:
     """The MPI communicator of one team, and this rank's place in it."""
 
-    def __init__(self, comm: Any) -> None:
+    def __init__(self, comm: Any, bn_groups: int = 1) -> None:
         self.comm = comm
         self.rank = comm.rank
         self.size = comm.size
+        self.bn_groups = bn_groups
+        if 1 < bn_groups < self.size:
+            raise ValueError(f"a team of {self.size} ranks cannot split {bn_groups} BatchNorm groups "
+                             "(distill.bn_groups must be 1 or at least the team size)")
 
     @property
     def is_leader(self) -> bool:
         return self.rank == 0
 
+    @property
+    def local_bn(self) -> bool:
+        """Members hold whole ghost batches: no BatchNorm communication."""
+        return self.bn_groups >= self.size > 1
+
+    def groups(self) -> range:
+        """The ghost-batch slices this member holds (all of them when BN statistics are synced)."""
+        if not self.local_bn:
+            return range(self.bn_groups)
+        g = self.bn_groups
+        return range(self.rank * g // self.size, (self.rank + 1) * g // self.size)
+
     def slice(self, n: int) -> slice:
-        """This member's rows of a batch of ``n`` (balanced; members differ by at most one row)."""
+        """This member's rows of a batch of ``n``: whole ghost batches, else balanced rows."""
+        if self.local_bn:
+            bounds, held = group_bounds(n, self.bn_groups), self.groups()
+            return slice(bounds[held.start], bounds[held.stop])
         return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
 
     def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -49,20 +83,15 @@ class Team:
 
         return bool(self.comm.allreduce(int(flag), op=MPI.MAX))
 
-    def sum_grads(self, params: Iterable[nn.Parameter], extra: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Sum the gradients of ``params`` (and an optional small tensor) over the team, in one call."""
-        params = [p for p in params if p.grad is not None]
-        parts = [p.grad.reshape(-1) for p in params] + ([extra.reshape(-1)] if extra is not None else [])
-        if not parts:
-            return extra
-        flat = torch.cat([t.to(torch.float64) for t in parts])
+    def sum_tensors(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Sum several tensors over the team in a single allreduce; returns float64 sums, same shapes."""
+        flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors])
         self.allreduce_(flat)
-        offset = 0
-        for p in params:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
-            offset += n
-        return flat[offset:].to(extra.dtype) if extra is not None else None
+        out, offset = [], 0
+        for t in tensors:
+            out.append(flat[offset: offset + t.numel()].view(t.shape))
+            offset += t.numel()
+        return out
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
@@ -119,16 +148,87 @@ class TeamBatchNorm2d(nn.BatchNorm2d):
         return y
 
 
-def to_team(module: nn.Module, team: Team) -> nn.Module:
-    """Swap every BatchNorm2d of ``module`` for a TeamBatchNorm2d sharing its weights (in place)."""
+class GhostLayout:
+    """Row counts of the ghost-batch slices in this rank's part of the current batch; shared by
+    every GroupBatchNorm2d of a rank and set once per step by the distiller."""
+
+    def __init__(self, groups: int) -> None:
+        self.groups = groups      # slices in the whole (team) batch
+        self.sizes: list[int] = []
+
+    def set(self, n: int, held: range) -> None:
+        bounds = group_bounds(n, self.groups)
+        self.sizes = [bounds[j + 1] - bounds[j] for j in held]
+
+
+class GroupBatchNorm2d(nn.BatchNorm2d):
+    """Ghost batch normalisation: each slice of the batch is normalised with its own statistics.
+
+    The running statistics move once per step by the mean of all slices' statistics. Slices can
+    live on different team members, so the update is left in ``pending`` (per-channel sums of the
+    slices' means and unbiased variances) and applied by ``apply_pending`` once the team has summed
+    it (with the gradients, in the step's single allreduce). Same parameters and buffers as
+    ``nn.BatchNorm2d``.
+    """
+
+    layout: GhostLayout
+    pending: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        sizes = self.layout.sizes
+        if sum(sizes) != x.shape[0]:
+            raise RuntimeError(f"ghost layout {sizes} does not match a batch of {x.shape[0]}")
+        outs, means, variances = [], [], []
+        for chunk in x.split(sizes):
+            y, mean, invstd = torch.native_batch_norm(chunk, self.weight, self.bias, None, None, True, 0.0, self.eps)
+            n = chunk.numel() // chunk.shape[1]
+            outs.append(y)
+            means.append(mean.detach())
+            variances.append((invstd.detach().double().pow(-2) - self.eps) * n / max(n - 1, 1))
+        self.pending = torch.cat([torch.stack(means).double().sum(0), torch.stack(variances).sum(0)])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    @torch.no_grad()
+    def apply_pending(self, summed: torch.Tensor) -> None:
+        """Move the running statistics by the mean over all ghost batches of the team batch."""
+        c, g = self.num_features, self.layout.groups
+        self.num_batches_tracked += 1
+        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.mul_(1 - m).add_((summed[:c] / g).to(self.running_mean.dtype), alpha=m)
+        self.running_var.mul_(1 - m).add_((summed[c:] / g).to(self.running_var.dtype), alpha=m)
+        self.pending = None
+
+
+def _swap_batchnorms(module: nn.Module, make) -> None:
     for name, child in list(module.named_children()):
         if type(child) is nn.BatchNorm2d:
-            bn = TeamBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                 child.track_running_stats)
+            bn = make(child)
             bn.load_state_dict(child.state_dict())
-            bn.team = team
             setattr(module, name, bn.to(child.weight.device))
         else:
-            to_team(child, team)
+            _swap_batchnorms(child, make)
+
+
+def prepare_student(module: nn.Module, team: Team | None, layout: GhostLayout | None) -> nn.Module:
+    """Give a student the BatchNorm its training needs (in place; state_dicts stay plain):
+    ghost batches when ``layout`` is given, else team-synced statistics in a team, else unchanged."""
+    def make(child: nn.BatchNorm2d) -> nn.BatchNorm2d:
+        args = (child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+        if layout is not None:
+            bn = GroupBatchNorm2d(*args)
+            bn.layout = layout
+        else:
+            bn = TeamBatchNorm2d(*args)
+            bn.team = team
+        return bn
+
+    if layout is not None or team is not None:
+        _swap_batchnorms(module, make)
     return module
+
+
+def ghost_batchnorms(module: nn.Module) -> list[GroupBatchNorm2d]:
+    return [m for m in module.modules() if isinstance(m, GroupBatchNorm2d)]
 

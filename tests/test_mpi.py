@@ -36,10 +36,13 @@ def test_one_rank_and_two_ranks_train_the_same_blocks(tmp_path: Path, tiny_teach
     _assert_same_blocks(one, two)
 
 
-def test_a_team_trains_the_same_blocks_as_one_rank(tmp_path: Path, tiny_teacher: Path):
-    """Hybrid: two ranks split every batch (team BatchNorm, summed gradients) = one rank, full batch."""
+@pytest.mark.parametrize("bn_groups", [1, 2])
+def test_a_team_trains_the_same_blocks_as_one_rank(tmp_path: Path, tiny_teacher: Path, bn_groups: int):
+    """Hybrid: two ranks split every batch and sum gradients = one rank, full batch. With bn_groups 1
+    members sync BatchNorm statistics; with 2 each holds one ghost batch and only the step's single
+    allreduce (gradients + running statistics) is shared."""
     common = ["-c", "tiny", "--set", f"teacher.checkpoint={tiny_teacher}", "--set", "run.threads=1",
-              "--set", "distill.epochs=2", "--set", "finetune.epochs=0"]
+              "--set", "distill.epochs=2", "--set", "finetune.epochs=0", "--set", f"distill.bn_groups={bn_groups}"]
     hpc("distill", *common, "--run-dir", str(tmp_path / "np1"))
     proc = hpc("distill", *common, "--run-dir", str(tmp_path / "team"), "--set", "plan.teams=1", np=2)
     assert "ranks 0-1 (team)" in proc.stderr
