@@ -95,21 +95,26 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_train_teacher(args: argparse.Namespace) -> int:
     from .data import load_data
-    from .runtime import init_runtime, setup_logging
+    from .pipeline import EXIT_INTERRUPTED
+    from .runtime import Interrupted, init_runtime, install_stop_handlers, setup_logging
     from .teacher import accuracy, get_teacher
 
     cfg = _load(args)
     rt = init_runtime(cfg.run.device, cfg.run.threads)
     setup_logging(rt.rank, rt.size)
+    install_stop_handlers()
+    status = 0
     if rt.is_root:
         data = load_data(cfg.data, cfg.run.seed)
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        teacher, info = get_teacher(cfg, data, run_dir, rt.device)
-        print(f"teacher {cfg.model.arch} ({info['source']}): test acc "
-              f"{accuracy(teacher, data, 'test', cfg.data.eval_batch_size):.2f}%, cached at {run_dir / 'teacher.pt'}")
-    rt.idle_wait()
-    return 0
+        try:
+            teacher, info = get_teacher(cfg, data, run_dir, rt.device)
+            print(f"teacher {cfg.model.arch} ({info['source']}): test acc "
+                  f"{accuracy(teacher, data, 'test', cfg.data.eval_batch_size):.2f}%, cached at {run_dir / 'teacher.pt'}")
+        except Interrupted:
+            status = EXIT_INTERRUPTED
+    return rt.bcast(status)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

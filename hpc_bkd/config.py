@@ -88,6 +88,10 @@ class DistillConfig:
     lr_decay: float = 0.8
     # L2 weight decay of the student blocks.
     weight_decay: float = 0.0
+    # output: MSE to the teacher block's output (the paper). activation: where the teacher applies
+    # a ReLU right after the block, MSE between ReLU(student) and ReLU(target), i.e. only what the
+    # rest of the network sees (blocks without a ReLU after them always use output).
+    match: Literal["output", "activation"] = "output"
     # Ghost batch normalisation: student BatchNorms normalise each of this many equal slices of a
     # batch on its own (1 = the whole batch). A data-parallel team of up to this many ranks then
     # needs no BatchNorm communication (each member holds whole slices) and results stay the same
@@ -139,6 +143,9 @@ class FinetuneConfig:
     alpha: float = 0.7
     # Softmax temperature T of the distillation term.
     temperature: float = 4.0
+    # Which epoch's weights to keep: last (the cosine schedule's end; robust when the validation
+    # split is small) or best-val (highest validation accuracy; guards against a late collapse).
+    keep: Literal["last", "best-val"] = "last"
 
 
 @dataclass

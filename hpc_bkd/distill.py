@@ -93,6 +93,7 @@ class BlockTrainer:
     spans: list[tuple[float, float]] = field(default_factory=list)  # wall-clock (start, end) per session
     resumed: bool = False
     early_stopped: bool = False
+    match_activation: bool = False  # compare ReLU(student) with ReLU(target), see distill.match
 
     @property
     def cursor(self) -> tuple[int, int]:
@@ -123,7 +124,10 @@ class BlockTrainer:
         is this member's share of the batch: the weighted losses sum to the full-batch mean, and
         the summed gradients equal the full-batch gradient."""
         self.student.train()
-        loss = F.mse_loss(self.student(inp), target) * weight
+        out = self.student(inp)
+        if self.match_activation:
+            out, target = F.relu(out), F.relu(target)
+        loss = F.mse_loss(out, target) * weight
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss.detach()
@@ -169,7 +173,8 @@ class LocalDistiller:
         prepare_student(student, self.team, self.layout)
         opt = _make_optimizer(student.parameters(), self.cfg)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=d.lr_decay)
-        trainer = BlockTrainer(spec, student, opt, sched, d.epochs, self.steps)
+        trainer = BlockTrainer(spec, student, opt, sched, d.epochs, self.steps,
+                               match_activation=d.match == "activation" and spec.relu_after)
         partial = block_path(self.run_dir, spec.index, partial=True)
         if partial.is_file():
             saved = checkpoint.load(partial)

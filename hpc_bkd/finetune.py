@@ -5,14 +5,17 @@ import copy
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checkpoint
 from .config import Config, FinetuneConfig
 from .data import Data, steps_per_epoch, train_batch
+from .runtime import Interrupted, stop_requested
 from .teacher import accuracy
 
 log = logging.getLogger("hpc_bkd")
@@ -35,8 +38,14 @@ def accept_blocks(block_accs: dict[int, float | None], teacher_val_acc: float, t
 def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, epochs: int, lr: float,
              device: torch.device, label: str = "fine-tune", seed_offset: int = 2,
              on_epoch: Callable[[nn.Module, dict[str, float]], None] | None = None,
-             recalibrate_batches: int = 0) -> list[dict[str, float]]:
-    """Train ``student`` end to end against ``teacher`` logits (SGD, cosine schedule)."""
+             recalibrate_batches: int = 0, partial: Path | None = None, identity: str = "",
+             extra: dict[str, Any] | None = None) -> list[dict[str, float]]:
+    """Train ``student`` end to end against ``teacher`` logits (SGD, cosine schedule).
+
+    With ``partial``, progress (and the caller's ``extra`` dict, updated in place) is saved there
+    after every epoch and when a stop is requested (then ``Interrupted`` is raised); a later call
+    with the same ``identity`` resumes at the same step.
+    """
     student.to(device).train()
     teacher = teacher.to(device).eval()
     bs = cfg.data.batch_size
@@ -46,11 +55,37 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (
         1 + math.cos(math.pi * min(s, total) / total)))
-    history = []
-    for epoch in range(epochs):
-        t0, loss_sum = time.time(), 0.0
+    history: list[dict[str, float]] = []
+    start_epoch = start_step = 0
+    loss_sum = 0.0
+    if partial is not None and partial.is_file():
+        saved = checkpoint.load(partial)
+        if saved.get("identity") == identity:
+            student.load_state_dict(saved["student"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            start_epoch, start_step, loss_sum = saved["epoch"], saved["step"], saved["loss_sum"]
+            history = saved["history"]
+            if extra is not None:
+                extra.update(saved["extra"])
+            log.info("%s: resuming at epoch %d step %d from %s", label, start_epoch + 1, start_step, partial)
+
+    def save(epoch: int, step: int, loss_sum: float) -> None:
+        if partial is not None:
+            checkpoint.save({"identity": identity, "student": student.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "epoch": epoch, "step": step, "loss_sum": loss_sum,
+                             "history": history, "extra": extra or {}}, partial)
+
+    for epoch in range(start_epoch, epochs):
+        t0 = time.time()
+        if epoch != start_epoch:
+            loss_sum = 0.0
         student.train()
-        for step in range(steps):
+        for step in range(start_step if epoch == start_epoch else 0, steps):
+            if stop_requested():
+                save(epoch, step, loss_sum)
+                log.warning("stop requested: %s saved at epoch %d step %d", label, epoch + 1, step)
+                raise Interrupted(str(partial))
             x, y = train_batch(data, bs, cfg.run.seed + seed_offset, epoch, step, cfg.data.augment)
             x, y = x.to(device), y.to(device)
             with torch.no_grad():
@@ -69,6 +104,7 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
                  loss_sum / steps, val, time.time() - t0)
         if on_epoch is not None:
             on_epoch(student, history[-1])  # outside the epoch's clock
+        save(epoch + 1, 0, 0.0)
     return history
 
 
@@ -97,8 +133,9 @@ def recalibrate_bn(model: nn.Module, data: Data, cfg: Config, batches: int, devi
     model.train(was_training)
 
 
-def finetune(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, device: torch.device) -> list[dict[str, float]]:
-    """Fine-tune the assembled student; keeps the teacher untouched."""
+def finetune(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, device: torch.device,
+             partial: Path | None = None, identity: str = "") -> list[dict[str, float]]:
+    """Fine-tune the assembled student; keeps the teacher untouched. ``partial``: see ``kd_train``."""
     if cfg.finetune.epochs <= 0:
         return []
     best: dict[str, Any] = {"acc": -1.0, "state": None, "epoch": 0}
@@ -108,7 +145,16 @@ def finetune(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, de
             best.update(acc=entry["val_acc"], epoch=entry["epoch"], state=copy.deepcopy(model.state_dict()))
 
     history = kd_train(student, copy.deepcopy(teacher), data, cfg, cfg.finetune.epochs, cfg.finetune.lr, device,
-                       on_epoch=keep_best, recalibrate_batches=cfg.finetune.recalibrate_bn_batches)
-    student.load_state_dict(best["state"])
+                       on_epoch=keep_best if cfg.finetune.keep == "best-val" else None,
+                       recalibrate_batches=cfg.finetune.recalibrate_bn_batches, partial=partial,
+                       identity=identity, extra=best)
+    if partial is not None:
+        partial.unlink(missing_ok=True)
+    if cfg.finetune.keep == "best-val":
+        student.load_state_dict(best["state"])
+    else:
+        best.update(epoch=history[-1]["epoch"], acc=history[-1]["val_acc"])
     log.info("fine-tune: keeping epoch %d (val acc %.2f%%)", best["epoch"], best["acc"])
+    for entry in history:
+        entry["kept"] = entry["epoch"] == best["epoch"]
     return history

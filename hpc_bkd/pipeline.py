@@ -30,7 +30,7 @@ from .energy import EnergyMeter
 from .finetune import accept_blocks, finetune, recalibrate_bn
 from .models import build_model
 from .plan import BlockCost, Plan, TeamModel, make_plan, mac_costs, measure_costs
-from .runtime import Runtime, init_runtime, setup_logging
+from .runtime import Interrupted, Runtime, init_runtime, setup_logging
 from .students import build_student
 from .surgery import BlockSpec, assemble, conv_params, find_blocks, total_macs
 from .teacher import accuracy, get_teacher, state_fingerprint
@@ -39,10 +39,6 @@ from .teams import Team
 log = logging.getLogger("hpc_bkd")
 
 EXIT_INTERRUPTED = 3  # the job was stopped (preemption, time limit) after saving; re-run to resume
-
-
-class Interrupted(Exception):
-    """Raised on every rank when a stop was requested; all progress has been saved."""
 
 
 @dataclass
@@ -128,9 +124,16 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
         log.info("data: %s: %s", cfg.data.dataset, describe(data))
     phases.mark("data")
 
-    shared = coordinate(cfg, rt, data, run_dir, phases) if rt.is_root else None
+    shared = None
+    if rt.is_root:
+        try:
+            shared = coordinate(cfg, rt, data, run_dir, phases)
+        except Interrupted:  # stopped while training the teacher: its progress is saved
+            shared = {"interrupted": True}
     t_bcast = time.perf_counter()
     shared = rt.bcast(shared)
+    if shared.get("interrupted"):
+        raise Interrupted(str(run_dir))
     blocks: list[BlockSpec] = shared["blocks"]
     teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width)
     teacher.load_state_dict(shared["teacher_state"])
@@ -189,14 +192,17 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
                         "re-run the same command to resume", run_dir)
         raise Interrupted(str(run_dir))
     if not rt.is_root:
-        rt.idle_wait()  # sleep while rank 0 fine-tunes, then leave together
+        if rt.bcast(None) == "interrupted":  # sleep while rank 0 fine-tunes, then leave together
+            raise Interrupted(str(run_dir))
         return None
     phases.mark("distill+gather")
     try:
         report = _finish(cfg, rt, data, run_dir, teacher, blocks, shared, plan, gathered, finished, phases,
                          {"broadcast_s": bcast_s, "gather_s": gather_s}, wall0)
-    finally:
-        rt.idle_wait()
+    except Interrupted:
+        rt.bcast("interrupted")
+        raise
+    rt.bcast("done")
     return report
 
 
@@ -230,7 +236,8 @@ def _finish(cfg, rt, data, run_dir, teacher, blocks, shared, plan, gathered, fin
     log.info("assembled student: %d/%d blocks accepted, test acc %.2f%% (%.2f%% after BN recalibration)",
              len(accepted), len(blocks), before, recalibrated)
     phases.mark("assemble")
-    history = finetune(student, teacher, data, cfg, rt.device)
+    history = finetune(student, teacher, data, cfg, rt.device, run_dir / "finetune.partial.pt",
+                       f"{shared['fingerprint']}:{accepted}:{sorted(vars(cfg.finetune).items())}")
     student.cpu()
     phases.mark("finetune")
     after = accuracy(student, data, "test", cfg.data.eval_batch_size, rt.device)

@@ -121,6 +121,10 @@ _stop = threading.Event()
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
 
+class Interrupted(Exception):
+    """A stop was requested (preemption, time limit, scancel); everything finished was saved."""
+
+
 def request_stop(*_: Any) -> None:
     """Ask the training loop to checkpoint and return at its next step (signal-safe: sets a flag)."""
     _stop.set()

@@ -35,6 +35,7 @@ class BlockSpec:
     macs: int                      # teacher multiply-accumulates per image in the block
     prefix_macs: int               # teacher MACs per image up to and including this block
     nonnegative_output: bool       # target is post-ReLU (students may end in a ReLU)
+    relu_after: bool = False       # the teacher's next op is a ReLU on this output and nothing else
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +49,8 @@ class _Call:
     out: torch.Tensor | None
     macs: int
     nonnegative: bool  # taken when produced: later in-place ops (ReLU(inplace)) change the values
+    out_value: torch.Tensor | None = None  # copies at call time (in-place ops change the originals)
+    inp_value: torch.Tensor | None = None
 
 
 def _is_leaf(module: nn.Module) -> bool:
@@ -67,14 +70,21 @@ def _trace(model: nn.Module, input_shape: Sequence[int]) -> list[_Call]:
     """Leaf modules in execution order with the tensors they consumed and produced (batch of 2)."""
     calls: list[_Call] = []
     handles = []
+    inputs: list[torch.Tensor | None] = []  # the input's values before the call (pre-hook)
     for name, module in model.named_modules():
         if name and _is_leaf(module):
+            def pre_hook(mod, args):
+                first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                inputs.append(first.clone() if first is not None else None)
+
             def hook(mod, args, out, name=name):
                 inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
                 tensor_out = out if isinstance(out, torch.Tensor) else None
                 calls.append(_Call(name, mod, inp, tensor_out,
                                    _module_macs(mod, tensor_out) if tensor_out is not None else 0,
-                                   tensor_out is not None and bool((tensor_out >= 0).all())))
+                                   tensor_out is not None and bool((tensor_out >= 0).all()),
+                                   tensor_out.clone() if tensor_out is not None else None, inputs.pop()))
+            handles.append(module.register_forward_pre_hook(pre_hook))
             handles.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -179,11 +189,14 @@ def find_blocks(model: nn.Module, input_shape: Sequence[int], granularity: str =
             nonnegative = bool((out >= 0).all())
         params = sum(p.numel() for m in members for p in model.get_submodule(m).parameters())
         stride = max(1, inp.shape[-1] // out.shape[-1])
+        nxt = calls[last + 1] if last + 1 < len(calls) and out is calls[last].out else None
+        relu_after = (nxt is not None and isinstance(nxt.module, nn.ReLU) and nxt.inp is out
+                      and nxt.inp_value is not None and torch.equal(nxt.inp_value, calls[last].out_value))
         blocks.append(BlockSpec(
             index=len(blocks), name=members[0], members=members,
             in_shape=tuple(inp.shape[1:]), out_shape=tuple(out.shape[1:]), stride=stride,
             params=params, macs=(cumulative[last + 1] - cumulative[first]) // 2,
-            prefix_macs=cumulative[last + 1] // 2, nonnegative_output=nonnegative,
+            prefix_macs=cumulative[last + 1] // 2, nonnegative_output=nonnegative, relu_after=relu_after,
         ))
     if not blocks:
         raise ValueError(f"found no replaceable blocks (granularity {granularity!r}) in {type(model).__name__}")

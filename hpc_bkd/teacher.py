@@ -16,6 +16,7 @@ from . import checkpoint
 from .config import Config
 from .data import Data, eval_batches, steps_per_epoch, train_batch
 from .models import build_model
+from .runtime import Interrupted, stop_requested
 
 log = logging.getLogger("hpc_bkd")
 
@@ -91,8 +92,12 @@ def load_teacher_checkpoint(path: str | Path, model: nn.Module) -> nn.Module:
     return model
 
 
-def train_teacher(cfg: Config, data: Data, device: torch.device) -> nn.Module:
-    """Train a teacher from scratch: SGD + Nesterov momentum, cosine learning rate, cross-entropy."""
+def train_teacher(cfg: Config, data: Data, device: torch.device, partial: Path | None = None) -> nn.Module:
+    """Train a teacher from scratch: SGD + Nesterov momentum, cosine learning rate, cross-entropy.
+
+    With ``partial``, progress is saved there after every epoch and when a stop is requested
+    (then ``Interrupted`` is raised), and a later call resumes from it at the same step.
+    """
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model.arch, data.num_classes, cfg.model.width).to(device)
     bs = cfg.data.batch_size
@@ -101,10 +106,31 @@ def train_teacher(cfg: Config, data: Data, device: torch.device) -> nn.Module:
                           weight_decay=cfg.teacher.weight_decay)
     total = max(1, cfg.teacher.epochs * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    for epoch in range(cfg.teacher.epochs):
+    identity = _teacher_identity(cfg, data.num_classes)
+    start_epoch = start_step = 0
+    if partial is not None and partial.is_file():
+        saved = checkpoint.load(partial)
+        if saved.get("identity") == identity:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            start_epoch, start_step = saved["epoch"], saved["step"]
+            log.info("teacher: resuming at epoch %d step %d from %s", start_epoch + 1, start_step, partial)
+
+    def save(epoch: int, step: int) -> None:
+        if partial is not None:
+            checkpoint.save({"identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "epoch": epoch, "step": step}, partial)
+
+    for epoch in range(start_epoch, cfg.teacher.epochs):
         t0, loss_sum = time.time(), 0.0
         model.train()
-        for step in range(steps):
+        first = start_step if epoch == start_epoch else 0
+        for step in range(first, steps):
+            if stop_requested():
+                save(epoch, step)
+                log.warning("stop requested: teacher training saved at epoch %d step %d", epoch + 1, step)
+                raise Interrupted(str(partial))
             x, y = train_batch(data, bs, cfg.run.seed + 1, epoch, step, cfg.data.augment)
             loss = F.cross_entropy(model(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
@@ -114,7 +140,8 @@ def train_teacher(cfg: Config, data: Data, device: torch.device) -> nn.Module:
             loss_sum += loss.item()
         val = accuracy(model, data, "val", cfg.data.eval_batch_size, device)
         log.info("teacher epoch %d/%d: loss %.4f, val acc %.2f%% (%.1fs)", epoch + 1, cfg.teacher.epochs,
-                 loss_sum / steps, val, time.time() - t0)
+                 loss_sum / max(steps - first, 1), val, time.time() - t0)
+        save(epoch + 1, 0)
     return model.eval()
 
 
@@ -136,8 +163,10 @@ def get_teacher(cfg: Config, data: Data, run_dir: Path, device: torch.device) ->
                 log.warning("cached teacher %s was trained with other settings: training a new one", cache)
             t0 = time.time()
             log.info("training the teacher (%s, %d epochs) ...", cfg.model.arch, cfg.teacher.epochs)
-            model = train_teacher(cfg, data, device).cpu()
+            partial = run_dir / "teacher.partial.pt"
+            model = train_teacher(cfg, data, device, partial).cpu()
             if cfg.teacher.cache:
                 checkpoint.save({"state_dict": model.state_dict(), "identity": identity}, cache)
+            partial.unlink(missing_ok=True)
             source = f"trained in {time.time() - t0:.1f}s"
     return model.eval(), {"source": source}

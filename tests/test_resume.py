@@ -49,3 +49,48 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path: Path, tiny_teacher: 
         a = checkpoint.load(tmp_path / "straight" / "blocks" / f"block-{i:03d}.pt")["state_dict"]
         b = checkpoint.load(run / "blocks" / f"block-{i:03d}.pt")["state_dict"]
         assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5) for k in a), f"block {i}"
+
+
+def _stop_when(run: Path, marker: str, args: list[str]) -> subprocess.CompletedProcess:
+    """Start ``python -m hpc_bkd ARGS``, SIGTERM it as soon as ``run/marker`` exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "hpc_bkd", *args], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not (run / marker).exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_stop_while_training_the_teacher_resumes_it(tmp_path: Path, tiny_teacher: Path):
+    """A stop during teacher training keeps its progress; the re-run continues it and trains the
+    same teacher as an uninterrupted run."""
+    run = tmp_path / "run"
+    args = ["train-teacher", "-c", "tiny", "--run-dir", str(run), "--set", "run.threads=1", "--set", "teacher.epochs=3"]
+    stopped = _stop_when(run, "teacher.partial.pt", args)
+    assert stopped.returncode == 3, stopped.stderr
+    assert "stop requested: teacher training saved" in stopped.stderr and not (run / "teacher.pt").exists()
+    resumed = hpc(*args)
+    assert "teacher: resuming at epoch" in resumed.stderr
+    assert not (run / "teacher.partial.pt").exists()
+    a, b = checkpoint.load(tiny_teacher)["state_dict"], checkpoint.load(run / "teacher.pt")["state_dict"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5) for k in a)
+
+
+def test_stop_while_fine_tuning_keeps_blocks_and_resumes(tmp_path: Path, tiny_teacher: Path):
+    run = tmp_path / "run"
+    args = ["run", "-c", "tiny", "--run-dir", str(run), "--set", f"teacher.checkpoint={tiny_teacher}",
+            "--set", "run.threads=1", "--set", "finetune.epochs=4"]
+    stopped = _stop_when(run, "finetune.partial.pt", args)
+    assert stopped.returncode == 3, stopped.stderr
+    assert "stop requested: fine-tune saved" in stopped.stderr and not (run / "report.json").exists()
+    blocks = {p.name: p.read_bytes() for p in (run / "blocks").glob("block-???.pt")}
+    assert len(blocks) == 8
+    resumed = hpc(*args)
+    assert "fine-tune: resuming at epoch" in resumed.stderr and "resuming: 8 block(s) already finished" in resumed.stderr
+    assert {p.name: p.read_bytes() for p in (run / "blocks").glob("block-???.pt")} == blocks
+    report = json.loads((run / "report.json").read_text())
+    assert [e["epoch"] for e in report["finetune"]] == [1, 2, 3, 4]
+    assert not (run / "finetune.partial.pt").exists()
