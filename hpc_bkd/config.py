@@ -118,7 +118,7 @@ class PlanConfig:
     # macs: estimate from multiply-accumulate counts (no measurement).
     cost_model: Literal["measured", "macs"] = "measured"
     # Batches timed per block when cost_model is measured (after one warm-up batch).
-    measure_batches: int = 3
+    measure_batches: int = 5
     # exact: branch-and-bound optimum; lpt: longest-processing-time + local search; auto: exact for
     # small problems, else lpt.
     method: Literal["auto", "exact", "lpt"] = "auto"
