@@ -155,6 +155,45 @@ def _mpirun(explicit: str | None) -> str:
 # ------------------------------------------------------------------------------------------ runs
 
 
+def calibration_work(iterations: int = 40) -> float:
+    """A fixed slice of the default job's work (depthwise-separable student steps at two sizes,
+    one thread); returns its seconds. Used to measure how far this machine itself scales."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+    def student(c: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                             nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    work = [(student(c), torch.randn(64, c, hw, hw)) for c, hw in ((16, 32), (64, 8))]
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        for model, x in work:
+            F.mse_loss(model(x), x).backward()
+    return time.perf_counter() - t0
+
+
+def machine_ceiling(procs: int, env: dict[str, str]) -> dict[str, Any]:
+    """Run the same fixed work in 1 process, then in ``procs`` at once: the parallel efficiency
+    this machine allows independent single-thread processes (shared memory bandwidth, caches,
+    vCPUs that are really hyperthreads), an upper bound for any method's efficiency here."""
+    code = "from hpc_bkd.bench import calibration_work; print(calibration_work())"
+
+    def run(n: int) -> list[float]:
+        ps = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+              for _ in range(n)]
+        return [float(p.communicate()[0].strip().splitlines()[-1]) for p in ps]
+
+    alone = min(run(1) for _ in range(2))[0]
+    together = run(procs)
+    return {"procs": procs, "alone_s": alone, "together_s": together,
+            "efficiency_ceiling": alone / max(together)}
+
+
 def plan_runs(ranks: list[int]) -> list[dict[str, Any]]:
     """The runs, in order: name, ranks, kind (pbkd | kd) and the overrides that make them differ."""
     runs = [{"name": "pbkd-1", "ranks": 1, "kind": "pbkd", "sets": [], "what": "PBKD, 1 rank"}]
@@ -696,6 +735,11 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = entry
 
     # 3. derive, print, write
+    ceiling = machine_ceiling(max(ranks), env) if max(ranks) > 1 else None
+    if ceiling:
+        print(f"[bench] machine ceiling: {ceiling['procs']} independent 1-thread processes ran at "
+              f"{ceiling['efficiency_ceiling']:.2f} efficiency ({ceiling['alone_s']:.2f}s alone, "
+              f"{max(ceiling['together_s']):.2f}s together)", flush=True)
     derived = derive(runs, ranks)
     settings = {"config": config, "ranks": ranks, "threads": threads, "cores": cores, "quick": args.quick,
                 "kd_epochs": kd_epochs, "kd_lr": args.kd_lr, "overrides": sets, "n_train": n_train, "mpirun": mpirun,
@@ -704,6 +748,11 @@ def main(argv: list[str] | None = None) -> int:
     ttext = targets_text(derived["targets"])
     hw["loadavg_start"], hw["loadavg_end"] = load_start, _loadavg()
     notes = cost_model_notes(runs, hw) + ([gpu_note] if gpu_note else [])
+    if ceiling:
+        notes.append(f"Machine ceiling: the same fixed student-training work took {ceiling['alone_s']:.2f}s in one "
+                     f"process and {max(ceiling['together_s']):.2f}s in each of {ceiling['procs']} concurrent ones: "
+                     f"independent single-thread processes scale at {ceiling['efficiency_ceiling']:.2f} efficiency "
+                     "on this machine, a bound for any parallel method here.")
     try:
         pngs = plots(out, derived, runs)
     except Exception as exc:  # plots must not cost the numbers
@@ -715,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "bench_wall_s": time.time() - started,
         "hardware": hw, "settings": settings, "definitions": __doc__.split("Definitions", 1)[-1].strip(),
         "runs": runs, "scaling": derived["scaling"], "targets": derived["targets"], "notes": notes,
+        "machine_ceiling": ceiling,
         "plots": pngs + [r["gantt"] for r in runs.values() if r.get("gantt")], "table": text,
     }
     checkpoint.write_json(out / "bench.json", report)

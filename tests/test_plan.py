@@ -94,3 +94,18 @@ def test_hybrid_takes_a_team_only_when_it_pays():
     assert (hybrid.teams == [[0, 1]]) == (team.makespan < pure.makespan)
     one_block = [BlockCost(0.3, 0.5)]  # one dominant block, four ranks: only a team can help
     assert make_plan(one_block, 4, hybrid=True).makespan < make_plan(one_block, 4).makespan
+
+
+def test_ghost_batch_teams_are_cheap_and_bounded_by_the_groups():
+    from hpc_bkd.plan import TEAM_OVERHEAD_GHOST_BN, TeamModel
+
+    tm = TeamModel.for_groups(4)
+    assert tm.scale(1) == 1.0
+    assert tm.scale(2) == pytest.approx(0.5 * (1 + TEAM_OVERHEAD_GHOST_BN))
+    assert tm.scale(3) == pytest.approx(0.5 * (1 + TEAM_OVERHEAD_GHOST_BN))  # whole groups: 1+1+2 of 4
+    assert tm.allows(4) and not tm.allows(5)
+    costs = [BlockCost(0.05 * (i + 1), 0.1) for i in range(6)]
+    plan = make_plan(costs, 2, hybrid=True, tm=TeamModel.for_groups(2))
+    assert plan.teams == [[0, 1]]  # with a 6 % overhead the team beats any block split here
+    with pytest.raises(ValueError, match="bn_groups"):
+        make_plan(costs, 4, hybrid=True, teams=1, tm=TeamModel.for_groups(2))

@@ -128,3 +128,32 @@ def test_model_without_blocks_is_a_clear_error():
 def test_unknown_arch_lists_valid():
     with pytest.raises(ValueError, match="valid: .*vgg16.*resnet50"):
         build_model("alexnet-ish", 10)
+
+
+def test_relu_after_marks_blocks_the_teacher_follows_with_a_relu():
+    """VGG: every conv+BN feeds a ReLU. ResNet BasicBlock: bn1 feeds a ReLU, bn2 feeds the residual
+    sum (an in-place add on the same tensor, so identity alone would be fooled)."""
+    vgg = find_blocks(build_model("vgg11", 10, 0.125), (3, 32, 32))
+    assert all(b.relu_after for b in vgg)
+    res = find_blocks(build_model("resnet18", 10, 0.125), (3, 32, 32))
+    assert [b.relu_after for b in res[1:5]] == [True, False, True, False]
+
+
+def test_activation_matching_ignores_what_the_relu_discards():
+    from hpc_bkd.distill import BlockTrainer
+
+    spec = find_blocks(build_model("vgg11", 10, 0.125), (3, 32, 32))[1]
+    student = build_student(spec)
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 1.0)
+    inp = torch.randn(4, *spec.in_shape)
+    with torch.no_grad():
+        student.eval()
+        out = student(inp)
+    target = torch.where(out < 0, out - 5.0, out)  # differs from the output only where both are negative
+    plain = BlockTrainer(spec, student, opt, sched, 1, 1)
+    matched = BlockTrainer(spec, student, opt, sched, 1, 1, match_activation=True)
+    student.eval()  # same output as above: BN in eval mode
+    student.train = lambda mode=True: student  # keep eval mode inside backward()
+    assert float(plain.backward(inp, target)) > 1.0
+    assert float(matched.backward(inp, target)) == pytest.approx(0.0, abs=1e-10)
