@@ -41,6 +41,29 @@ def load(path: str | Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def save_progress(path: Path | None, identity: Any, model: Any, optimizer: Any, scheduler: Any, epoch: int,
+                  step: int, **extra: Any) -> None:
+    """Save a training loop's progress (weights, optimizer, schedule, cursor and ``extra``) to
+    ``path`` (nothing when ``path`` is None); ``load_progress`` resumes it."""
+    if path is not None:
+        save({"identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+              "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, **extra}, path)
+
+
+def load_progress(path: Path | None, identity: Any, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any] | None:
+    """Restore ``model``, ``optimizer`` and ``scheduler`` from ``path`` when the same job (same
+    ``identity``) wrote it; returns the saved record (``epoch``, ``step``, extras) or None."""
+    if path is None or not Path(path).is_file():
+        return None
+    saved = load(path)
+    if saved.get("identity") != identity:
+        return None
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return saved
+
+
 def write_text(path: str | Path, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:

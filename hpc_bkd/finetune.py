@@ -58,23 +58,17 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
     history: list[dict[str, float]] = []
     start_epoch = start_step = 0
     loss_sum = 0.0
-    if partial is not None and partial.is_file():
-        saved = checkpoint.load(partial)
-        if saved.get("identity") == identity:
-            student.load_state_dict(saved["student"])
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["scheduler"])
-            start_epoch, start_step, loss_sum = saved["epoch"], saved["step"], saved["loss_sum"]
-            history = saved["history"]
-            if extra is not None:
-                extra.update(saved["extra"])
-            log.info("%s: resuming at epoch %d step %d from %s", label, start_epoch + 1, start_step, partial)
+    saved = checkpoint.load_progress(partial, identity, student, opt, sched)
+    if saved is not None:
+        start_epoch, start_step, loss_sum = saved["epoch"], saved["step"], saved["loss_sum"]
+        history = saved["history"]
+        if extra is not None:
+            extra.update(saved["extra"])
+        log.info("%s: resuming at epoch %d step %d from %s", label, start_epoch + 1, start_step, partial)
 
     def save(epoch: int, step: int, loss_sum: float) -> None:
-        if partial is not None:
-            checkpoint.save({"identity": identity, "student": student.state_dict(), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "epoch": epoch, "step": step, "loss_sum": loss_sum,
-                             "history": history, "extra": extra or {}}, partial)
+        checkpoint.save_progress(partial, identity, student, opt, sched, epoch, step, loss_sum=loss_sum,
+                                 history=history, extra=extra or {})
 
     for epoch in range(start_epoch, epochs):
         t0 = time.time()

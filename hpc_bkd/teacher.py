@@ -108,19 +108,13 @@ def train_teacher(cfg: Config, data: Data, device: torch.device, partial: Path |
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     identity = _teacher_identity(cfg, data.num_classes)
     start_epoch = start_step = 0
-    if partial is not None and partial.is_file():
-        saved = checkpoint.load(partial)
-        if saved.get("identity") == identity:
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["scheduler"])
-            start_epoch, start_step = saved["epoch"], saved["step"]
-            log.info("teacher: resuming at epoch %d step %d from %s", start_epoch + 1, start_step, partial)
+    saved = checkpoint.load_progress(partial, identity, model, opt, sched)
+    if saved is not None:
+        start_epoch, start_step = saved["epoch"], saved["step"]
+        log.info("teacher: resuming at epoch %d step %d from %s", start_epoch + 1, start_step, partial)
 
     def save(epoch: int, step: int) -> None:
-        if partial is not None:
-            checkpoint.save({"identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "epoch": epoch, "step": step}, partial)
+        checkpoint.save_progress(partial, identity, model, opt, sched, epoch, step)
 
     for epoch in range(start_epoch, cfg.teacher.epochs):
         t0, loss_sum = time.time(), 0.0

@@ -74,14 +74,9 @@ class Team:
 
         host = tensor.detach().to("cpu", torch.float64).contiguous()
         self.comm.Allreduce(MPI.IN_PLACE, host.numpy(), op=MPI.MAX if op == "max" else MPI.SUM)
-        tensor.copy_(host.to(tensor.dtype))
+        if tensor.device.type != "cpu" or host.data_ptr() != tensor.data_ptr():  # else reduced in place
+            tensor.copy_(host.to(tensor.dtype))
         return tensor
-
-    def any(self, flag: bool) -> bool:
-        """True on every member if any member says True (stop requests must be agreed)."""
-        from mpi4py import MPI
-
-        return bool(self.comm.allreduce(int(flag), op=MPI.MAX))
 
     def sum_tensors(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Sum several tensors over the team in a single allreduce; returns float64 sums, same shapes."""
