@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hpc-bkd: {prefix}unexpected error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         if comm.size > 1:  # never leave the other ranks waiting in a collective
             print(f"hpc-bkd: {prefix}aborting all {comm.size} ranks", file=sys.stderr, flush=True)
+            time.sleep(1.0)  # let the launcher forward the message: MPI_Abort tears its stdio down
             comm.Abort(EXIT_BAD_INPUT if clear else 1)
         return EXIT_BAD_INPUT if clear else 1
 
