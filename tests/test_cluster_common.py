@@ -118,7 +118,11 @@ def release(cluster, job_id: str) -> None:
     That delay lets the previous run's step daemons finish: starting while one still runs lets it
     remove the PMI socket of the new run's step with the same id (the new step then fails in
     MPI_Finalize with "mpi/pmi2: failed to send temp kvs"), hence `wait_requeued` first.
+    slurmd also refuses a launch credential created in the same second as the previous run's
+    revocation ("Killing non-startable batch job: Job credential revoked"; timestamps are whole
+    seconds), so the new start is kept at least 2 s after the requeue.
     """
+    time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 
