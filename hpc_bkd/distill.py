@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
 from .config import Config
 from .data import Data, steps_per_epoch, train_batch
 from .runtime import stop_requested
-from .students import build_student
+from .students import TRAIN_FORMAT, block_loss, build_student
 from .surgery import BlockSpec, BlockTap, swapped
 from .teams import GhostLayout, Team, ghost_batchnorms, prepare_student
 
@@ -124,10 +123,7 @@ class BlockTrainer:
         is this member's share of the batch: the weighted losses sum to the full-batch mean, and
         the summed gradients equal the full-batch gradient."""
         self.student.train()
-        out = self.student(inp)
-        if self.match_activation:
-            out, target = F.relu(out), F.relu(target)
-        loss = F.mse_loss(out, target) * weight
+        loss = block_loss(self.student(inp), target, self.match_activation) * weight
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss.detach()
@@ -169,7 +165,8 @@ class LocalDistiller:
 
     def _trainer(self, spec: BlockSpec) -> BlockTrainer:
         b, d = self.cfg.blocks, self.cfg.distill
-        student = build_student(spec, b.student_depth, b.student_width, self.cfg.run.seed).to(self.device)
+        student = build_student(spec, b.student_depth, b.student_width, self.cfg.run.seed)
+        student = student.to(self.device, memory_format=TRAIN_FORMAT)
         prepare_student(student, self.team, self.layout)
         opt = _make_optimizer(student.parameters(), self.cfg)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=d.lr_decay)
@@ -193,7 +190,7 @@ class LocalDistiller:
     def _finish(self, t: BlockTrainer) -> dict[str, Any]:
         if t.best_state is None:  # validation disabled: keep the final weights
             t.best_state = copy.deepcopy(t.student.state_dict())
-        cpu_state = {k: v.detach().cpu() for k, v in t.best_state.items()}
+        cpu_state = {k: v.detach().cpu().contiguous() for k, v in t.best_state.items()}
         metrics = {
             "index": t.spec.index, "name": t.spec.name, "rank": self.rank, "epochs": t.epoch,
             "train_time_s": t.train_time, "final_loss": t.history[-1]["loss"] if t.history else None,
@@ -305,7 +302,7 @@ class LocalDistiller:
                 weight = (rows.stop - rows.start) / len(x)
                 x = x[rows]
             key = tuple(t.spec.index for t in group)
-            tap = self._taps.setdefault(key, BlockTap(self.teacher, [t.spec for t in group]))
+            tap = self._taps.setdefault(key, BlockTap(self.teacher, [t.spec for t in group], TRAIN_FORMAT))
             t0 = time.perf_counter()
             pairs = tap(x.to(self.device))
             share = (time.perf_counter() - t0) / len(group)

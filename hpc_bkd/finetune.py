@@ -16,6 +16,7 @@ from . import checkpoint
 from .config import Config, FinetuneConfig
 from .data import Data, steps_per_epoch, train_batch
 from .runtime import Interrupted, stop_requested
+from .students import TRAIN_FORMAT
 from .teacher import accuracy
 
 log = logging.getLogger("hpc_bkd")
@@ -46,7 +47,7 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
     after every epoch and when a stop is requested (then ``Interrupted`` is raised); a later call
     with the same ``identity`` resumes at the same step.
     """
-    student.to(device).train()
+    student.to(device, memory_format=TRAIN_FORMAT).train()  # see students.TRAIN_FORMAT
     teacher = teacher.to(device).eval()
     bs = cfg.data.batch_size
     steps = steps_per_epoch(len(data.train), bs)
@@ -84,7 +85,7 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
             x, y = x.to(device), y.to(device)
             with torch.no_grad():
                 target = teacher(x)
-            loss = kd_loss(student(x), target, y, cfg.finetune)
+            loss = kd_loss(student(x.contiguous(memory_format=TRAIN_FORMAT)), target, y, cfg.finetune)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -70,7 +70,8 @@ def _costs(cfg: Config, teacher, blocks, data: Data, device) -> tuple[list, str]
         return mac_costs(blocks, students), "macs"
     batches = [train_batch(data, cfg.data.batch_size, cfg.run.seed, 0, k)[0]
                for k in range(cfg.plan.measure_batches + 1)]
-    costs = measure_costs(teacher, blocks, students, batches, device, cfg.distill.bn_groups)
+    matches = [cfg.distill.match == "activation" and s.relu_after for s in blocks]
+    costs = measure_costs(teacher, blocks, students, batches, device, cfg.distill.bn_groups, matches)
     if cfg.distill.validate_every_epoch:
         # each block's end-of-epoch validation is a full teacher pass over the validation set;
         # spread it over the epoch's steps so the plan balances it too

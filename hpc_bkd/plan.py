@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .surgery import BlockSpec, BlockTap
@@ -343,15 +342,18 @@ def mac_costs(blocks: Sequence[BlockSpec], students: Sequence[nn.Module], gmacs_
 
 
 def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Sequence[nn.Module],
-                  batches: Sequence[torch.Tensor], device: torch.device, bn_groups: int = 1) -> list[BlockCost]:
+                  batches: Sequence[torch.Tensor], device: torch.device, bn_groups: int = 1,
+                  match_activation: Sequence[bool] | None = None) -> list[BlockCost]:
     """Time, on this device, the teacher forward up to each block and each student's train step.
 
     The first batch warms up; the median of the rest is kept. Students are trained on copies so
     measuring never changes the blocks that are then distilled, with the BatchNorm they train with
-    (ghost batches when ``bn_groups`` > 1).
+    (ghost batches when ``bn_groups`` > 1) and the loss they train with (``match_activation``, per
+    block, see ``students.block_loss``).
     """
     import copy
 
+    from .students import TRAIN_FORMAT, block_loss
     from .teams import GhostLayout, ghost_batchnorms, prepare_student
 
     teacher = teacher.to(device).eval()
@@ -360,10 +362,12 @@ def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Seq
         lambda m, a, o, i=b.index: stamps.__setitem__(i, _now(device))) for b in blocks]
     teacher_times: dict[int, list[float]] = {b.index: [] for b in blocks}
     student_times: dict[int, list[float]] = {b.index: [] for b in blocks}
-    tap = BlockTap(teacher, blocks)
+    tap = BlockTap(teacher, blocks, TRAIN_FORMAT)
     layout = GhostLayout(bn_groups) if bn_groups > 1 else None
-    students = [prepare_student(copy.deepcopy(s).to(device).train(), None, layout) for s in students]
+    students = [prepare_student(copy.deepcopy(s).to(device, memory_format=TRAIN_FORMAT).train(), None, layout)
+                for s in students]
     optims = [torch.optim.RMSprop(s.parameters(), lr=1e-6) for s in students]
+    matches = list(match_activation) if match_activation is not None else [False] * len(blocks)
     try:
         for k, x in enumerate(batches):
             x = x.to(device)
@@ -380,10 +384,10 @@ def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Seq
                 lambda m, a, o, i=b.index: stamps.__setitem__(i, _now(device))) for b in blocks]
             if layout is not None:
                 layout.set(len(x), range(bn_groups))
-            for b, student, opt in zip(blocks, students, optims):
+            for b, student, opt, match in zip(blocks, students, optims, matches):
                 inp, target = pairs[b.index]
                 t0 = _now(device)
-                loss = F.mse_loss(student(inp), target)
+                loss = block_loss(student(inp), target, match)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 for bn in ghost_batchnorms(student):

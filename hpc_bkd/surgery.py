@@ -236,12 +236,15 @@ class BlockTap:
 
     ``tap(x)`` runs ``model`` on ``x`` only as deep as the deepest tapped block and returns
     ``{block index: (input, target)}``. Tensors are cloned because later in-place ops (ReLU(inplace),
-    residual ``+=``) would otherwise overwrite them.
+    residual ``+=``) would otherwise overwrite them; the clone also puts 4-d tensors in
+    ``memory_format`` (the layout the students train in) at no extra cost.
     """
 
-    def __init__(self, model: nn.Module, blocks: Sequence[BlockSpec]) -> None:
+    def __init__(self, model: nn.Module, blocks: Sequence[BlockSpec],
+                 memory_format: torch.memory_format = torch.preserve_format) -> None:
         self.model = model
         self.blocks = list(blocks)
+        self.memory_format = memory_format
         self._inputs: dict[int, torch.Tensor] = {}
         self._targets: dict[int, torch.Tensor] = {}
 
@@ -249,17 +252,21 @@ class BlockTap:
         if not self.blocks:
             return {}
         self._inputs, self._targets = {}, {}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().clone(memory_format=self.memory_format if t.dim() == 4 else torch.preserve_format)
+
         remaining = {b.index for b in self.blocks}
         handles = []
 
         def pre_hook(index):
             def hook(module, args):
-                self._inputs[index] = args[0].detach().clone()
+                self._inputs[index] = keep(args[0])
             return hook
 
         def post_hook(index):
             def hook(module, args, out):
-                self._targets[index] = out.detach().clone()
+                self._targets[index] = keep(out)
                 remaining.discard(index)
                 if not remaining:
                     raise _StopForward

@@ -23,6 +23,8 @@ def test_tiny_job_end_to_end(tmp_path: Path, tiny_teacher: Path):
     assert "accuracy (test)" in (run / "summary.txt").read_text()
     saved = checkpoint.load(run / "student.pt")  # weights_only
     assert saved["accepted_blocks"] == report["accepted_blocks"]
+    block = checkpoint.load(run / "blocks" / "block-001.pt")["state_dict"]
+    assert all(v.is_contiguous() for v in block.values()), "blocks train channels-last but save plain tensors"
     assert not list(run.glob("**/*.tmp")), "temporary files left behind"
     out = json.loads(hpc("evaluate", "-c", "tiny", "--run-dir", str(run),
                          "--set", f"teacher.checkpoint={tiny_teacher}").stdout)

@@ -74,6 +74,19 @@ def test_tap_stops_at_deepest_block():
     assert set(out) == {0, 1, 2} and ran == [], "the teacher ran deeper than the deepest tapped block"
 
 
+def test_tap_hands_out_the_training_layout():
+    """Students train channels-last: the tap's clone puts activations in that layout, same values."""
+    model = build_model("resnet18", 10, 0.25).eval()
+    blocks = find_blocks(model, SMALL)[:4]
+    x = torch.randn(3, *SMALL)
+    plain = BlockTap(model, blocks)(x)
+    last = BlockTap(model, blocks, torch.channels_last)(x)
+    for i, (inp, target) in last.items():
+        assert inp.is_contiguous(memory_format=torch.channels_last) and not plain[i][0].is_contiguous(
+            memory_format=torch.channels_last)
+        assert torch.equal(inp, plain[i][0]) and torch.equal(target, plain[i][1])
+
+
 @pytest.mark.parametrize("arch", ["torchvision:resnet50", "resnet18", "vgg16", "torchvision:vgg16_bn"])
 @pytest.mark.parametrize("granularity", ["conv", "unit"])
 def test_students_fit_their_blocks(arch, granularity):
