@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 NP     ?= 2
 RUN_DIR ?= runs/default
 
-.PHONY: install run run-mpi test test-fast bench slurm-up slurm-down clean
+.PHONY: install run run-mpi test test-fast bench bench-paper-scale slurm-up slurm-down clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test-fast: install  ## skip the slow tier
 bench: install  ## benchmark: 1 vs 2 ranks, paper schedule, end-to-end KD; table + JSON + PNG
 	$(PY) -m hpc_bkd.bench --out bench/results
 
+# The schedule comparison on the workload the paper and issue #4 describe: a full-width VGG16-BN
+# (64-512 channels) at 32x32, batch 64; 2 distillation epochs, no fine-tuning, no KD baseline.
+bench-paper-scale: install  ## 1-rank PBKD vs the paper's sequential schedule (and 2 ranks) on full-width VGG16
+	$(PY) -m hpc_bkd.bench --out bench/results-paper-scale --ranks 1,2 --no-kd \
+	  --set model.width=1.0 --set teacher.epochs=3 --set distill.epochs=2 --set finetune.epochs=0
+
 slurm-up:
 	bash launch/local-slurm.sh start
 
@@ -37,4 +43,4 @@ slurm-down:
 	bash launch/local-slurm.sh stop
 
 clean:
-	rm -rf runs bench/results .pytest_cache
+	rm -rf runs bench/results bench/results-paper-scale .pytest_cache

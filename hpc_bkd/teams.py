@@ -96,7 +96,8 @@ class _SyncBatchNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, team: Team, eps: float):  # type: ignore[override]
         c = x.shape[1]
         dims = (0, 2, 3)
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_tensor([x.numel() / c])]).to(torch.float64)
+        f64 = torch.float64  # accumulate as native BatchNorm does on CPU: float32 sums depend on the layout
+        stats = torch.cat([x.sum(dims, dtype=f64), (x * x).sum(dims, dtype=f64), x.new_tensor([x.numel() / c], dtype=f64)])
         team.allreduce_(stats)
         count = stats[-1]
         mean = stats[:c] / count
@@ -114,9 +115,9 @@ class _SyncBatchNormFn(torch.autograd.Function):
         xhat, invstd, weight = ctx.saved_tensors
         c = dy.shape[1]
         dims = (0, 2, 3)
-        local = torch.cat([dy.sum(dims), (dy * xhat).sum(dims)])
-        dbias, dweight = local[:c].clone(), local[c:].clone()  # local: summed with all grads later
-        total = ctx.team.allreduce_(local.to(torch.float64)).to(dy.dtype)
+        local = torch.cat([dy.sum(dims, dtype=torch.float64), (dy * xhat).sum(dims, dtype=torch.float64)])
+        dbias, dweight = local[:c].to(dy.dtype), local[c:].to(dy.dtype)  # local: summed with all grads later
+        total = ctx.team.allreduce_(local).to(dy.dtype)
         sum_dy, sum_dy_xhat = total[:c].view(1, c, 1, 1), total[c:].view(1, c, 1, 1)
         dx = (weight * invstd).view(1, c, 1, 1) * (dy - sum_dy / ctx.count - xhat * sum_dy_xhat / ctx.count)
         return dx, dweight, dbias, None, None

@@ -17,11 +17,11 @@ def _blocks(run: Path) -> dict[int, dict]:
     return {int(p.stem.split("-")[1]): checkpoint.load(p)["state_dict"] for p in sorted((run / "blocks").glob("block-*.pt"))}
 
 
-def _assert_same_blocks(one: dict[int, dict], other: dict[int, dict]) -> None:
+def _assert_same_blocks(one: dict[int, dict], other: dict[int, dict], atol: float = 1e-5) -> None:
     assert one.keys() == other.keys() == set(range(8))
     for i in one:
         for k in one[i]:
-            assert torch.allclose(one[i][k].float(), other[i][k].float(), rtol=1e-4, atol=1e-5), (i, k)
+            assert torch.allclose(one[i][k].float(), other[i][k].float(), rtol=1e-4, atol=atol), (i, k)
 
 
 def test_one_rank_and_two_ranks_train_the_same_blocks(tmp_path: Path, tiny_teacher: Path):
@@ -49,7 +49,10 @@ def test_a_team_trains_the_same_blocks_as_one_rank(tmp_path: Path, tiny_teacher:
     report = json.loads((tmp_path / "team" / "report.json").read_text())
     assert report["plan"]["teams"] == [[0, 1]]
     one, team = _blocks(tmp_path / "np1"), _blocks(tmp_path / "team")
-    _assert_same_blocks(one, team)
+    # Synced statistics are summed in float64 across members, while one rank's channels-last BatchNorm
+    # kernel accumulates in float32 (~1e-6 apart per step, measured); two epochs of RMSprop grow that
+    # to ~6e-5 in the weights. A wrong statistic or gradient would be off by orders of magnitude more.
+    _assert_same_blocks(one, team, atol=1e-5 if bn_groups > 1 else 2e-4)
 
 
 def test_more_ranks_than_blocks_on_two_cores(tmp_path: Path, tiny_teacher: Path):
