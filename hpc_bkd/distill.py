@@ -27,7 +27,7 @@ from . import checkpoint
 from .config import Config
 from .data import Data, steps_per_epoch, train_batch
 from .runtime import stop_requested
-from .students import TRAIN_FORMAT, block_loss, build_student
+from .students import TRAIN_FORMAT, block_loss, build_student, matches_activation
 from .surgery import BlockSpec, BlockTap, swapped
 from .teams import GhostLayout, Team, ghost_batchnorms, prepare_student
 
@@ -171,7 +171,7 @@ class LocalDistiller:
         opt = _make_optimizer(student.parameters(), self.cfg)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=d.lr_decay)
         trainer = BlockTrainer(spec, student, opt, sched, d.epochs, self.steps,
-                               match_activation=d.match == "activation" and spec.relu_after)
+                               match_activation=matches_activation(spec, d.match))
         partial = block_path(self.run_dir, spec.index, partial=True)
         if partial.is_file():
             saved = checkpoint.load(partial)

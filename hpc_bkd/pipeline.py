@@ -31,7 +31,7 @@ from .finetune import accept_blocks, finetune, recalibrate_bn
 from .models import build_model
 from .plan import BlockCost, Plan, TeamModel, make_plan, mac_costs, measure_costs
 from .runtime import Interrupted, Runtime, init_runtime, setup_logging
-from .students import build_student
+from .students import build_student, matches_activation
 from .surgery import BlockSpec, assemble, conv_params, find_blocks, total_macs
 from .teacher import accuracy, get_teacher, state_fingerprint
 from .teams import Team
@@ -70,7 +70,7 @@ def _costs(cfg: Config, teacher, blocks, data: Data, device) -> tuple[list, str]
         return mac_costs(blocks, students), "macs"
     batches = [train_batch(data, cfg.data.batch_size, cfg.run.seed, 0, k)[0]
                for k in range(cfg.plan.measure_batches + 1)]
-    matches = [cfg.distill.match == "activation" and s.relu_after for s in blocks]
+    matches = [matches_activation(s, cfg.distill.match) for s in blocks]
     costs = measure_costs(teacher, blocks, students, batches, device, cfg.distill.bn_groups, matches)
     if cfg.distill.validate_every_epoch:
         # each block's end-of-epoch validation is a full teacher pass over the validation set;

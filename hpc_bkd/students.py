@@ -57,6 +57,12 @@ def build_student(spec: BlockSpec, depth: int = 2, width: float = 1.0, seed: int
     return student
 
 
+def matches_activation(spec: BlockSpec, match: str) -> bool:
+    """Whether ``spec`` trains on the activation (``distill.match: activation`` and the teacher
+    applies a ReLU right after the block) rather than on the block's raw output."""
+    return match == "activation" and spec.relu_after
+
+
 def block_loss(out: torch.Tensor, target: torch.Tensor, match_activation: bool = False) -> torch.Tensor:
     """The distillation objective of one block: MSE to the teacher block's output, or, with
     ``match_activation`` (the teacher applies a ReLU right after the block), MSE after that ReLU,
