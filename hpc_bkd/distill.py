@@ -28,7 +28,7 @@ from .config import Config
 from .data import Data, steps_per_epoch, train_batch
 from .runtime import stop_requested
 from .students import TRAIN_FORMAT, block_loss, build_student, matches_activation
-from .surgery import BlockSpec, BlockTap, swapped
+from .surgery import BlockSpec, BlockTap, SwappedForward
 from .teams import GhostLayout, Team, ghost_batchnorms, prepare_student
 
 log = logging.getLogger("hpc_bkd")
@@ -157,6 +157,7 @@ class LocalDistiller:
         self.leader = self.team is None or self.team.is_leader
         self.steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
         self._taps: dict[tuple[int, ...], BlockTap] = {}
+        self._swapped: SwappedForward | None = None  # built on the first validation
         groups = cfg.distill.bn_groups
         self.layout = GhostLayout(groups) if groups > 1 else None
         self._team_stop = False  # a member's stop request, agreed through the step's allreduce
@@ -209,30 +210,40 @@ class LocalDistiller:
     # ---------------------------------------------------------------- training
 
     @torch.no_grad()
-    def _validate(self, t: BlockTrainer) -> float:
-        """Teacher accuracy on the validation set with only this block swapped in (a team splits
-        the validation set and sums the counts)."""
-        t.student.eval()
+    def _validate(self, trainers: Sequence[BlockTrainer]) -> list[float]:
+        """Teacher accuracy on the validation set with each block swapped in alone, for several
+        blocks in one pass (their shared teacher prefix runs once per batch, see
+        ``surgery.SwappedForward``). A team splits the validation set and sums the counts."""
+        for t in trainers:
+            t.student.eval()
+        if self._swapped is None:
+            self._swapped = SwappedForward(self.teacher, self.blocks)
         val = self.data.val
         rows = self.team.slice(len(val)) if self.team is not None else slice(0, len(val))
         images, labels = val.images[rows], val.labels[rows]
-        correct = torch.zeros(2, dtype=torch.float64)
+        correct = torch.zeros(len(trainers) + 1, dtype=torch.float64)  # per block, then the count
         bs = self.cfg.data.eval_batch_size
-        with swapped(self.teacher, t.spec, t.student):
-            for start in range(0, len(labels), bs):
-                x = self.data.normalize(images[start: start + bs]).to(self.device)
-                pred = self.teacher(x).argmax(1).cpu()
-                correct += torch.tensor([float((pred == labels[start: start + bs]).sum()), float(len(pred))],
-                                        dtype=torch.float64)
+        students = {t.spec.index: t.student for t in trainers}
+        for start in range(0, len(labels), bs):
+            x = self.data.normalize(images[start: start + bs]).to(self.device)
+            y = labels[start: start + bs]
+            logits = self._swapped(x, students)
+            for j, t in enumerate(trainers):
+                correct[j] += float((logits[t.spec.index].argmax(1).cpu() == y).sum())
+            correct[-1] += len(y)
         if self.team is not None:
             self.team.allreduce_(correct)
-        return 100.0 * float(correct[0]) / max(float(correct[1]), 1.0)
+        total = max(float(correct[-1]), 1.0)
+        return [100.0 * float(c) / total for c in correct[:-1]]
 
-    def _end_epoch(self, t: BlockTrainer) -> None:
+    def _validates(self, t: BlockTrainer) -> bool:
+        return self.cfg.distill.validate_every_epoch or t.epoch + 1 == t.epochs
+
+    def _end_epoch(self, t: BlockTrainer, acc: float | None) -> None:
+        """Close ``t``'s epoch; ``acc`` is its swapped validation accuracy, when it was validated."""
         loss = t.loss_sum / max(t.loss_count, 1)
         entry: dict[str, float] = {"epoch": t.epoch + 1, "loss": loss, "lr": t.optimizer.param_groups[0]["lr"]}
-        if self.cfg.distill.validate_every_epoch or t.epoch + 1 == t.epochs:
-            acc = self._validate(t)
+        if acc is not None:
             entry["swapped_val_acc"] = acc
             if acc > t.best_acc:
                 t.best_acc = acc
@@ -321,22 +332,26 @@ class LocalDistiller:
                 t.update(loss)
                 t.train_time += share + time.perf_counter() - t1
             progress.update(len(group), group)
-            for t in group:
-                if t.step >= t.steps:
-                    t1 = time.perf_counter()
-                    self._end_epoch(t)
-                    t.train_time += time.perf_counter() - t1
-                    self._save_partial(t)
-                    if t.done:
-                        t.spans.append((t.started_at, time.time()))
-                        result = self._finish(t)
-                        if self.leader:
-                            results.append(result)
-                        active.remove(t)
-                        progress.skip(t.epochs * t.steps - (t.epoch * t.steps))
-                        if self.leader:
-                                log.info("block %2d %-24s done in %.1fs (best swapped val acc %.2f%%)", t.spec.index,
-                                     t.spec.name, t.train_time, t.best_acc)
+            ending = [t for t in group if t.step >= t.steps]
+            checked = [t for t in ending if self._validates(t)]
+            t1 = time.perf_counter()
+            accs = dict(zip((id(t) for t in checked), self._validate(checked))) if checked else {}
+            share = (time.perf_counter() - t1) / max(len(checked), 1)
+            for t in ending:
+                t1 = time.perf_counter()
+                self._end_epoch(t, accs.get(id(t)))
+                t.train_time += time.perf_counter() - t1 + (share if id(t) in accs else 0.0)
+                self._save_partial(t)
+                if t.done:
+                    t.spans.append((t.started_at, time.time()))
+                    result = self._finish(t)
+                    if self.leader:
+                        results.append(result)
+                    active.remove(t)
+                    progress.skip(t.epochs * t.steps - (t.epoch * t.steps))
+                    if self.leader:
+                        log.info("block %2d %-24s done in %.1fs (best swapped val acc %.2f%%)", t.spec.index,
+                                 t.spec.name, t.train_time, t.best_acc)
             if time.time() - last_save > self.cfg.distill.checkpoint_interval_s:
                 for t in active:
                     self._save_partial(t)

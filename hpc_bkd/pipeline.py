@@ -29,10 +29,10 @@ from .distill import LocalDistiller, block_path, finished_blocks, load_finished
 from .energy import EnergyMeter
 from .finetune import accept_blocks, finetune, recalibrate_bn
 from .models import build_model
-from .plan import BlockCost, Plan, TeamModel, make_plan, mac_costs, measure_costs
+from .plan import BlockCost, Plan, TeamModel, make_plan, mac_costs, measure_costs, with_validation
 from .runtime import Interrupted, Runtime, init_runtime, setup_logging
 from .students import build_student, matches_activation
-from .surgery import BlockSpec, assemble, conv_params, find_blocks, total_macs
+from .surgery import BlockSpec, SwappedForward, assemble, conv_params, find_blocks, total_macs
 from .teacher import accuracy, get_teacher, state_fingerprint
 from .teams import Team
 
@@ -73,11 +73,9 @@ def _costs(cfg: Config, teacher, blocks, data: Data, device) -> tuple[list, str]
     matches = [matches_activation(s, cfg.distill.match) for s in blocks]
     costs = measure_costs(teacher, blocks, students, batches, device, cfg.distill.bn_groups, matches)
     if cfg.distill.validate_every_epoch:
-        # each block's end-of-epoch validation is a full teacher pass over the validation set;
-        # spread it over the epoch's steps so the plan balances it too
         steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
-        per_step = max(c.teacher for c in costs) * len(data.val) / cfg.data.batch_size / steps
-        costs = [BlockCost(c.teacher, c.student + per_step) for c in costs]
+        passes = len(data.val) / cfg.data.batch_size / steps  # validation batches per train step
+        costs = with_validation(costs, passes, SwappedForward(teacher, blocks).shares_prefix)
     return costs, "measured"
 
 

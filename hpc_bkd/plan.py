@@ -5,7 +5,8 @@ and one train step per owned student, so its cost per batch is
 
     cost(B) = max_{b in B} teacher[b] + sum_{b in B} student[b]
 
-where ``teacher[b]`` is the time of a teacher forward up to the end of block b. The plan minimises
+where ``teacher[b]`` is the time of a teacher forward up to the end of block b (validation, which
+has the same shape, is folded in by ``with_validation``). The plan minimises
 the makespan max_r cost(B_r): exactly by branch and bound when the search is small, else by LPT
 (deepest block first, to the rank it raises least) followed by move/swap local search.
 
@@ -125,6 +126,23 @@ def rank_cost(blocks: Sequence[int], costs: Sequence[BlockCost]) -> float:
 def team_cost(blocks: Sequence[int], costs: Sequence[BlockCost], members: int, tm: TeamModel = TeamModel()) -> float:
     """Seconds per batch for a team of ``members`` ranks splitting every batch of ``blocks``."""
     return rank_cost(blocks, costs) * tm.scale(members)
+
+
+def with_validation(costs: Sequence[BlockCost], passes: float, shared_prefix: bool = True) -> list[BlockCost]:
+    """Fold the end-of-epoch validation into per-batch costs, spread over the epoch's steps.
+
+    ``passes`` is validation batches per train step. Every block is checked with the teacher's
+    prefix up to it shared by the blocks a rank validates together (``surgery.SwappedForward``), so
+    a rank validating blocks B pays one prefix to its deepest block plus, per block, the rest of
+    the network after it: passes x (max_B teacher[b] + sum_B (full - teacher[b])), with ``full``
+    the deepest block's prefix. That has the shape of ``rank_cost``, so it folds into the teacher
+    and student terms exactly; for one block alone (the sequential schedule) it is one full pass.
+    Without a shared prefix (``shared_prefix=False``) every block pays a full pass.
+    """
+    full = max(c.teacher for c in costs)
+    if not shared_prefix:
+        return [BlockCost(c.teacher, c.student + passes * full) for c in costs]
+    return [BlockCost(c.teacher * (1 + passes), c.student + passes * (full - c.teacher)) for c in costs]
 
 
 def lower_bound(costs: Sequence[BlockCost], ranks: int) -> float:

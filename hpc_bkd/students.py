@@ -63,11 +63,49 @@ def matches_activation(spec: BlockSpec, match: str) -> bool:
     return match == "activation" and spec.relu_after
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-d view of ``t`` in memory order (a copy only for layouts other than the two dense ones)."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.reshape(-1)
+
+
+class _BlockMSE(torch.autograd.Function):
+    """Mean squared error of ``out`` (or ReLU(out)) against ``target``, with the gradient returned
+    in ``out``'s own memory layout.
+
+    ``F.mse_loss`` hands back an NCHW gradient whatever the layout of its input; for a channels-last
+    student every op of the backward pass then mixes layouts, and on CPU that costs several times a
+    plain pass (measured on the largest full-width VGG16 block, 64x64x32x32: ReLU + MSE forward and
+    backward 48-53 ms, against 13 ms here). One difference tensor serves the forward and the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, target: torch.Tensor, relu: bool) -> torch.Tensor:  # type: ignore[override]
+        diff = out.clamp_min(0).sub_(target) if relu else out - target
+        ctx.relu = relu
+        ctx.save_for_backward(out, diff)
+        flat = _flat(diff)
+        return torch.dot(flat, flat) / diff.numel()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        out, diff = ctx.saved_tensors
+        scale = grad * (2.0 / diff.numel())
+        if ctx.relu:
+            return torch.ops.aten.threshold_backward(diff, out, 0).mul_(scale), None, None
+        return diff * scale, None, None
+
+
 def block_loss(out: torch.Tensor, target: torch.Tensor, match_activation: bool = False) -> torch.Tensor:
     """The distillation objective of one block: MSE to the teacher block's output, or, with
     ``match_activation`` (the teacher applies a ReLU right after the block), MSE after that ReLU,
     which is all the rest of the network sees. Shared by training and by the cost measurement,
     so the planner times exactly the work it plans."""
     if match_activation:
-        out, target = F.relu(out), F.relu(target)
-    return F.mse_loss(out, target)
+        target = F.relu(target)
+    if out.dtype != target.dtype or out.shape != target.shape:
+        return F.mse_loss(F.relu(out) if match_activation else out, target)
+    return _BlockMSE.apply(out, target, match_activation)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
 import torch
+import torch.fx
 from torch import nn
 
 POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -300,6 +301,106 @@ def replace_blocks(model: nn.Module, replacements: dict[int, nn.Module], blocks:
 def assemble(teacher: nn.Module, replacements: dict[int, nn.Module], blocks: Sequence[BlockSpec]) -> nn.Module:
     """A new model: the teacher with students swapped in (the teacher is left untouched)."""
     return replace_blocks(copy.deepcopy(teacher), {i: copy.deepcopy(s) for i, s in replacements.items()}, blocks)
+
+
+class SwappedForward:
+    """Teacher outputs with one block swapped for its student, for several blocks at once.
+
+    Checking a student means running the teacher with that block swapped in. Run separately, every
+    check repeats the teacher's unchanged prefix up to its block: for a deep network, most of the
+    work. This is PBKD's own argument applied to validation: the teacher is traced once with
+    ``torch.fx`` (block members as leaves), and ``forward(x, students)`` runs the shared prefix once,
+    as deep as the deepest block asked for, keeping only the values some block's suffix still reads;
+    then, per block, the suffix from that block on with the student in its place (looked up at call
+    time through :func:`swapped`, so the result is that of the swapped model). A model ``torch.fx``
+    cannot trace falls back to one full forward per block (``shares_prefix`` is then False).
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[BlockSpec]) -> None:
+        self.model = model
+        self.blocks = {b.index: b for b in blocks}
+        self.shares_prefix = False
+        self.reason = ""
+        members = {m for b in blocks for m in b.members}
+
+        class _Tracer(torch.fx.Tracer):
+            def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+                return qualname in members or super().is_leaf_module(m, qualname)
+
+        try:
+            graph = _Tracer().trace(model)
+        except Exception as exc:  # data-dependent control flow and the like: run whole forwards
+            self.reason = f"torch.fx cannot trace {type(model).__name__}: {exc}"
+            return
+        self.nodes = list(graph.nodes)
+        pos = {n: k for k, n in enumerate(self.nodes)}
+        if [n.op for n in self.nodes].count("placeholder") != 1:
+            self.reason = "the model takes more than one input"
+            return
+        self.start: dict[int, int] = {}
+        for b in blocks:
+            first = next((k for k, n in enumerate(self.nodes)
+                          if n.op == "call_module" and n.target == b.members[0]), None)
+            if first is None:
+                self.reason = f"block {b.index} ({b.name}) is not a module call in the traced graph"
+                return
+            self.start[b.index] = first
+        # the values computed before a block that the rest of the network reads: all a suffix needs
+        self.cut = {i: [n for n in self.nodes[:s] if any(pos[u] >= s for u in n.users)]
+                    for i, s in self.start.items()}
+        self.last_use = {n: max((pos[u] for u in n.users), default=pos[n]) for n in self.nodes}
+        self.shares_prefix = True
+
+    def _run(self, node: torch.fx.Node, env: dict) -> object:
+        args = torch.fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
+        if node.op == "call_module":
+            return self.model.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            obj = self.model
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        raise RuntimeError(f"unexpected node {node.op} in the traced teacher")
+
+    def _execute(self, nodes_from: int, nodes_to: int, env: dict, keep: set) -> object:
+        for k in range(nodes_from, nodes_to):
+            node = self.nodes[k]
+            if node.op == "output":
+                return torch.fx.node.map_arg(node.args[0], env.__getitem__)
+            env[node] = self._run(node, env)
+            for used in (*node.all_input_nodes, node):
+                if self.last_use[used] <= k and used not in keep:
+                    env.pop(used, None)  # free activations as soon as nothing reads them
+        return None
+
+    def __call__(self, x: torch.Tensor, students: dict[int, nn.Module]) -> dict[int, torch.Tensor]:
+        """``{block index: output of the teacher with that block swapped for students[index]}``."""
+        order = sorted(students)
+        if not self.shares_prefix:
+            outputs = {}
+            for i in order:
+                with swapped(self.model, self.blocks[i], students[i]):
+                    outputs[i] = self.model(x)
+            return outputs
+        placeholder = self.nodes[0]
+        needed = {n for i in order for n in self.cut[i]}
+        env: dict = {placeholder: x}
+        self._execute(1, max(self.start[i] for i in order), env, needed)
+        outputs = {}
+        for j, i in enumerate(order):
+            later = {n for k in order[j + 1:] for n in self.cut[k]}
+            # a suffix may modify its inputs in place (ReLU(inplace), residual +=): copy what later
+            # blocks still read
+            local = {n: env[n].clone() if n in later and isinstance(env[n], torch.Tensor) else env[n]
+                     for n in self.cut[i]}
+            with swapped(self.model, self.blocks[i], students[i]):
+                outputs[i] = self._execute(self.start[i], len(self.nodes), local, set())
+        return outputs
 
 
 @contextlib.contextmanager

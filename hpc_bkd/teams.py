@@ -157,6 +157,49 @@ class GhostLayout:
         self.sizes = [bounds[j + 1] - bounds[j] for j in held]
 
 
+class _GhostBatchNormFn(torch.autograd.Function):
+    """Batch normalisation of each slice of the batch with its own statistics, in one output tensor.
+
+    Normalising the slices separately and concatenating costs a copy of the activation forward and
+    another backward (measured: 20 ms of a 147 ms train step of the largest full-width VGG16
+    student). Here each slice's native kernel writes straight into its part of the output, and of
+    the input gradient. Returns the output and the slices' means and inverse standard deviations.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sizes: list[int], eps: float):  # type: ignore[override]
+        y = torch.empty_like(x)
+        means = x.new_empty(len(sizes), x.shape[1])
+        invstds = x.new_empty(len(sizes), x.shape[1])
+        for j, (chunk, out) in enumerate(zip(x.split(sizes), y.split(sizes))):
+            torch.ops.aten.native_batch_norm.out(chunk, weight, bias, None, None, True, 0.0, eps,
+                                                 out=out, save_mean=means[j], save_invstd=invstds[j])
+        ctx.sizes, ctx.eps = sizes, eps
+        ctx.save_for_backward(x, weight, means, invstds)
+        ctx.mark_non_differentiable(means, invstds)
+        return y, means, invstds
+
+    @staticmethod
+    def backward(ctx, dy, _dmeans, _dinvstds):  # type: ignore[override]
+        x, weight, means, invstds = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=_layout(x))
+        dx = torch.empty_like(x)
+        dweight, dbias = torch.zeros_like(weight), torch.zeros_like(weight)
+        part_w, part_b = torch.empty_like(weight), torch.empty_like(weight)
+        for j, (g, chunk, out) in enumerate(zip(dy.split(ctx.sizes), x.split(ctx.sizes), dx.split(ctx.sizes))):
+            torch.ops.aten.native_batch_norm_backward.out(g, chunk, weight, None, None, means[j], invstds[j], True,
+                                                          ctx.eps, [True, True, True], out0=out, out1=part_w,
+                                                          out2=part_b)
+            dweight += part_w
+            dbias += part_b
+        return dx, dweight, dbias, None, None
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+
+
 class GroupBatchNorm2d(nn.BatchNorm2d):
     """Ghost batch normalisation: each slice of the batch is normalised with its own statistics.
 
@@ -176,15 +219,13 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         sizes = self.layout.sizes
         if sum(sizes) != x.shape[0]:
             raise RuntimeError(f"ghost layout {sizes} does not match a batch of {x.shape[0]}")
-        outs, means, variances = [], [], []
-        for chunk in x.split(sizes):
-            y, mean, invstd = torch.native_batch_norm(chunk, self.weight, self.bias, None, None, True, 0.0, self.eps)
-            n = chunk.numel() // chunk.shape[1]
-            outs.append(y)
-            means.append(mean.detach())
-            variances.append((invstd.detach().double().pow(-2) - self.eps) * n / max(n - 1, 1))
-        self.pending = torch.cat([torch.stack(means).double().sum(0), torch.stack(variances).sum(0)])
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        y, means, invstds = _GhostBatchNormFn.apply(x, self.weight, self.bias, list(sizes), self.eps)
+        variances = []
+        for size, invstd in zip(sizes, invstds):
+            n = size * x[0, 0].numel()
+            variances.append((invstd.double().pow(-2) - self.eps) * n / max(n - 1, 1))
+        self.pending = torch.cat([means.double().sum(0), torch.stack(variances).sum(0)])
+        return y
 
     @torch.no_grad()
     def apply_pending(self, summed: torch.Tensor) -> None:

@@ -109,3 +109,24 @@ def test_ghost_batch_teams_are_cheap_and_bounded_by_the_groups():
     assert plan.teams == [[0, 1]]  # with a 6 % overhead the team beats any block split here
     with pytest.raises(ValueError, match="bn_groups"):
         make_plan(costs, 4, hybrid=True, teams=1, tm=TeamModel.for_groups(2))
+
+
+def test_validation_folds_into_the_rank_cost_exactly():
+    """with_validation's folded costs give, for any set of blocks, the training cost plus one shared
+    validation prefix to the deepest block and one suffix per block (a full pass for one block)."""
+    from hpc_bkd.plan import with_validation
+
+    rng = random.Random(0)
+    teacher = sorted(rng.uniform(0.01, 1.0) for _ in range(7))
+    costs = [BlockCost(t, rng.uniform(0.05, 0.5)) for t in teacher]
+    passes, full = 0.3, max(teacher)
+    folded = with_validation(costs, passes)
+    for _ in range(20):
+        owned = rng.sample(range(7), rng.randint(1, 7))
+        expected = rank_cost(owned, costs) + passes * (max(teacher[b] for b in owned)
+                                                       + sum(full - teacher[b] for b in owned))
+        assert rank_cost(owned, folded) == pytest.approx(expected)
+    for b in range(7):  # alone (the sequential schedule): training plus one full validation pass
+        assert rank_cost([b], folded) == pytest.approx(rank_cost([b], costs) + passes * full)
+    unshared = with_validation(costs, passes, shared_prefix=False)
+    assert rank_cost(range(7), unshared) == pytest.approx(rank_cost(range(7), costs) + 7 * passes * full)

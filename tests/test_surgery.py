@@ -7,7 +7,8 @@ from torch import nn
 
 from hpc_bkd.models import build_model
 from hpc_bkd.students import build_student
-from hpc_bkd.surgery import BlockTap, assemble, conv_params, find_blocks, replace_blocks
+from hpc_bkd.surgery import (BlockTap, SwappedForward, assemble, conv_params, find_blocks, replace_blocks,
+                             swapped)
 
 SMALL = (3, 32, 32)
 
@@ -170,3 +171,58 @@ def test_activation_matching_ignores_what_the_relu_discards():
     student.train = lambda mode=True: student  # keep eval mode inside backward()
     assert float(plain.backward(inp, target)) > 1.0
     assert float(matched.backward(inp, target)) == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("arch, granularity", [
+    ("vgg16", "conv"), ("resnet18", "conv"), ("torchvision:resnet50", "conv"), ("resnet18", "unit"),
+    ("vgg16", "unit")])
+def test_swapped_forward_equals_one_swapped_model_per_block(arch, granularity):
+    """Sharing the teacher prefix between blocks gives exactly the swapped model's output, for
+    every block and for any subset (residual identities and in-place ReLUs included)."""
+    torch.manual_seed(0)
+    model = build_model(arch, 10, 0.25).eval()
+    blocks = find_blocks(model, (3, 32, 32), granularity)
+    students = {b.index: build_student(b, 2, 1.0, seed=1).eval() for b in blocks}
+    modules_before = [id(m) for m in model.modules()]
+    forward = SwappedForward(model, blocks)
+    assert forward.shares_prefix, forward.reason
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for subset in (students, {i: students[i] for i in list(students)[1::3]}):
+            got = forward(x, subset)
+            assert sorted(got) == sorted(subset)
+            for i, student in subset.items():
+                with swapped(model, blocks[i], student):
+                    assert torch.equal(got[i], model(x)), (arch, granularity, i)
+    assert [id(m) for m in model.modules()] == modules_before  # the teacher is left as it was
+
+
+class _DataDependent(nn.Module):
+    """A teacher torch.fx cannot trace (Python control flow on tensor values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        if x.mean() > 0:
+            x = x * 1.0
+        return self.head(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_swapped_forward_falls_back_to_whole_forwards():
+    torch.manual_seed(0)
+    model = _DataDependent().eval()
+    blocks = find_blocks(model, (3, 8, 8), "conv")
+    students = {b.index: build_student(b, 1, 1.0).eval() for b in blocks}
+    forward = SwappedForward(model, blocks)
+    assert not forward.shares_prefix and "trace" in forward.reason
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        got = forward(x, students)
+        for i, student in students.items():
+            with swapped(model, blocks[i], student):
+                assert torch.equal(got[i], model(x))
