@@ -428,8 +428,8 @@ def derive(runs: dict[str, dict[str, Any]], ranks: list[int]) -> dict[str, Any]:
 
 def cost_model_notes(runs: dict[str, dict[str, Any]], hw: dict[str, Any]) -> list[str]:
     notes = ["The cost model predicts, per batch, the teacher forward up to a rank's deepest block plus one "
-             "train step per owned student (plus each block's end-of-epoch validation pass, spread over the "
-             "epoch's steps), timed on rank 0 alone before distillation. It leaves out: per-epoch checkpoint "
+             "train step per owned student (plus the end-of-epoch validation of its blocks: one shared teacher "
+             "prefix and each block's suffix, spread over the epoch's steps), timed on rank 0 alone before distillation. It leaves out: per-epoch checkpoint "
              "writes, batch assembly/normalisation, Python/hook overhead, the allreduce of data-parallel "
              "teams beyond its estimate, and contention between ranks sharing one node's cores, caches and "
              "memory bandwidth (and with any other process on the machine)."]
@@ -443,7 +443,8 @@ def cost_model_notes(runs: dict[str, dict[str, Any]], hw: dict[str, Any]) -> lis
     if costs:
         t, s = [c["teacher"] for c in costs], [c["student"] for c in costs]
         bound = (sum(t) + sum(s)) / (max(t) + sum(s))
-        notes.append(f"Sequential schedule vs 1-rank PBKD at equal epochs, from the measured block costs: at most "
+        notes.append(f"Sequential schedule vs 1-rank PBKD at equal epochs, from the measured block costs (validation "
+                     f"folded in): at most "
                      f"(sum teacher prefixes + sum student steps) / (deepest prefix + sum student steps) = "
                      f"({sum(t):.3f} + {sum(s):.3f}) / ({max(t):.3f} + {sum(s):.3f}) = {bound:.2f}x per batch: "
                      f"{'student steps dominate, so the 2.5x target is out of reach for this job' if bound < TARGETS['seq_speedup'] else 'the 2.5x target is within reach'}.")

@@ -34,10 +34,12 @@ from .surgery import BlockSpec, BlockTap
 
 @dataclass(frozen=True)
 class BlockCost:
-    """Seconds per batch: teacher forward up to the end of this block, and one student train step."""
+    """Seconds per batch: teacher forward up to the end of this block, one student train step, and
+    one student forward without gradients (what validating the block runs in the teacher's place)."""
 
     teacher: float
     student: float
+    forward: float = 0.0
 
 
 # Fraction added to a data-parallel team's cost for its communication, calibrated with `make bench`
@@ -133,16 +135,18 @@ def with_validation(costs: Sequence[BlockCost], passes: float, shared_prefix: bo
 
     ``passes`` is validation batches per train step. Every block is checked with the teacher's
     prefix up to it shared by the blocks a rank validates together (``surgery.SwappedForward``), so
-    a rank validating blocks B pays one prefix to its deepest block plus, per block, the rest of
-    the network after it: passes x (max_B teacher[b] + sum_B (full - teacher[b])), with ``full``
-    the deepest block's prefix. That has the shape of ``rank_cost``, so it folds into the teacher
-    and student terms exactly; for one block alone (the sequential schedule) it is one full pass.
-    Without a shared prefix (``shared_prefix=False``) every block pays a full pass.
+    a rank validating blocks B pays one prefix to its deepest block plus, per block, its student's
+    forward and the rest of the network after it:
+    passes x (max_B teacher[b] + sum_B (forward[b] + full - teacher[b])), with ``full`` the deepest
+    block's prefix. That has the shape of ``rank_cost``, so it folds into the teacher and student
+    terms exactly; for one block alone (the sequential schedule) it is one full pass. Without a
+    shared prefix (``shared_prefix=False``) every block pays a full pass.
     """
     full = max(c.teacher for c in costs)
     if not shared_prefix:
-        return [BlockCost(c.teacher, c.student + passes * full) for c in costs]
-    return [BlockCost(c.teacher * (1 + passes), c.student + passes * (full - c.teacher)) for c in costs]
+        return [BlockCost(c.teacher, c.student + passes * (full + c.forward), c.forward) for c in costs]
+    return [BlockCost(c.teacher * (1 + passes), c.student + passes * (full - c.teacher + c.forward), c.forward)
+            for c in costs]
 
 
 def lower_bound(costs: Sequence[BlockCost], ranks: int) -> float:
@@ -328,7 +332,8 @@ def make_plan(costs: Sequence[BlockCost], ranks: int, method: str = "auto", hybr
 
 
 def costs_from_json(path: str | Path) -> list[BlockCost]:
-    """Per-block costs from a file: a list of seconds, or of {"teacher": s, "student": s} objects."""
+    """Per-block costs from a file: a list of seconds, or of {"teacher": s, "student": s} objects
+    (optionally with "forward": s, a student forward without gradients)."""
     raw = json.loads(Path(path).read_text())
     if isinstance(raw, dict) and "costs" in raw:
         raw = raw["costs"]
@@ -339,7 +344,7 @@ def costs_from_json(path: str | Path) -> list[BlockCost]:
         if isinstance(item, (int, float)) and not isinstance(item, bool):
             out.append(BlockCost(0.0, float(item)))
         elif isinstance(item, dict) and {"teacher", "student"} <= set(item):
-            out.append(BlockCost(float(item["teacher"]), float(item["student"])))
+            out.append(BlockCost(float(item["teacher"]), float(item["student"]), float(item.get("forward", 0.0))))
         else:
             raise ValueError(f"{path}: item {i} must be a number or an object with 'teacher' and 'student' "
                              f"seconds, got {item!r}")
@@ -355,19 +360,22 @@ def mac_costs(blocks: Sequence[BlockSpec], students: Sequence[nn.Module], gmacs_
     out = []
     for spec, student in zip(blocks, students):
         s_macs = total_macs(student, spec.in_shape)
-        out.append(BlockCost(spec.prefix_macs / (gmacs_per_s * 1e9), 3 * s_macs / (gmacs_per_s * 1e9)))
+        out.append(BlockCost(spec.prefix_macs / (gmacs_per_s * 1e9), 3 * s_macs / (gmacs_per_s * 1e9),
+                             s_macs / (gmacs_per_s * 1e9)))
     return out
 
 
 def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Sequence[nn.Module],
                   batches: Sequence[torch.Tensor], device: torch.device, bn_groups: int = 1,
                   match_activation: Sequence[bool] | None = None) -> list[BlockCost]:
-    """Time, on this device, the teacher forward up to each block and each student's train step.
+    """Time, on this device, the teacher forward up to each block, each student's train step and
+    each student's forward without gradients.
 
-    The first batch warms up; the median of the rest is kept. Students are trained on copies so
-    measuring never changes the blocks that are then distilled, with the BatchNorm they train with
-    (ghost batches when ``bn_groups`` > 1) and the loss they train with (``match_activation``, per
-    block, see ``students.block_loss``).
+    The teacher is timed as the distiller runs it: one truncated pass taking every block's input and
+    target (``BlockTap``, its copies included). The first batch warms up; the median of the rest is
+    kept. Students are trained on copies so measuring never changes the blocks that are then
+    distilled, with the BatchNorm they train with (ghost batches when ``bn_groups`` > 1) and the loss
+    they train with (``match_activation``, per block, see ``students.block_loss``).
     """
     import copy
 
@@ -375,49 +383,43 @@ def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Seq
     from .teams import GhostLayout, ghost_batchnorms, prepare_student
 
     teacher = teacher.to(device).eval()
-    stamps: dict[int, float] = {}
-    handles = [teacher.get_submodule(b.members[-1]).register_forward_hook(
-        lambda m, a, o, i=b.index: stamps.__setitem__(i, _now(device))) for b in blocks]
     teacher_times: dict[int, list[float]] = {b.index: [] for b in blocks}
     student_times: dict[int, list[float]] = {b.index: [] for b in blocks}
-    tap = BlockTap(teacher, blocks, TRAIN_FORMAT)
+    forward_times: dict[int, list[float]] = {b.index: [] for b in blocks}
+    tap = BlockTap(teacher, blocks, TRAIN_FORMAT, clock=lambda: _now(device))
     layout = GhostLayout(bn_groups) if bn_groups > 1 else None
     students = [prepare_student(copy.deepcopy(s).to(device, memory_format=TRAIN_FORMAT).train(), None, layout)
                 for s in students]
     optims = [torch.optim.RMSprop(s.parameters(), lr=1e-6) for s in students]
     matches = list(match_activation) if match_activation is not None else [False] * len(blocks)
-    try:
-        for k, x in enumerate(batches):
-            x = x.to(device)
+    for k, x in enumerate(batches):
+        x = x.to(device)
+        t0 = _now(device)
+        pairs = tap(x)
+        if k:
+            for b in blocks:
+                teacher_times[b.index].append(tap.stamps[b.index] - t0)
+        if layout is not None:
+            layout.set(len(x), range(bn_groups))
+        for b, student, opt, match in zip(blocks, students, optims, matches):
+            inp, target = pairs[b.index]
+            t0 = _now(device)
+            loss = block_loss(student(inp), target, match)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for bn in ghost_batchnorms(student):
+                bn.apply_pending(bn.pending)
+            opt.step()
+            t1 = _now(device)
+            student.eval()
             with torch.no_grad():
-                t0 = _now(device)
-                teacher(x)
+                student(inp)
+            student.train()
             if k:
-                for b in blocks:
-                    teacher_times[b.index].append(stamps[b.index] - t0)
-            for h in handles:
-                h.remove()
-            pairs = tap(x)
-            handles = [teacher.get_submodule(b.members[-1]).register_forward_hook(
-                lambda m, a, o, i=b.index: stamps.__setitem__(i, _now(device))) for b in blocks]
-            if layout is not None:
-                layout.set(len(x), range(bn_groups))
-            for b, student, opt, match in zip(blocks, students, optims, matches):
-                inp, target = pairs[b.index]
-                t0 = _now(device)
-                loss = block_loss(student(inp), target, match)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for bn in ghost_batchnorms(student):
-                    bn.apply_pending(bn.pending)
-                opt.step()
-                if k:
-                    student_times[b.index].append(_now(device) - t0)
-    finally:
-        for h in handles:
-            h.remove()
-    return [BlockCost(statistics.median(teacher_times[b.index]), statistics.median(student_times[b.index]))
-            for b in blocks]
+                student_times[b.index].append(t1 - t0)
+                forward_times[b.index].append(_now(device) - t1)
+    return [BlockCost(statistics.median(teacher_times[b.index]), statistics.median(student_times[b.index]),
+                      statistics.median(forward_times[b.index])) for b in blocks]
 
 
 def _now(device: torch.device) -> float:

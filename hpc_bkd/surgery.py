@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import asdict, dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -242,10 +242,13 @@ class BlockTap:
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[BlockSpec],
-                 memory_format: torch.memory_format = torch.preserve_format) -> None:
+                 memory_format: torch.memory_format = torch.preserve_format,
+                 clock: Callable[[], float] | None = None) -> None:
         self.model = model
         self.blocks = list(blocks)
         self.memory_format = memory_format
+        self.clock = clock  # if given, ``stamps[index]`` = its time once a block's target is taken
+        self.stamps: dict[int, float] = {}
         self._inputs: dict[int, torch.Tensor] = {}
         self._targets: dict[int, torch.Tensor] = {}
 
@@ -268,6 +271,8 @@ class BlockTap:
         def post_hook(index):
             def hook(module, args, out):
                 self._targets[index] = keep(out)
+                if self.clock is not None:
+                    self.stamps[index] = self.clock()
                 remaining.discard(index)
                 if not remaining:
                     raise _StopForward

@@ -118,15 +118,16 @@ def test_validation_folds_into_the_rank_cost_exactly():
 
     rng = random.Random(0)
     teacher = sorted(rng.uniform(0.01, 1.0) for _ in range(7))
-    costs = [BlockCost(t, rng.uniform(0.05, 0.5)) for t in teacher]
+    costs = [BlockCost(t, rng.uniform(0.05, 0.5), rng.uniform(0.01, 0.1)) for t in teacher]
     passes, full = 0.3, max(teacher)
     folded = with_validation(costs, passes)
     for _ in range(20):
         owned = rng.sample(range(7), rng.randint(1, 7))
         expected = rank_cost(owned, costs) + passes * (max(teacher[b] for b in owned)
-                                                       + sum(full - teacher[b] for b in owned))
+                                                       + sum(full - teacher[b] + costs[b].forward for b in owned))
         assert rank_cost(owned, folded) == pytest.approx(expected)
     for b in range(7):  # alone (the sequential schedule): training plus one full validation pass
-        assert rank_cost([b], folded) == pytest.approx(rank_cost([b], costs) + passes * full)
+        assert rank_cost([b], folded) == pytest.approx(rank_cost([b], costs) + passes * (full + costs[b].forward))
     unshared = with_validation(costs, passes, shared_prefix=False)
-    assert rank_cost(range(7), unshared) == pytest.approx(rank_cost(range(7), costs) + 7 * passes * full)
+    assert rank_cost(range(7), unshared) == pytest.approx(
+        rank_cost(range(7), costs) + passes * sum(full + c.forward for c in costs))
