@@ -112,3 +112,31 @@ def test_bench_quick(tmp_path: Path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
         assert png in bench["plots"]
     assert (out / "bench.txt").read_text().startswith("hpc_bkd bench: tiny")
+
+
+def test_median_round_keeps_the_middle_makespan():
+    from hpc_bkd.bench import median_round
+
+    tries = [{"name": "pbkd-1", "metrics": {"distill_s": s}} for s in (30.0, 10.0, 20.0)]
+    chosen = median_round(tries)
+    assert chosen["metrics"]["distill_s"] == 20.0
+    assert chosen["rounds_distill_s"] == [30.0, 10.0, 20.0] == chosen["metrics"]["rounds_distill_s"]
+    assert median_round(tries[:2])["metrics"]["distill_s"] == 10.0  # even count: the lower middle
+    failed = {"name": "pbkd-1", "rc": 1}
+    assert median_round(tries + [failed]) is failed  # a failed round fails the bench
+
+
+@pytest.mark.slow
+def test_bench_repeat_runs_interleaved_rounds(tmp_path: Path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "hpc_bkd.bench", "--quick", "--ranks", "1", "--no-kd", "--repeat", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO, env=cli_env())
+    assert proc.returncode == 0, f"bench exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    started = [line.split()[1] for line in proc.stdout.splitlines() if line.endswith("...")]
+    assert started == ["pbkd-1-r1", "sequential-1-r1", "pbkd-1-r2", "sequential-1-r2"]
+    bench = json.loads((out / "bench.json").read_text())
+    for name in ("pbkd-1", "sequential-1"):
+        run = bench["runs"][name]
+        assert len(run["rounds_distill_s"]) == 2 and run["metrics"]["distill_s"] == min(run["rounds_distill_s"])
+        assert (out / f"gantt-{name}.png").is_file()
+    assert "rounds (median kept)" in proc.stdout
