@@ -91,6 +91,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(f"  {who}: predicted {load:.4f}s/batch  blocks {','.join(map(str, blocks)) or '(idle)'}")
     print(f"makespan {plan['makespan']:.4f}s/batch, lower bound {plan['lower_bound']:.4f}, one rank "
           f"{plan['sequential']:.4f}: predicted speedup {plan['predicted_speedup']:.2f}x")
+    for members, share in sorted(out["member_share"].items()):
+        print(f"a member of a {members}-rank team measured at {share:.2f} of one rank's time (before communication)")
     return 0
 
 

@@ -29,7 +29,7 @@ from .data import Data, steps_per_epoch, train_batch
 from .runtime import stop_requested
 from .students import TRAIN_FORMAT, block_loss, build_student, matches_activation
 from .surgery import BlockSpec, BlockTap, SwappedForward
-from .teams import GhostLayout, Team, ghost_batchnorms, prepare_student
+from .teams import GhostLayout, StepBucket, Team, ghost_batchnorms, prepare_student
 
 log = logging.getLogger("hpc_bkd")
 
@@ -118,13 +118,15 @@ class BlockTrainer:
         self.spans = [tuple(s) for s in state["spans"]]
         self.resumed = True
 
-    def backward(self, inp: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    def backward(self, inp: torch.Tensor, target: torch.Tensor, weight: float = 1.0, zero: bool = True) -> torch.Tensor:
         """Forward and backward of the MSE loss; returns the (weighted) loss. In a team, ``weight``
         is this member's share of the batch: the weighted losses sum to the full-batch mean, and
-        the summed gradients equal the full-batch gradient."""
+        the summed gradients equal the full-batch gradient. ``zero=False``: the gradients live in
+        a team's ``StepBucket``, which was zeroed for this step."""
         self.student.train()
         loss = block_loss(self.student(inp), target, self.match_activation) * weight
-        self.optimizer.zero_grad(set_to_none=True)
+        if zero:
+            self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss.detach()
 
@@ -161,6 +163,8 @@ class LocalDistiller:
         groups = cfg.distill.bn_groups
         self.layout = GhostLayout(groups) if groups > 1 else None
         self._team_stop = False  # a member's stop request, agreed through the step's allreduce
+        self._buckets: dict[tuple[int, ...], StepBucket] = {}  # per group of blocks trained together
+        self._attached: tuple[int, ...] | None = None  # the bucket the gradients now point into
 
     # ---------------------------------------------------------------- set-up and checkpoints
 
@@ -263,23 +267,27 @@ class LocalDistiller:
 
         In a team, everything the step needs from the other members (every student's gradients,
         the ghost BatchNorms' running-statistic updates, the losses, and any stop request) travels
-        in one allreduce.
+        in one allreduce of the group's ``StepBucket``.
         """
-        params = [p for t in group for p in t.student.parameters() if p.grad is not None]
-        bns = [bn for t in group for bn in ghost_batchnorms(t.student)]
         if self.team is None:
-            for bn in bns:
+            for bn in (bn for t in group for bn in ghost_batchnorms(t.student)):
                 bn.apply_pending(bn.pending)
             return [float(loss) for loss in losses]
-        stop = torch.tensor([1.0 if stop_requested() else 0.0])
-        summed = self.team.sum_tensors([p.grad for p in params] + [bn.pending for bn in bns]
-                                       + [torch.stack(losses).reshape(-1), stop])
-        for p, g in zip(params, summed):
-            p.grad.copy_(g)
-        for bn, pending in zip(bns, summed[len(params):]):
-            bn.apply_pending(pending)
-        self._team_stop = bool(summed[-1].item() > 0)
-        return summed[-2].tolist()
+        summed, self._team_stop = self._bucket(group).allreduce(self.team, losses, stop_requested())
+        return summed
+
+    def _bucket(self, group: list[BlockTrainer]) -> StepBucket:
+        """The step bucket of this group of blocks, holding its students' gradients."""
+        key = tuple(t.spec.index for t in group)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            params = [p for t in group for p in t.student.parameters() if p.requires_grad]
+            bns = [bn for t in group for bn in ghost_batchnorms(t.student)]
+            bucket = self._buckets[key] = StepBucket(params, bns, len(group))
+        elif self._attached != key:
+            bucket.attach()
+        self._attached = key
+        return bucket
 
     def _select(self, active: list[BlockTrainer]) -> list[BlockTrainer]:
         if self.cfg.distill.schedule == "sequential":
@@ -317,12 +325,14 @@ class LocalDistiller:
             t0 = time.perf_counter()
             pairs = tap(x.to(self.device))
             share = (time.perf_counter() - t0) / len(group)
+            if self.team is not None:
+                self._bucket(group).zero()
             losses = []
             for t in group:
                 if t.started_at is None:
                     t.started_at = time.time()
                 t1 = time.perf_counter()
-                losses.append(t.backward(*pairs[t.spec.index], weight=weight))
+                losses.append(t.backward(*pairs[t.spec.index], weight=weight, zero=self.team is None))
                 t.train_time += share + time.perf_counter() - t1
             t1 = time.perf_counter()
             losses = self._sync_step(group, losses)

@@ -2,10 +2,11 @@
 fine-tune -> report. Rank 0 coordinates; every rank trains the blocks the plan gives it.
 
 Phases and what travels over MPI:
-1. rank 0 gets the teacher (cache, checkpoint or training), finds and costs the blocks, and
-   broadcasts teacher weights + block list (no shared filesystem needed);
-2. every rank reports the finished blocks it can see under the run directory (resume), rank 0 plans
-   the remaining blocks and broadcasts the plan;
+1. rank 0 gets the teacher (cache, checkpoint or training) and finds the blocks, and broadcasts
+   teacher weights + block list (no shared filesystem needed);
+2. every rank times every block at once (so the costs include the ranks' contention for the node)
+   and reports the finished blocks it can see under the run directory (resume); rank 0 takes the
+   median costs, plans the remaining blocks and broadcasts the plan;
 3. every rank distills its blocks, checkpointing each under the run directory;
 4. trained blocks and metrics are gathered to rank 0, which assembles, fine-tunes, evaluates, saves
    the student and writes the report.
@@ -29,7 +30,8 @@ from .distill import LocalDistiller, block_path, finished_blocks, load_finished
 from .energy import EnergyMeter
 from .finetune import accept_blocks, finetune, recalibrate_bn
 from .models import build_model
-from .plan import BlockCost, Plan, TeamModel, make_plan, mac_costs, measure_costs, with_validation
+from .plan import (BlockCost, Plan, TeamModel, make_plan, mac_costs, measure_team_costs, rank_cost,
+                   team_layouts, with_validation)
 from .runtime import Interrupted, Runtime, init_runtime, setup_logging
 from .students import build_student, matches_activation
 from .surgery import BlockSpec, SwappedForward, assemble, conv_params, find_blocks, total_macs
@@ -63,24 +65,54 @@ def job_fingerprint(cfg: Config, teacher_fp: str, blocks: list[BlockSpec]) -> st
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _costs(cfg: Config, teacher, blocks, data: Data, device) -> tuple[list, str]:
+def _team_sizes(cfg: Config, ranks: int, n_blocks: int) -> list[int]:
+    """Team sizes (> 1) a plan on ``ranks`` ranks may use; none for a pure block split."""
+    if not cfg.plan.hybrid or ranks < 2:
+        return []
+    tm = TeamModel.for_groups(cfg.distill.bn_groups)
+    return sorted({m for sizes in team_layouts(ranks, n_blocks, True, cfg.plan.teams) for m in sizes
+                   if m > 1 and tm.allows(m)})
+
+
+def _costs(cfg: Config, teacher, blocks, data: Data, device, ranks: int = 1) -> tuple[list[BlockCost], dict[int, float], str]:
+    """Per-block costs on this rank, and the share of one rank's time that the busiest member of
+    each team size the plan may use takes (see ``plan.TeamModel``)."""
     b = cfg.blocks
     students = [build_student(s, b.student_depth, b.student_width, cfg.run.seed) for s in blocks]
     if cfg.plan.cost_model == "macs":
-        return mac_costs(blocks, students), "macs"
+        return mac_costs(blocks, students), {}, "macs"
     batches = [train_batch(data, cfg.data.batch_size, cfg.run.seed, 0, k)[0]
                for k in range(cfg.plan.measure_batches + 1)]
     matches = [matches_activation(s, cfg.distill.match) for s in blocks]
-    costs = measure_costs(teacher, blocks, students, batches, device, cfg.distill.bn_groups, matches)
+
+    sizes = _team_sizes(cfg, ranks, len(blocks))
+    measured = measure_team_costs(teacher, blocks, students, batches, device, cfg.distill.bn_groups, matches,
+                                  [1, *sizes])
     if cfg.distill.validate_every_epoch:
         steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
         passes = len(data.val) / cfg.data.batch_size / steps  # validation batches per train step
-        costs = with_validation(costs, passes, SwappedForward(teacher, blocks).shares_prefix)
-    return costs, "measured"
+        shares_prefix = SwappedForward(teacher, blocks).shares_prefix
+        measured = {m: with_validation(c, passes, shares_prefix) for m, c in measured.items()}
+    costs = measured[1]
+    whole = rank_cost(range(len(costs)), costs)
+    shares = {m: rank_cost(range(len(costs)), measured[m]) / whole for m in sizes}
+    return costs, shares, "measured"
+
+
+def _combine(measured: list[tuple[list[BlockCost], dict[int, float], str]]) -> tuple[list[BlockCost], dict[int, float]]:
+    """The per-field median over ranks of every rank's measurement (each rank measures while the
+    others do too, so the costs include what ranks sharing a node do to each other)."""
+    import statistics
+
+    per_rank = [m[0] for m in measured]
+    costs = [BlockCost(*(statistics.median(getattr(r[i], f) for r in per_rank) for f in ("teacher", "student", "forward")))
+             for i in range(len(per_rank[0]))]
+    shares = {m: statistics.median(r[1][m] for r in measured) for m in measured[0][1]}
+    return costs, shares
 
 
 def coordinate(cfg: Config, rt: Runtime, data: Data, run_dir: Path, phases: Phases) -> dict[str, Any]:
-    """Rank 0: teacher, blocks, costs. Returns what is broadcast to every rank."""
+    """Rank 0: the teacher and its blocks. Returns what is broadcast to every rank."""
     teacher, teacher_info = get_teacher(cfg, data, run_dir, rt.device)
     phases.mark("teacher")
     teacher_val = accuracy(teacher, data, "val", cfg.data.eval_batch_size, rt.device)
@@ -89,17 +121,11 @@ def coordinate(cfg: Config, rt: Runtime, data: Data, run_dir: Path, phases: Phas
     log.info("teacher %s (%s): val acc %.2f%%, test acc %.2f%%", cfg.model.arch, teacher_info["source"],
              teacher_val, teacher_test)
     blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
-    costs, cost_model = _costs(cfg, teacher, blocks, data, rt.device)
-    teacher.cpu()
-    checkpoint.write_json(run_dir / "costs.json", {"cost_model": cost_model, "device": str(rt.device),
-                                                   "threads": rt.threads, "batch_size": cfg.data.batch_size,
-                                                   "blocks": [b.name for b in blocks],
-                                                   "costs": [vars(c) for c in costs]})
-    phases.mark("plan")
+    phases.mark("teacher")
     state = teacher.state_dict()
     teacher_fp = state_fingerprint(state)
     return {"teacher_state": state, "teacher_info": teacher_info, "teacher_val": teacher_val,
-            "teacher_test": teacher_test, "blocks": blocks, "costs": costs, "cost_model": cost_model,
+            "teacher_test": teacher_test, "blocks": blocks,
             "fingerprint": job_fingerprint(cfg, teacher_fp, blocks), "teacher_fp": teacher_fp}
 
 
@@ -131,6 +157,7 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
             shared = {"interrupted": True}
     t_bcast = time.perf_counter()
     shared = rt.bcast(shared)
+    bcast_s = time.perf_counter() - t_bcast
     if shared.get("interrupted"):
         raise Interrupted(str(run_dir))
     blocks: list[BlockSpec] = shared["blocks"]
@@ -138,6 +165,19 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
     teacher.load_state_dict(shared["teacher_state"])
     teacher.eval()
     fingerprint = shared["fingerprint"]
+    if rt.is_root:
+        phases.mark("broadcast")
+
+    # costs: every rank measures at once, so contention between ranks is in the figures
+    measured = rt.gather(_costs(cfg, teacher, blocks, data, rt.device, rt.size))
+    if rt.is_root:
+        shared["costs"], member_share = _combine(measured)
+        shared["cost_model"], shared["member_share"] = measured[0][2], member_share
+        checkpoint.write_json(run_dir / "costs.json", {
+            "cost_model": shared["cost_model"], "device": str(rt.device), "threads": rt.threads,
+            "batch_size": cfg.data.batch_size, "blocks": [b.name for b in blocks],
+            "costs": [vars(c) for c in shared["costs"]], "member_share": member_share,
+            "per_rank": [[vars(c) for c in m[0]] for m in measured]})
 
     # resume: which finished blocks can each rank see? (the run dir need not be shared)
     seen = rt.allgather(finished_blocks(run_dir, fingerprint, len(blocks)))
@@ -146,7 +186,8 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
     plan: Plan | None = None
     if rt.is_root:
         sub = make_plan([shared["costs"][b.index] for b in remaining], rt.size, cfg.plan.method,
-                        cfg.plan.hybrid, cfg.plan.teams, tm=TeamModel.for_groups(cfg.distill.bn_groups))
+                        cfg.plan.hybrid, cfg.plan.teams,
+                        tm=TeamModel.for_groups(cfg.distill.bn_groups, shared["member_share"]))
         local_to_global = [b.index for b in remaining]
         sub.assignment = [[local_to_global[i] for i in blocks_] for blocks_ in sub.assignment]
         sub.costs = shared["costs"]
@@ -155,8 +196,10 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
             log.info("resuming: %d block(s) already finished (%s), %d to train", len(finished),
                      ",".join(map(str, finished)), len(remaining))
         _log_plan(plan, blocks)
+        phases.mark("plan")
+    t_bcast = time.perf_counter()
     plan = rt.bcast(plan)
-    bcast_s = time.perf_counter() - t_bcast
+    bcast_s += time.perf_counter() - t_bcast
     if rt.is_root:
         phases.mark("broadcast")
 
@@ -289,10 +332,11 @@ def plan_only(cfg: Config, ranks: int) -> dict[str, Any]:
         from .teacher import load_teacher_checkpoint
         load_teacher_checkpoint(cfg.teacher.checkpoint, teacher)
     blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
-    costs, cost_model = _costs(cfg, teacher, blocks, data, rt.device)
+    costs, member_share, cost_model = _costs(cfg, teacher, blocks, data, rt.device, ranks)
     plan = make_plan(costs, ranks, cfg.plan.method, cfg.plan.hybrid, cfg.plan.teams,
-                     tm=TeamModel.for_groups(cfg.distill.bn_groups))
+                     tm=TeamModel.for_groups(cfg.distill.bn_groups, member_share))
     return {"arch": cfg.model.arch, "granularity": cfg.blocks.granularity, "cost_model": cost_model,
+            "member_share": member_share,
             "blocks": [b.to_dict() for b in blocks], "plan": plan.to_dict()}
 
 

@@ -12,7 +12,8 @@ the makespan max_r cost(B_r): exactly by branch and bound when the search is sma
 
 Hybrid plans (``plan.hybrid``) also consider splitting the ranks into k teams of near-equal size
 (k = 1 .. ranks); a team of m ranks splits every batch m ways (see ``teams.py``), so its cost is
-cost(B) / m plus an allreduce overhead. The best layout over k wins; k = ranks is the pure block
+cost(B) times the measured share of its busiest member (about 1/m for long steps, more for short
+ones), plus an allreduce overhead. The best layout over k wins; k = ranks is the pure block
 split. This is what lets more ranks than blocks, or a dominant teacher prefix, still scale.
 """
 from __future__ import annotations
@@ -42,36 +43,69 @@ class BlockCost:
     forward: float = 0.0
 
 
-# Fraction added to a data-parallel team's cost for its communication, calibrated with `make bench`
-# on 2 CPU ranks of the default job. Whole-batch BatchNorm statistics (distill.bn_groups = 1) cost
-# two host-staged allreduces per BatchNorm per step plus one for the gradients: a 2-rank team ran
-# 1.6x its ideal time. Ghost batches (bn_groups > 1) need one allreduce per step for everything.
+# Fraction added to a data-parallel team's measured compute (``TeamModel.member_share``) for its
+# communication and for waiting on its slowest member at every step, calibrated with 2 CPU ranks on
+# the default job. Whole-batch BatchNorm statistics (distill.bn_groups = 1) cost two host-staged
+# allreduces per BatchNorm per step plus one for the gradients: a 2-rank team ran 1.6x its ideal
+# time. Ghost batches (bn_groups > 1) need one allreduce per step for everything (``StepBucket``);
+# what is left is mostly the members' step-to-step jitter: each waited 6 % of the run for the other.
 TEAM_OVERHEAD_SYNC_BN = 0.6
-TEAM_OVERHEAD_GHOST_BN = 0.06
+TEAM_OVERHEAD_GHOST_BN = 0.08
+
+
+def member_rows(batch: int, members: int, bn_groups: int = 1) -> int:
+    """Rows of each batch that the busiest member of a ``members``-rank team works on: whole ghost
+    batches (3 members of 4 groups hold 1, 1 and 2), else an even split."""
+    if members <= 1:
+        return batch
+    if bn_groups > 1:
+        return math.ceil(bn_groups / members) * batch // bn_groups
+    return math.ceil(batch / members)
 
 
 @dataclass(frozen=True)
 class TeamModel:
-    """What a data-parallel team of m ranks costs relative to one rank doing the same blocks."""
+    """What a data-parallel team of m ranks costs relative to one rank doing the same blocks.
+
+    ``member_share[m]`` is the measured time of the busiest member of an m-rank team as a fraction
+    of one rank's time for the same blocks (``measure_costs(..., members=m)``). It is well above its
+    share of the batch when steps are short: per-op overheads do not shrink with the batch (on the
+    default job a member's half batch took about 0.65 of the full one). Without a measurement (costs
+    from a file or from MACs) the member's share of the batch is used, which is optimistic.
+    """
 
     overhead: float = TEAM_OVERHEAD_SYNC_BN
     bn_groups: int = 1  # > 1: members hold whole ghost batches; teams of at most this many ranks
+    member_share: dict[int, float] = field(default_factory=dict)
 
     @classmethod
-    def for_groups(cls, bn_groups: int) -> "TeamModel":
-        return cls(TEAM_OVERHEAD_GHOST_BN if bn_groups > 1 else TEAM_OVERHEAD_SYNC_BN, bn_groups)
+    def for_groups(cls, bn_groups: int, member_share: dict[int, float] | None = None) -> "TeamModel":
+        return cls(TEAM_OVERHEAD_GHOST_BN if bn_groups > 1 else TEAM_OVERHEAD_SYNC_BN, bn_groups,
+                   dict(member_share or {}))
 
     def allows(self, members: int) -> bool:
         return self.bn_groups == 1 or members <= self.bn_groups
 
-    def scale(self, members: int) -> float:
-        """A team's seconds per batch as a multiple of one rank's: its busiest member's share of
-        the batch (whole ghost batches, so 3 members of 4 groups take 1/4, 1/4, 1/2) plus overhead."""
+    def share(self, members: int) -> float:
+        """The busiest member's time as a fraction of one rank's, before communication: measured,
+        else its share of the batch (in whole ghost batches)."""
         if members == 1:
             return 1.0
+        if members in self.member_share:
+            return self.member_share[members]
         g = self.bn_groups
-        share = math.ceil(g / members) / g if g > 1 else 1.0 / members
-        return share * (1 + self.overhead)
+        return math.ceil(g / members) / g if g > 1 else 1.0 / members
+
+    def scale(self, members: int) -> float:
+        """A team's seconds per batch as a multiple of one rank's: its busiest member's share
+        plus the communication overhead."""
+        return 1.0 if members == 1 else self.share(members) * (1 + self.overhead)
+
+    def best_speedup(self, ranks: int) -> float:
+        """The most ``ranks`` ranks can speed up one rank's work, overheads aside: ``ranks``, or
+        more where a member's measured share is below its share of the batch."""
+        return max([float(ranks)] + [ranks / (m * self.share(m)) for m in range(2, ranks + 1)
+                                     if self.allows(m) and self.share(m) > 0])
 
 
 @dataclass
@@ -322,7 +356,7 @@ def make_plan(costs: Sequence[BlockCost], ranks: int, method: str = "auto", hybr
     makespan = max(predicted)
     bound = lower_bound(costs, ranks)
     if hybrid and ranks > 1:
-        bound = min(bound, (max(c.teacher for c in costs) + sum(c.student for c in costs)) / ranks)
+        bound = min(bound, (max(c.teacher for c in costs) + sum(c.student for c in costs)) / tm.best_speedup(ranks))
     if math.isclose(makespan, bound, rel_tol=1e-9):
         optimal = True
     return Plan(ranks, assignment, predicted, makespan, bound, sequential, used, optimal, costs, teams)
@@ -367,7 +401,7 @@ def mac_costs(blocks: Sequence[BlockSpec], students: Sequence[nn.Module], gmacs_
 
 def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Sequence[nn.Module],
                   batches: Sequence[torch.Tensor], device: torch.device, bn_groups: int = 1,
-                  match_activation: Sequence[bool] | None = None) -> list[BlockCost]:
+                  match_activation: Sequence[bool] | None = None, members: int = 1) -> list[BlockCost]:
     """Time, on this device, the teacher forward up to each block, each student's train step and
     each student's forward without gradients.
 
@@ -376,50 +410,65 @@ def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Seq
     kept. Students are trained on copies so measuring never changes the blocks that are then
     distilled, with the BatchNorm they train with (ghost batches when ``bn_groups`` > 1) and the loss
     they train with (``match_activation``, per block, see ``students.block_loss``).
+
+    ``members`` > 1 times what the busiest member of a team of that many ranks runs: its rows of
+    each batch (``member_rows``), with its ghost batches.
     """
+    return measure_team_costs(teacher, blocks, students, batches, device, bn_groups, match_activation,
+                              (members,))[members]
+
+
+def measure_team_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Sequence[nn.Module],
+                       batches: Sequence[torch.Tensor], device: torch.device, bn_groups: int = 1,
+                       match_activation: Sequence[bool] | None = None,
+                       members: Sequence[int] = (1,)) -> dict[int, list[BlockCost]]:
+    """``measure_costs`` for several team sizes at once, interleaved batch by batch (every size
+    on a batch before the next batch), so a machine whose speed drifts shifts every size alike
+    and their ratios (``TeamModel.member_share``) stay sound."""
     import copy
 
     from .students import TRAIN_FORMAT, block_loss
     from .teams import GhostLayout, ghost_batchnorms, prepare_student
 
     teacher = teacher.to(device).eval()
-    teacher_times: dict[int, list[float]] = {b.index: [] for b in blocks}
-    student_times: dict[int, list[float]] = {b.index: [] for b in blocks}
-    forward_times: dict[int, list[float]] = {b.index: [] for b in blocks}
+    times = {m: {key: {b.index: [] for b in blocks} for key in ("teacher", "student", "forward")} for m in members}
     tap = BlockTap(teacher, blocks, TRAIN_FORMAT, clock=lambda: _now(device))
     layout = GhostLayout(bn_groups) if bn_groups > 1 else None
     students = [prepare_student(copy.deepcopy(s).to(device, memory_format=TRAIN_FORMAT).train(), None, layout)
                 for s in students]
     optims = [torch.optim.RMSprop(s.parameters(), lr=1e-6) for s in students]
     matches = list(match_activation) if match_activation is not None else [False] * len(blocks)
-    for k, x in enumerate(batches):
-        x = x.to(device)
-        t0 = _now(device)
-        pairs = tap(x)
-        if k:
-            for b in blocks:
-                teacher_times[b.index].append(tap.stamps[b.index] - t0)
-        if layout is not None:
-            layout.set(len(x), range(bn_groups))
-        for b, student, opt, match in zip(blocks, students, optims, matches):
-            inp, target = pairs[b.index]
+    for k, batch in enumerate(batches):
+        for m in members:
+            t = times[m]
+            n = len(batch)
+            x = batch[: member_rows(n, m, bn_groups)].to(device)
             t0 = _now(device)
-            loss = block_loss(student(inp), target, match)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for bn in ghost_batchnorms(student):
-                bn.apply_pending(bn.pending)
-            opt.step()
-            t1 = _now(device)
-            student.eval()
-            with torch.no_grad():
-                student(inp)
-            student.train()
+            pairs = tap(x)
             if k:
-                student_times[b.index].append(t1 - t0)
-                forward_times[b.index].append(_now(device) - t1)
-    return [BlockCost(statistics.median(teacher_times[b.index]), statistics.median(student_times[b.index]),
-                      statistics.median(forward_times[b.index])) for b in blocks]
+                for b in blocks:
+                    t["teacher"][b.index].append(tap.stamps[b.index] - t0)
+            if layout is not None:
+                layout.set(n, range(math.ceil(bn_groups / m)))
+            for b, student, opt, match in zip(blocks, students, optims, matches):
+                inp, target = pairs[b.index]
+                t0 = _now(device)
+                loss = block_loss(student(inp), target, match)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for bn in ghost_batchnorms(student):
+                    bn.apply_pending(bn.pending)
+                opt.step()
+                t1 = _now(device)
+                student.eval()
+                with torch.no_grad():
+                    student(inp)
+                student.train()
+                if k:
+                    t["student"][b.index].append(t1 - t0)
+                    t["forward"][b.index].append(_now(device) - t1)
+    return {m: [BlockCost(*(statistics.median(times[m][key][b.index]) for key in ("teacher", "student", "forward")))
+                for b in blocks] for m in members}
 
 
 def _now(device: torch.device) -> float:

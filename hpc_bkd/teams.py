@@ -69,24 +69,61 @@ class Team:
         return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
 
     def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In-place allreduce of a contiguous tensor (float64 sums keep results order-independent)."""
+        """In-place allreduce of a tensor in its own dtype (staged through host memory off the CPU)."""
         from mpi4py import MPI
 
-        host = tensor.detach().to("cpu", torch.float64).contiguous()
+        host = tensor.detach().to("cpu").contiguous()
         self.comm.Allreduce(MPI.IN_PLACE, host.numpy(), op=MPI.MAX if op == "max" else MPI.SUM)
-        if tensor.device.type != "cpu" or host.data_ptr() != tensor.data_ptr():  # else reduced in place
-            tensor.copy_(host.to(tensor.dtype))
+        if host.data_ptr() != tensor.data_ptr():  # else reduced in place
+            tensor.copy_(host)
         return tensor
 
-    def sum_tensors(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Sum several tensors over the team in a single allreduce; returns float64 sums, same shapes."""
-        flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors])
-        self.allreduce_(flat)
-        out, offset = [], 0
-        for t in tensors:
-            out.append(flat[offset: offset + t.numel()].view(t.shape))
-            offset += t.numel()
-        return out
+
+class StepBucket:
+    """Everything a team sums at each step, in one flat buffer: one allreduce, nothing to pack.
+
+    The students' parameters get ``.grad`` views into the front of the buffer, so autograd
+    accumulates straight into it and the optimizers read the team's sums in place (as DDP's
+    buckets do). Behind the gradients sit the ghost BatchNorms' pending running-statistic
+    updates, the losses and the stop flag. Packing some 150 small gradients into a float64 copy
+    and scattering them back cost about 9 ms of a 140 ms step on the default job; here the only
+    per-step copies are the BatchNorm statistics and the losses. Sums are float32, like the
+    gradients themselves: with every member reducing the same values, members stay identical.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], bns: Sequence["GroupBatchNorm2d"], n_losses: int) -> None:
+        self.params, self.bns, self.n_losses = list(params), list(bns), n_losses
+        self.sizes = [p.numel() for p in self.params]
+        self.n_grad = sum(self.sizes)
+        n_bn = sum(2 * bn.num_features for bn in self.bns)
+        ref = self.params[0]
+        self.flat = torch.zeros(self.n_grad + n_bn + n_losses + 1, dtype=ref.dtype, device=ref.device)
+        self.attach()
+
+    def attach(self) -> None:
+        """Point every parameter's ``.grad`` at its slice (again, if another bucket took it)."""
+        for p, g in zip(self.params, self.flat[: self.n_grad].split(self.sizes)):
+            p.grad = g.view(p.shape)
+
+    def zero(self) -> None:
+        self.flat.zero_()
+
+    def allreduce(self, team: Team, losses: Sequence[torch.Tensor], stop: bool) -> tuple[list[float], bool]:
+        """Sum gradients, BatchNorm updates, losses and stop requests over the team, apply the
+        BatchNorm updates; returns the summed losses and whether any member asked to stop."""
+        tail = self.flat[self.n_grad:]
+        offset = 0
+        for bn in self.bns:
+            tail[offset: offset + bn.pending.numel()].copy_(bn.pending)
+            offset += bn.pending.numel()
+        tail[offset: offset + self.n_losses].copy_(torch.stack([loss.reshape(()) for loss in losses]))
+        tail[-1] = 1.0 if stop else 0.0
+        team.allreduce_(self.flat)
+        offset = 0
+        for bn in self.bns:
+            bn.apply_pending(tail[offset: offset + 2 * bn.num_features])
+            offset += 2 * bn.num_features
+        return tail[offset: offset + self.n_losses].tolist(), bool(tail[-1].item() > 0)
 
 
 class _SyncBatchNormFn(torch.autograd.Function):

@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from conftest import hpc
 from hpc_bkd.plan import BlockCost, costs_from_json, lower_bound, make_plan, rank_cost
@@ -106,7 +107,7 @@ def test_ghost_batch_teams_are_cheap_and_bounded_by_the_groups():
     assert tm.allows(4) and not tm.allows(5)
     costs = [BlockCost(0.05 * (i + 1), 0.1) for i in range(6)]
     plan = make_plan(costs, 2, hybrid=True, tm=TeamModel.for_groups(2))
-    assert plan.teams == [[0, 1]]  # with a 6 % overhead the team beats any block split here
+    assert plan.teams == [[0, 1]]  # at its share of the batch plus overhead the team beats any block split here
     with pytest.raises(ValueError, match="bn_groups"):
         make_plan(costs, 4, hybrid=True, teams=1, tm=TeamModel.for_groups(2))
 
@@ -131,3 +132,57 @@ def test_validation_folds_into_the_rank_cost_exactly():
     unshared = with_validation(costs, passes, shared_prefix=False)
     assert rank_cost(range(7), unshared) == pytest.approx(
         rank_cost(range(7), costs) + passes * sum(full + c.forward for c in costs))
+
+
+def test_member_rows_are_whole_ghost_batches_or_an_even_split():
+    from hpc_bkd.plan import member_rows
+
+    assert member_rows(64, 1, 2) == 64
+    assert member_rows(64, 2, 2) == 32
+    assert member_rows(64, 3, 4) == 32  # 4 ghost batches over 3 members: the busiest holds 2
+    assert member_rows(64, 3, 1) == 22  # synced statistics: rows split evenly, rounded up
+
+
+def test_a_measured_member_share_prices_teams_and_keeps_the_bound():
+    """A member measured at 0.7 of one rank's time (per-op overheads do not halve with the batch)
+    makes the team dearer than its share of the batch says; a share below 0.5 lowers the bound."""
+    from hpc_bkd.plan import TEAM_OVERHEAD_GHOST_BN, TeamModel
+
+    costs = [BlockCost(0.05 * (i + 1), 0.1) for i in range(6)]
+    linear = make_plan(costs, 2, hybrid=True, tm=TeamModel.for_groups(2))
+    measured = make_plan(costs, 2, hybrid=True, tm=TeamModel.for_groups(2, {2: 0.7}))
+    assert linear.teams == [[0, 1]] and measured.teams == [[0], [1]]
+    forced = make_plan(costs, 2, hybrid=True, teams=1, tm=TeamModel.for_groups(2, {2: 0.7}))
+    assert forced.makespan == pytest.approx(rank_cost(range(6), costs) * 0.7 * (1 + TEAM_OVERHEAD_GHOST_BN))
+    rng = random.Random(1)
+    for _ in range(30):
+        costs = [BlockCost(rng.uniform(0, 1), rng.uniform(0, 1)) for _ in range(rng.randint(1, 7))]
+        tm = TeamModel.for_groups(4, {m: rng.uniform(0.2, 1.0) for m in (2, 3, 4)})
+        ranks = rng.randint(2, 4)
+        plan = make_plan(costs, ranks, hybrid=True, tm=tm)
+        assert plan.lower_bound <= plan.makespan + 1e-12
+
+
+def test_measuring_for_a_team_member_times_its_rows_of_the_batch():
+    """measure_costs(members=2) runs the teacher (and so the students) on the busiest member's
+    ghost batches only: what that member runs in a team."""
+    from torch import nn
+
+    from hpc_bkd.plan import measure_costs
+    from hpc_bkd.students import build_student
+    from hpc_bkd.surgery import find_blocks
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    blocks = find_blocks(teacher, (3, 16, 16), "conv")
+    students = [build_student(b) for b in blocks]
+    seen: list[int] = []
+    teacher[0].register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    batches = [torch.randn(64, 3, 16, 16) for _ in range(4)]
+    for members, rows in ((1, 64), (2, 32)):
+        seen.clear()
+        costs = measure_costs(teacher, blocks, students, batches, torch.device("cpu"), bn_groups=2, members=members)
+        assert len(costs) == len(blocks) and all(c.teacher > 0 and c.student > 0 for c in costs)
+        assert seen and set(seen) == {rows}
