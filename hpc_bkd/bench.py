@@ -429,10 +429,12 @@ def derive(runs: dict[str, dict[str, Any]], ranks: list[int]) -> dict[str, Any]:
 def cost_model_notes(runs: dict[str, dict[str, Any]], hw: dict[str, Any]) -> list[str]:
     notes = ["The cost model predicts, per batch, the teacher forward up to a rank's deepest block plus one "
              "train step per owned student (plus the end-of-epoch validation of its blocks: one shared teacher "
-             "prefix and each block's suffix, spread over the epoch's steps), timed on rank 0 alone before distillation. It leaves out: per-epoch checkpoint "
-             "writes, batch assembly/normalisation, Python/hook overhead, the allreduce of data-parallel "
-             "teams beyond its estimate, and contention between ranks sharing one node's cores, caches and "
-             "memory bandwidth (and with any other process on the machine)."]
+             "prefix and each block's suffix, spread over the epoch's steps), timed over a few batches on every "
+             "rank at once before distillation (so contention between ranks at that moment is in it; rank 0 "
+             "plans with the median over ranks); a team is priced by its busiest member's measured share plus "
+             "a fixed overhead. It leaves out: per-epoch checkpoint writes, batch assembly/normalisation, "
+             "Python/hook overhead, and any change in the machine's speed after those first batches (this "
+             "VM's drifts by tens of percent over minutes)."]
     for name, r in runs.items():
         m = r.get("metrics") or {}
         if m.get("predicted_distill_s") is not None:

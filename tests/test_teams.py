@@ -79,3 +79,43 @@ def test_prepared_students_keep_plain_state_dicts():
     assert len(ghost_batchnorms(student)) == 1 and set(student.state_dict()) == keys
     plain = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
     plain.load_state_dict(student.state_dict())
+
+
+def test_a_step_bucket_holds_the_gradients_and_sums_everything_at_once():
+    """The bucket's flat buffer *is* the gradients (autograd accumulates into it, the optimizer
+    reads it), and its one allreduce carries the BatchNorm updates, losses and stop flag too. With
+    a one-rank communicator the sums are the values themselves, so the step equals a plain one."""
+    from mpi4py import MPI
+
+    from hpc_bkd.teams import StepBucket, Team
+
+    torch.manual_seed(0)
+    layout = GhostLayout(2)
+    make = lambda: prepare_student(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)),
+                                   None, layout)
+    bucketed, plain = make(), make()
+    plain.load_state_dict(bucketed.state_dict())
+    x = torch.randn(8, 3, 5, 5)
+    layout.set(len(x), range(2))
+    params = list(bucketed.parameters())
+    bucket = StepBucket(params, ghost_batchnorms(bucketed), n_losses=1)
+    team = Team(MPI.COMM_SELF, bn_groups=2)
+    for step in range(2):
+        bucket.zero()
+        loss = bucketed(x).square().mean()
+        loss.backward()
+        for p in params:  # every gradient lives inside the flat buffer
+            assert bucket.flat.data_ptr() <= p.grad.data_ptr() < bucket.flat.data_ptr() + 4 * bucket.flat.numel()
+        losses, stop = bucket.allreduce(team, [loss.detach()], stop=step == 1)
+        assert losses == pytest.approx([float(loss)]) and stop == (step == 1)
+        plain.zero_grad(set_to_none=True)
+        plain(x).square().mean().backward()
+        for bn in ghost_batchnorms(plain):
+            bn.apply_pending(bn.pending)
+        for a, b in zip(params, plain.parameters()):
+            assert torch.allclose(a.grad, b.grad, atol=1e-6)
+        for name, buf in plain.named_buffers():
+            assert torch.allclose(dict(bucketed.named_buffers())[name].float(), buf.float(), atol=1e-6), name
+    other = StepBucket(params, ghost_batchnorms(bucketed), n_losses=1)  # takes the gradients over...
+    bucket.attach()  # ...until the first bucket takes them back
+    assert params[0].grad.data_ptr() == bucket.flat.data_ptr() != other.flat.data_ptr()
