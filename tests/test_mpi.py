@@ -34,6 +34,14 @@ def test_one_rank_and_two_ranks_train_the_same_blocks(tmp_path: Path, tiny_teach
     assert report["world_size"] == 2 and {b["rank"] for b in report["blocks"]} == {0, 1}
     one, two = _blocks(tmp_path / "np1"), _blocks(tmp_path / "np2")
     _assert_same_blocks(one, two)
+    # both ranks timed every block at once; the plan used the median (of two: the mean) of each cost,
+    # and priced a team of two from the member share measured alongside
+    costs = json.loads((tmp_path / "np2" / "costs.json").read_text())
+    assert len(costs["per_rank"]) == 2 and set(costs["member_share"]) == {"2"}
+    for i, cost in enumerate(costs["costs"]):
+        for key in ("teacher", "student", "forward"):
+            assert cost[key] == pytest.approx(sum(r[i][key] for r in costs["per_rank"]) / 2)
+    assert report["member_share"] == {"2": costs["member_share"]["2"]}
 
 
 @pytest.mark.parametrize("bn_groups", [1, 2])
