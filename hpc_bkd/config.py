@@ -114,7 +114,8 @@ class DistillConfig:
 
 @dataclass
 class PlanConfig:
-    # measured: time teacher-forward and student-step per block on this device before planning.
+    # measured: time teacher-forward and student-step per block on this device before planning, on
+    # every rank at once (rank 0 plans with the median; with hybrid, a team member's rows too).
     # macs: estimate from multiply-accumulate counts (no measurement).
     cost_model: Literal["measured", "macs"] = "measured"
     # Batches timed per block when cost_model is measured (after one warm-up batch).
