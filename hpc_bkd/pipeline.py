@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,8 +103,6 @@ def _costs(cfg: Config, teacher, blocks, data: Data, device, ranks: int = 1) -> 
 def _combine(measured: list[tuple[list[BlockCost], dict[int, float], str]]) -> tuple[list[BlockCost], dict[int, float]]:
     """The per-field median over ranks of every rank's measurement (each rank measures while the
     others do too, so the costs include what ranks sharing a node do to each other)."""
-    import statistics
-
     per_rank = [m[0] for m in measured]
     costs = [BlockCost(*(statistics.median(getattr(r[i], f) for r in per_rank) for f in ("teacher", "student", "forward")))
              for i in range(len(per_rank[0]))]

@@ -113,9 +113,9 @@ class StepBucket:
         BatchNorm updates; returns the summed losses and whether any member asked to stop."""
         tail = self.flat[self.n_grad:]
         offset = 0
-        for bn in self.bns:
-            tail[offset: offset + bn.pending.numel()].copy_(bn.pending)
-            offset += bn.pending.numel()
+        for bn in self.bns:  # pending: per-channel sums of the ghost batches' means, then variances
+            tail[offset: offset + 2 * bn.num_features].copy_(bn.pending)
+            offset += 2 * bn.num_features
         tail[offset: offset + self.n_losses].copy_(torch.stack([loss.reshape(()) for loss in losses]))
         tail[-1] = 1.0 if stop else 0.0
         team.allreduce_(self.flat)
