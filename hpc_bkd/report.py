@@ -132,7 +132,8 @@ def write_report(cfg, run_dir: Path, rt, blocks, plan, shared, results, accepted
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "run_dir": str(run_dir), "world_size": rt.size, "config": cfg.to_dict(),
         "teacher": shared["teacher_info"], "cost_model": shared["cost_model"],
-        "member_share": shared.get("member_share", {}), "plan": plan.to_dict(), "blocks": block_rows, "ranks": rows,
+        "member_share": {str(m): v for m, v in shared.get("member_share", {}).items()},  # JSON keys
+        "plan": plan.to_dict(), "blocks": block_rows, "ranks": rows,
         "distill": {"start": t0, "end": t1, "makespan_s": t1 - t0,
                     "resumed_blocks": [b["index"] for b in block_rows if b["resumed_finished"] or b["resumed"]],
                     **comm},
