@@ -68,10 +68,11 @@ class TeamModel:
     """What a data-parallel team of m ranks costs relative to one rank doing the same blocks.
 
     ``member_share[m]`` is the measured time of the busiest member of an m-rank team as a fraction
-    of one rank's time for the same blocks (``measure_costs(..., members=m)``). It is well above its
-    share of the batch when steps are short: per-op overheads do not shrink with the batch (on the
-    default job a member's half batch took about 0.65 of the full one). Without a measurement (costs
-    from a file or from MACs) the member's share of the batch is used, which is optimistic.
+    of one rank's time for the same blocks (``measure_costs(..., members=m)``). It is above its share
+    of the batch when steps are short, because per-op overheads do not shrink with the batch: a
+    member's half batch took 0.53-0.56 of the full one on the default (quarter-width) job and
+    0.51-0.52 at full width. Without a measurement (costs from a file or from MACs) the member's
+    share of the batch is used, which is optimistic.
     """
 
     overhead: float = TEAM_OVERHEAD_SYNC_BN

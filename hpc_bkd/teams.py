@@ -92,12 +92,13 @@ class StepBucket:
     """
 
     def __init__(self, params: Sequence[nn.Parameter], bns: Sequence["GroupBatchNorm2d"], n_losses: int) -> None:
-        self.params, self.bns, self.n_losses = list(params), list(bns), n_losses
+        self.params, self.bns = list(params), list(bns)
         self.sizes = [p.numel() for p in self.params]
         self.n_grad = sum(self.sizes)
-        n_bn = sum(2 * bn.num_features for bn in self.bns)
+        n_bn = [2 * bn.num_features for bn in self.bns]  # pending: channel sums of means, then variances
         ref = self.params[0]
-        self.flat = torch.zeros(self.n_grad + n_bn + n_losses + 1, dtype=ref.dtype, device=ref.device)
+        self.flat = torch.zeros(self.n_grad + sum(n_bn) + n_losses + 1, dtype=ref.dtype, device=ref.device)
+        *self.pending, self.losses, self.stop = self.flat[self.n_grad:].split(n_bn + [n_losses, 1])
         self.attach()
 
     def attach(self) -> None:
@@ -111,19 +112,14 @@ class StepBucket:
     def allreduce(self, team: Team, losses: Sequence[torch.Tensor], stop: bool) -> tuple[list[float], bool]:
         """Sum gradients, BatchNorm updates, losses and stop requests over the team, apply the
         BatchNorm updates; returns the summed losses and whether any member asked to stop."""
-        tail = self.flat[self.n_grad:]
-        offset = 0
-        for bn in self.bns:  # pending: per-channel sums of the ghost batches' means, then variances
-            tail[offset: offset + 2 * bn.num_features].copy_(bn.pending)
-            offset += 2 * bn.num_features
-        tail[offset: offset + self.n_losses].copy_(torch.stack([loss.reshape(()) for loss in losses]))
-        tail[-1] = 1.0 if stop else 0.0
+        for bn, slot in zip(self.bns, self.pending):
+            slot.copy_(bn.pending)
+        self.losses.copy_(torch.stack([loss.reshape(()) for loss in losses]))
+        self.stop.fill_(1.0 if stop else 0.0)
         team.allreduce_(self.flat)
-        offset = 0
-        for bn in self.bns:
-            bn.apply_pending(tail[offset: offset + 2 * bn.num_features])
-            offset += 2 * bn.num_features
-        return tail[offset: offset + self.n_losses].tolist(), bool(tail[-1].item() > 0)
+        for bn, slot in zip(self.bns, self.pending):
+            bn.apply_pending(slot)
+        return self.losses.tolist(), bool(self.stop.item() > 0)
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
