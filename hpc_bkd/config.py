@@ -110,6 +110,14 @@ class DistillConfig:
     # rank (this toolkit). sequential: the paper's schedule, one block at a time, each re-running
     # the teacher prefix for its own epochs (a baseline for benchmarks).
     schedule: Literal["parallel", "sequential"] = "parallel"
+    # Teacher-activation cache. auto: each rank runs the frozen teacher over the training set once
+    # and keeps its blocks' inputs and targets in memory, so later epochs run no teacher at all
+    # (used when data.augment is none, the schedule is parallel and the cache of every block fits
+    # the budget below; the log says which). off: re-run the teacher prefix on every batch.
+    teacher_cache: Literal["auto", "off"] = "auto"
+    # Memory the cache may use per rank, in GiB (null = half the memory available at start, split
+    # between the ranks of a node; on a GPU, 40 % of its free memory).
+    teacher_cache_gb: float | None = None
 
 
 @dataclass
@@ -208,6 +216,8 @@ def _coerce(section: str, key: str, hint: Any, value: Any) -> Any:
     where = f"{section}.{key}"
     origin, args = get_origin(hint), get_args(hint)
     if origin is Literal:
+        if isinstance(value, bool) and "off" in args:  # YAML reads an unquoted off (and on) as a bool
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not valid; choose one of {', '.join(map(str, args))}")
         return value
@@ -251,6 +261,8 @@ def _check_ranges(cfg: Config) -> None:
                        "run.threads": cfg.run.threads}.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if cfg.distill.teacher_cache_gb is not None and cfg.distill.teacher_cache_gb < 0:
+        raise ConfigError(f"distill.teacher_cache_gb: must be >= 0 or null, got {cfg.distill.teacher_cache_gb}")
     if cfg.plan.teams is not None and cfg.plan.teams < 1:
         raise ConfigError(f"plan.teams: must be >= 1 or null, got {cfg.plan.teams}")
     if cfg.distill.bn_groups > cfg.data.batch_size // 2:

@@ -171,11 +171,15 @@ def _augment(images: torch.Tensor, gen: torch.Generator, flips: bool, pad: int =
     return out
 
 
+def batch_indices(n: int, batch_size: int, seed: int, epoch: int, step: int) -> torch.Tensor:
+    """Which of the ``n`` training images make batch number ``step`` of ``epoch``."""
+    return _epoch_order(n, seed, epoch)[step * batch_size: (step + 1) * batch_size]
+
+
 def train_batch(data: Data, batch_size: int, seed: int, epoch: int, step: int,
                 augment: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """The training batch number ``step`` of ``epoch``: identical on every rank."""
-    order = _epoch_order(len(data.train), seed, epoch)
-    idx = order[step * batch_size: (step + 1) * batch_size]
+    idx = batch_indices(len(data.train), batch_size, seed, epoch, step)
     images = data.train.images[idx]
     if augment != "none":
         gen = torch.Generator().manual_seed((seed * 100_003 + epoch) * 100_019 + step)

@@ -25,10 +25,11 @@ from torch import nn
 
 from . import checkpoint
 from .config import Config
-from .data import Data, steps_per_epoch, train_batch
+from .data import Data, batch_indices, steps_per_epoch, train_batch
 from .runtime import stop_requested
 from .students import TRAIN_FORMAT, block_loss, build_student, matches_activation
 from .surgery import BlockSpec, BlockTap, SwappedForward
+from .teacher_cache import TeacherCache
 from .teams import GhostLayout, StepBucket, Team, ghost_batchnorms, prepare_student
 
 log = logging.getLogger("hpc_bkd")
@@ -147,7 +148,8 @@ class LocalDistiller:
 
     def __init__(self, teacher: nn.Module, blocks: Sequence[BlockSpec], data: Data, cfg: Config,
                  run_dir: Path, fingerprint: str, device: torch.device, rank: int = 0,
-                 teacher_val_acc: float | None = None, team: Team | None = None) -> None:
+                 teacher_val_acc: float | None = None, team: Team | None = None,
+                 cache_teacher: bool = False) -> None:
         self.teacher = copy.deepcopy(teacher).to(device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -165,6 +167,8 @@ class LocalDistiller:
         self._team_stop = False  # a member's stop request, agreed through the step's allreduce
         self._buckets: dict[tuple[int, ...], StepBucket] = {}  # per group of blocks trained together
         self._attached: tuple[int, ...] | None = None  # the bucket the gradients now point into
+        self.cache_teacher = cache_teacher  # see teacher_cache.py; filled when training starts
+        self.cache: TeacherCache | None = None
 
     # ---------------------------------------------------------------- set-up and checkpoints
 
@@ -289,6 +293,33 @@ class LocalDistiller:
         self._attached = key
         return bucket
 
+    def _fill_cache(self, specs: list[BlockSpec]) -> None:
+        self.cache = TeacherCache(specs, len(self.data.train), self.device)
+        self.cache.fill(self.teacher, self.data.train.images, self.data.normalize,
+                        self.cfg.data.eval_batch_size, self.team, self.cfg.run.log_interval_s)
+        if self.leader:
+            log.info("teacher cache: %d images x %d block(s), %.0f MiB, filled in %.1fs%s", self.cache.images,
+                     len(specs), self.cache.nbytes / 2**20, self.cache.fill_s,
+                     f" (team of {self.team.size}: 1/{self.team.size} of the rows each)" if self.team else "")
+
+    def _inputs_and_targets(self, group: list[BlockTrainer], epoch: int, step: int
+                            ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], float]:
+        """Each group block's (input, target) for this rank's rows of batch (epoch, step), from the
+        teacher cache or a truncated teacher pass, and this rank's share of the batch."""
+        bs, seed = self.cfg.data.batch_size, self.cfg.run.seed
+        index = batch_indices(len(self.data.train), bs, seed, epoch, step)
+        n = len(index)
+        if self.layout is not None:
+            self.layout.set(n, self.team.groups() if self.team is not None else range(self.layout.groups))
+        rows = self.team.slice(n) if self.team is not None else slice(0, n)
+        weight = (rows.stop - rows.start) / n
+        if self.cache is not None:
+            return self.cache.fetch(index[rows], [t.spec.index for t in group]), weight
+        x, _ = train_batch(self.data, bs, seed, epoch, step, self.cfg.data.augment)
+        key = tuple(t.spec.index for t in group)
+        tap = self._taps.setdefault(key, BlockTap(self.teacher, [t.spec for t in group], TRAIN_FORMAT))
+        return tap(x[rows].to(self.device)), weight
+
     def _select(self, active: list[BlockTrainer]) -> list[BlockTrainer]:
         if self.cfg.distill.schedule == "sequential":
             return [min(active, key=lambda t: t.spec.index)]
@@ -302,6 +333,8 @@ class LocalDistiller:
         total = sum(t.epochs * t.steps for t in active)
         done_steps = sum(t.epoch * t.steps + t.step for t in active)
         progress = _Progress(total, done_steps, self.cfg.run.log_interval_s, self.rank)
+        if self.cache_teacher and active:
+            self._fill_cache([t.spec for t in active])
         last_save = time.time()
         interrupted = False
         while active:
@@ -311,19 +344,8 @@ class LocalDistiller:
                 break
             group = self._select(active)
             epoch, step = group[0].cursor
-            x, _ = train_batch(self.data, self.cfg.data.batch_size, self.cfg.run.seed, epoch, step,
-                               self.cfg.data.augment)
-            weight = 1.0
-            if self.layout is not None:
-                self.layout.set(len(x), self.team.groups() if self.team is not None else range(self.layout.groups))
-            if self.team is not None:
-                rows = self.team.slice(len(x))
-                weight = (rows.stop - rows.start) / len(x)
-                x = x[rows]
-            key = tuple(t.spec.index for t in group)
-            tap = self._taps.setdefault(key, BlockTap(self.teacher, [t.spec for t in group], TRAIN_FORMAT))
             t0 = time.perf_counter()
-            pairs = tap(x.to(self.device))
+            pairs, weight = self._inputs_and_targets(group, epoch, step)
             share = (time.perf_counter() - t0) / len(group)
             if self.team is not None:
                 self._bucket(group).zero()

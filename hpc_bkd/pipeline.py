@@ -36,6 +36,7 @@ from .plan import (BlockCost, Plan, TeamModel, make_plan, mac_costs, measure_tea
 from .runtime import Interrupted, Runtime, init_runtime, setup_logging
 from .students import build_student, matches_activation
 from .surgery import BlockSpec, SwappedForward, assemble, conv_params, find_blocks, total_macs
+from .teacher_cache import CacheDecision, decide, memory_budget
 from .teacher import accuracy, get_teacher, state_fingerprint
 from .teams import Team
 
@@ -58,10 +59,11 @@ class Phases:
 
 
 def job_fingerprint(cfg: Config, teacher_fp: str, blocks: list[BlockSpec]) -> str:
-    """What determines the trained blocks; a run directory is only resumed by the same job."""
+    """What determines the trained blocks; a run directory is only resumed by the same job (how
+    the teacher's activations are produced, cached or not, does not change them)."""
     d = cfg.distill
     key = {"model": vars(cfg.model), "data": vars(cfg.data), "blocks": vars(cfg.blocks), "seed": cfg.run.seed,
-           "distill": {k: v for k, v in vars(d).items() if k not in ("checkpoint_interval_s", "schedule")},
+           "distill": {k: v for k, v in vars(d).items() if k not in ("checkpoint_interval_s", "schedule", "teacher_cache", "teacher_cache_gb")},
            "teacher": teacher_fp, "specs": [b.members for b in blocks]}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -75,13 +77,21 @@ def _team_sizes(cfg: Config, ranks: int, n_blocks: int) -> list[int]:
                    if m > 1 and tm.allows(m)})
 
 
-def _costs(cfg: Config, teacher, blocks, data: Data, device, ranks: int = 1) -> tuple[list[BlockCost], dict[int, float], str]:
+def _cache_decision(cfg: Config, blocks: list[BlockSpec], data: Data, device, local_size: int) -> CacheDecision:
+    return decide(cfg.distill.teacher_cache, cfg.data.augment, cfg.distill.schedule, blocks, len(data.train),
+                  memory_budget(device, local_size, cfg.distill.teacher_cache_gb))
+
+
+def _costs(cfg: Config, teacher, blocks, data: Data, device, ranks: int = 1,
+           cached: bool = False) -> tuple[list[BlockCost], dict[int, float], str]:
     """Per-block costs on this rank, and the share of one rank's time that the busiest member of
-    each team size the plan may use takes (see ``plan.TeamModel``)."""
+    each team size the plan may use takes (see ``plan.TeamModel``). ``cached``: the teacher's
+    activations are cached, so training pays its teacher pass once, not every epoch."""
     b = cfg.blocks
     students = [build_student(s, b.student_depth, b.student_width, cfg.run.seed) for s in blocks]
+    teacher_passes = 1.0 / cfg.distill.epochs if cached else 1.0
     if cfg.plan.cost_model == "macs":
-        return mac_costs(blocks, students), {}, "macs"
+        return with_validation(mac_costs(blocks, students), 0.0, teacher_passes=teacher_passes), {}, "macs"
     batches = [train_batch(data, cfg.data.batch_size, cfg.run.seed, 0, k)[0]
                for k in range(cfg.plan.measure_batches + 1)]
     matches = [matches_activation(s, cfg.distill.match) for s in blocks]
@@ -89,11 +99,12 @@ def _costs(cfg: Config, teacher, blocks, data: Data, device, ranks: int = 1) -> 
     sizes = _team_sizes(cfg, ranks, len(blocks))
     measured = measure_team_costs(teacher, blocks, students, batches, device, cfg.distill.bn_groups, matches,
                                   [1, *sizes])
+    passes, shares_prefix = 0.0, True
     if cfg.distill.validate_every_epoch:
         steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
         passes = len(data.val) / cfg.data.batch_size / steps  # validation batches per train step
         shares_prefix = SwappedForward(teacher, blocks).shares_prefix
-        measured = {m: with_validation(c, passes, shares_prefix) for m, c in measured.items()}
+    measured = {m: with_validation(c, passes, shares_prefix, teacher_passes) for m, c in measured.items()}
     costs = measured[1]
     whole = rank_cost(range(len(costs)), costs)
     shares = {m: rank_cost(range(len(costs)), measured[m]) / whole for m in sizes}
@@ -167,14 +178,22 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
     if rt.is_root:
         phases.mark("broadcast")
 
+    # the teacher cache: used only if every rank can hold every block's activations
+    decisions = rt.allgather(_cache_decision(cfg, blocks, data, rt.device, rt.local_size))
+    cache = next((d for d in decisions if not d.use), decisions[0])
+    if rt.is_root:
+        log.info("teacher cache %s", cache.reason)
+        shared["teacher_cache"] = cache.to_dict()
+
     # costs: every rank measures at once, so contention between ranks is in the figures
-    measured = rt.gather(_costs(cfg, teacher, blocks, data, rt.device, rt.size))
+    measured = rt.gather(_costs(cfg, teacher, blocks, data, rt.device, rt.size, cache.use))
     if rt.is_root:
         shared["costs"], member_share = _combine(measured)
         shared["cost_model"], shared["member_share"] = measured[0][2], member_share
         checkpoint.write_json(run_dir / "costs.json", {
             "cost_model": shared["cost_model"], "device": str(rt.device), "threads": rt.threads,
             "batch_size": cfg.data.batch_size, "blocks": [b.name for b in blocks],
+            "teacher_cache": cache.use, "teacher_passes_per_step": 1.0 / cfg.distill.epochs if cache.use else 1.0,
             "costs": [vars(c) for c in shared["costs"]], "member_share": member_share,
             "per_rank": [[vars(c) for c in m[0]] for m in measured]})
 
@@ -212,7 +231,7 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
     meter.start()
     t0 = time.time()
     distiller = LocalDistiller(teacher, owned, data, cfg, run_dir, fingerprint, rt.device, rt.rank,
-                               shared["teacher_val"], team)
+                               shared["teacher_val"], team, cache.use)
     results, interrupted = distiller.run(finished)
     t1 = time.time()
     energy = meter.stop()
@@ -224,7 +243,9 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
     gathered = rt.gather({"rank": rt.rank, "host": rt.host, "results": results, "carried": carried,
                           "interrupted": interrupted, "start": t0, "end": t1, "energy": energy,
                           "peak_mem_mb": peak_mem, "device": str(rt.device), "threads": rt.threads,
-                          "blocks": [b.index for b in owned]})
+                          "blocks": [b.index for b in owned],
+                          "teacher_cache": {"mb": distiller.cache.nbytes / 2**20, "fill_s": distiller.cache.fill_s}
+                          if distiller.cache is not None else None})
     gather_s = time.perf_counter() - t_gather
     any_interrupted = rt.bcast(any(g["interrupted"] for g in gathered) if rt.is_root else None)
     if any_interrupted:
@@ -331,11 +352,12 @@ def plan_only(cfg: Config, ranks: int) -> dict[str, Any]:
         from .teacher import load_teacher_checkpoint
         load_teacher_checkpoint(cfg.teacher.checkpoint, teacher)
     blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
-    costs, member_share, cost_model = _costs(cfg, teacher, blocks, data, rt.device, ranks)
+    cache = _cache_decision(cfg, blocks, data, rt.device, ranks)  # as if the ranks shared this node
+    costs, member_share, cost_model = _costs(cfg, teacher, blocks, data, rt.device, ranks, cache.use)
     plan = make_plan(costs, ranks, cfg.plan.method, cfg.plan.hybrid, cfg.plan.teams,
                      tm=TeamModel.for_groups(cfg.distill.bn_groups, member_share))
     return {"arch": cfg.model.arch, "granularity": cfg.blocks.granularity, "cost_model": cost_model,
-            "member_share": member_share,
+            "member_share": member_share, "teacher_cache": cache.to_dict(),
             "blocks": [b.to_dict() for b in blocks], "plan": plan.to_dict()}
 
 

@@ -165,8 +165,12 @@ def team_cost(blocks: Sequence[int], costs: Sequence[BlockCost], members: int, t
     return rank_cost(blocks, costs) * tm.scale(members)
 
 
-def with_validation(costs: Sequence[BlockCost], passes: float, shared_prefix: bool = True) -> list[BlockCost]:
-    """Fold the end-of-epoch validation into per-batch costs, spread over the epoch's steps.
+def with_validation(costs: Sequence[BlockCost], passes: float, shared_prefix: bool = True,
+                    teacher_passes: float = 1.0) -> list[BlockCost]:
+    """Fold the end-of-epoch validation into per-batch costs, spread over the epoch's steps, and
+    charge the training teacher ``teacher_passes`` times per step (1/epochs when the teacher's
+    activations are cached: one pass over the training set for the whole run, see
+    ``teacher_cache.py``; validation is never cached: the student's output feeds the teacher).
 
     ``passes`` is validation batches per train step. Every block is checked with the teacher's
     prefix up to it shared by the blocks a rank validates together (``surgery.SwappedForward``), so
@@ -179,9 +183,10 @@ def with_validation(costs: Sequence[BlockCost], passes: float, shared_prefix: bo
     """
     full = max(c.teacher for c in costs)
     if not shared_prefix:
-        return [BlockCost(c.teacher, c.student + passes * (full + c.forward), c.forward) for c in costs]
-    return [BlockCost(c.teacher * (1 + passes), c.student + passes * (full - c.teacher + c.forward), c.forward)
-            for c in costs]
+        return [BlockCost(c.teacher * teacher_passes, c.student + passes * (full + c.forward), c.forward)
+                for c in costs]
+    return [BlockCost(c.teacher * (teacher_passes + passes), c.student + passes * (full - c.teacher + c.forward),
+                      c.forward) for c in costs]
 
 
 def lower_bound(costs: Sequence[BlockCost], ranks: int) -> float:

@@ -21,7 +21,7 @@ def _rank_rows(gathered: list[dict], plan_predicted: list[float]) -> tuple[list[
         rows.append({"rank": g["rank"], "host": g["host"], "device": g["device"], "threads": g["threads"],
                      "blocks": g["blocks"], "busy_s": busy, "idle_s": (t1 - t0) - busy,
                      "predicted_s_per_batch": plan_predicted[g["rank"]], "peak_mem_mb": g["peak_mem_mb"],
-                     "energy": g["energy"]})
+                     "energy": g["energy"], "teacher_cache": g.get("teacher_cache")})
     return rows, t0, t1
 
 
@@ -93,6 +93,11 @@ def summary_text(r: dict[str, Any]) -> str:
     lines += ["", f"plan: {p['method']}{' (optimal)' if p['optimal'] else ''}, predicted speedup "
                   f"{p['predicted_speedup']:.2f}x over one rank, makespan {p['makespan']:.4f}s/batch "
                   f"(lower bound {p['lower_bound']:.4f})"]
+    cache = r.get("teacher_cache")
+    if cache:
+        fills = [row["teacher_cache"]["fill_s"] for row in r["ranks"] if row.get("teacher_cache")]
+        lines.append(f"teacher cache {cache['reason']}"
+                     + (f"; filled in {max(fills):.1f}s (slowest rank)" if fills else ""))
     lines.append(f"accuracy (test): teacher {acc['teacher_test']:.2f}%, student {acc['student_before_finetune']:.2f}% "
                  f"before / {acc['student_after_finetune']:.2f}% after fine-tuning "
                  f"({acc['student_after_finetune'] - acc['teacher_test']:+.2f} points)")
@@ -133,6 +138,7 @@ def write_report(cfg, run_dir: Path, rt, blocks, plan, shared, results, accepted
         "run_dir": str(run_dir), "world_size": rt.size, "config": cfg.to_dict(),
         "teacher": shared["teacher_info"], "cost_model": shared["cost_model"],
         "member_share": {str(m): v for m, v in shared.get("member_share", {}).items()},  # JSON keys
+        "teacher_cache": shared.get("teacher_cache"),
         "plan": plan.to_dict(), "blocks": block_rows, "ranks": rows,
         "distill": {"start": t0, "end": t1, "makespan_s": t1 - t0,
                     "resumed_blocks": [b["index"] for b in block_rows if b["resumed_finished"] or b["resumed"]],

@@ -68,6 +68,27 @@ class Team:
             return slice(bounds[held.start], bounds[held.stop])
         return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
 
+    def row_range(self, n: int) -> range:
+        """This member's even share of ``n`` rows of a table every member needs whole (the teacher
+        cache: each member computes its share, then ``allgather_rows_``)."""
+        return range(self.rank * n // self.size, (self.rank + 1) * n // self.size)
+
+    def allgather_rows_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every member filled its ``row_range`` of ``tensor`` (rows = first dimension); afterwards
+        every member holds every row. In place on the CPU, staged through host memory otherwise."""
+        from mpi4py import MPI
+
+        n, per_row = tensor.shape[0], tensor[0].numel() if tensor.shape[0] else 0
+        bounds = [k * n // self.size for k in range(self.size + 1)]
+        counts = [(bounds[k + 1] - bounds[k]) * per_row for k in range(self.size)]
+        displs = [bounds[k] * per_row for k in range(self.size)]
+        host = tensor.detach().to("cpu").contiguous()
+        mpi_type = {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE}[host.dtype]
+        self.comm.Allgatherv(MPI.IN_PLACE, [host.numpy().reshape(-1), (counts, displs), mpi_type])
+        if host.data_ptr() != tensor.data_ptr():
+            tensor.copy_(host)
+        return tensor
+
     def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In-place allreduce of a tensor in its own dtype (staged through host memory off the CPU)."""
         from mpi4py import MPI

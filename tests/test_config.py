@@ -39,6 +39,8 @@ def test_unknown_section_lists_sections():
     ({"data": {"dataset": "cifar10"}}, "data.root: required"),
     ({"blocks": {"granularity": "layer"}}, "choose one of conv, unit"),
     ({"run": {"device": "tpu"}}, "choose one of auto, cpu, cuda"),
+    ({"distill": {"teacher_cache": True}}, "'on' is not valid; choose one of auto, off"),
+    ({"distill": {"teacher_cache_gb": -1}}, "must be >= 0 or null"),
 ])
 def test_bad_values_are_rejected(raw, match):
     with pytest.raises(ConfigError, match=match):
@@ -50,6 +52,8 @@ def test_overrides_are_typed(tmp_path: Path):
                                "run.dir=" + str(tmp_path)])
     assert cfg.distill.epochs == 5 and cfg.distill.lr == 0.01 and cfg.teacher.checkpoint is None
     assert cfg.run.dir == str(tmp_path)
+    # YAML reads an unquoted `off` as false: a setting spelled off means off
+    assert load_config("tiny", ["distill.teacher_cache=off"]).distill.teacher_cache == "off"
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config("tiny", ["epochs=5"])
     with pytest.raises(ConfigError, match="unknown key distill.bogus"):

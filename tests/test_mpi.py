@@ -48,14 +48,21 @@ def test_one_rank_and_two_ranks_train_the_same_blocks(tmp_path: Path, tiny_teach
 def test_a_team_trains_the_same_blocks_as_one_rank(tmp_path: Path, tiny_teacher: Path, bn_groups: int):
     """Hybrid: two ranks split every batch and sum gradients = one rank, full batch. With bn_groups 1
     members sync BatchNorm statistics; with 2 each holds one ghost batch and only the step's single
-    allreduce (gradients + running statistics) is shared."""
+    allreduce (gradients + running statistics) is shared.
+
+    The one rank re-runs the teacher on every batch (teacher_cache off); the team caches its
+    activations, each member computing half of the rows and exchanging them (teacher_cache.py):
+    the same inputs and targets either way."""
     common = ["-c", "tiny", "--set", f"teacher.checkpoint={tiny_teacher}", "--set", "run.threads=1",
               "--set", "distill.epochs=2", "--set", "finetune.epochs=0", "--set", f"distill.bn_groups={bn_groups}"]
-    hpc("distill", *common, "--run-dir", str(tmp_path / "np1"))
+    hpc("distill", *common, "--run-dir", str(tmp_path / "np1"), "--set", "distill.teacher_cache=off")
     proc = hpc("distill", *common, "--run-dir", str(tmp_path / "team"), "--set", "plan.teams=1", np=2)
     assert "ranks 0-1 (team)" in proc.stderr
+    assert "(team of 2: 1/2 of the rows each)" in proc.stderr
     report = json.loads((tmp_path / "team" / "report.json").read_text())
     assert report["plan"]["teams"] == [[0, 1]]
+    assert report["teacher_cache"]["use"] and all(r["teacher_cache"]["fill_s"] > 0 for r in report["ranks"])
+    assert not json.loads((tmp_path / "np1" / "report.json").read_text())["teacher_cache"]["use"]
     one, team = _blocks(tmp_path / "np1"), _blocks(tmp_path / "team")
     # Synced statistics are summed in float64 across members, while one rank's channels-last BatchNorm
     # kernel accumulates in float32 (~1e-6 apart per step, measured); two epochs of RMSprop grow that

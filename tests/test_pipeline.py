@@ -12,7 +12,9 @@ def test_tiny_job_end_to_end(tmp_path: Path, tiny_teacher: Path):
     run = tmp_path / "run"
     proc = hpc("run", "-c", "tiny", "--run-dir", str(run), "--set", f"teacher.checkpoint={tiny_teacher}")
     assert "hpc_bkd report" in proc.stdout and "[rank 0/1]" in proc.stderr
+    assert "teacher cache on" in proc.stderr and "teacher cache on" in proc.stdout  # log and summary
     report = json.loads((run / "report.json").read_text())
+    assert report["teacher_cache"]["use"] and report["ranks"][0]["teacher_cache"]["mb"] > 0
     assert report["status"] == "completed" and report["world_size"] == 1
     assert len(report["blocks"]) == 8 and all(b["rank"] == 0 for b in report["blocks"])
     for key in ("teacher_test", "student_before_finetune", "student_after_finetune"):
@@ -32,7 +34,8 @@ def test_tiny_job_end_to_end(tmp_path: Path, tiny_teacher: Path):
 
 
 def test_blocks_are_seeded_by_index_not_schedule(tmp_path: Path, tiny_teacher: Path):
-    """The paper's sequential schedule and ours train identical blocks (same data, same seeds)."""
+    """The paper's sequential schedule and ours train identical blocks (same data, same seeds; ours
+    from cached teacher activations, the paper's re-running the teacher on every batch)."""
     common = ["-c", "tiny", "--set", f"teacher.checkpoint={tiny_teacher}", "--set", "run.threads=1",
               "--set", "finetune.epochs=0"]
     hpc("distill", *common, "--run-dir", str(tmp_path / "par"))
