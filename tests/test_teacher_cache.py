@@ -1,7 +1,10 @@
 """The teacher-activation cache: what it stores is what a teacher pass gives, and when it is used."""
+from dataclasses import dataclass
+
 import pytest
 import torch
 
+from hpc_bkd.distill import epoch_ends, next_group
 from hpc_bkd.models import build_model
 from hpc_bkd.plan import BlockCost, rank_cost, with_validation
 from hpc_bkd.students import TRAIN_FORMAT
@@ -56,3 +59,62 @@ def test_cached_costs_charge_the_teacher_once_per_run_but_validation_every_epoch
     # the same validation, and a training teacher pass that costs 1/epochs per step
     assert rank_cost([0, 1], plain) - rank_cost([0, 1], cached) == pytest.approx(0.3 * (1 - 1 / epochs))
     assert rank_cost([0], cached) == pytest.approx(0.1 / epochs + 0.2 + passes * (0.3 + 0.05))
+
+
+@dataclass
+class _Trainer:  # what next_group / epoch_ends read of a distill.BlockTrainer
+    index: int
+    steps: int = 2
+    epoch: int = 0
+    step: int = 0
+
+    @property
+    def spec(self):
+        return self
+
+    @property
+    def cursor(self):
+        return (self.epoch, self.step)
+
+
+def _schedule(active: list, schedule: str, cached: bool, epochs: int = 2) -> list:
+    """Drive the distiller's ordering the way LocalDistiller.run does; returns what happened."""
+    trace = []
+    while active:
+        group = next_group(active, schedule, cached)
+        if group:
+            trace.append(("step", [(t.index, t.epoch, t.step) for t in group]))
+            for t in group:
+                t.step += 1
+        ending = epoch_ends(active, group, cached)
+        if ending:
+            trace.append(("validate", sorted(t.index for t in ending)))
+        for t in ending:
+            t.epoch, t.step = t.epoch + 1, 0
+            if t.epoch >= epochs:
+                active.remove(t)
+    return trace
+
+
+def test_cached_blocks_step_one_at_a_time_for_an_epoch_and_validate_together():
+    trace = _schedule([_Trainer(i) for i in range(3)], "parallel", cached=True)
+    epoch0 = [("step", [(b, 0, s)]) for b in range(3) for s in range(2)] + [("validate", [0, 1, 2])]
+    epoch1 = [("step", [(b, 1, s)]) for b in range(3) for s in range(2)] + [("validate", [0, 1, 2])]
+    assert trace == epoch0 + epoch1
+    # a block saved at the end of its epoch, before validation, waits for the others' epoch ends
+    trace = _schedule([_Trainer(0), _Trainer(1, step=2), _Trainer(2)], "parallel", cached=True, epochs=1)
+    assert trace == [("step", [(0, 0, 0)]), ("step", [(0, 0, 1)]), ("step", [(2, 0, 0)]), ("step", [(2, 0, 1)]),
+                     ("validate", [0, 1, 2])]
+
+
+def test_uncached_blocks_share_every_batch_and_a_resumed_epoch_end_is_not_stepped_past():
+    # block 1 was saved at the end of its first epoch, before its validation (a stop right then)
+    trace = _schedule([_Trainer(0), _Trainer(1, step=2), _Trainer(2)], "parallel", cached=False)
+    assert trace == [("step", [(0, 0, 0), (2, 0, 0)]), ("validate", [1]),  # validated at once, never stepped
+                     ("step", [(0, 0, 1), (2, 0, 1)]), ("validate", [0, 2]),
+                     ("step", [(0, 1, 0), (1, 1, 0), (2, 1, 0)]), ("step", [(0, 1, 1), (1, 1, 1), (2, 1, 1)]),
+                     ("validate", [0, 1, 2])]
+    assert _schedule([_Trainer(0), _Trainer(1)], "sequential", cached=False) == [
+        ("step", [(0, 0, 0)]), ("step", [(0, 0, 1)]), ("validate", [0]), ("step", [(0, 1, 0)]), ("step", [(0, 1, 1)]),
+        ("validate", [0]), ("step", [(1, 0, 0)]), ("step", [(1, 0, 1)]), ("validate", [1]), ("step", [(1, 1, 0)]),
+        ("step", [(1, 1, 1)]), ("validate", [1])]
