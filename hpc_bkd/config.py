@@ -118,6 +118,11 @@ class DistillConfig:
     # Memory the cache may use per rank, in GiB (null = half the memory available at start, split
     # between the ranks of a node; on a GPU, 40 % of its free memory).
     teacher_cache_gb: float | None = None
+    # How the members of a data-parallel team sum gradients and exchange rows. auto: nccl between
+    # GPU ranks (device to device, bootstrapped from MPI), mpi between CPU ranks. mpi: MPI
+    # allreduce (GPU tensors staged through host memory). nccl: NCCL (GPU ranks only). gloo:
+    # torch.distributed's Gloo, CPU or GPU (the same bootstrap as nccl).
+    team_backend: Literal["auto", "mpi", "nccl", "gloo"] = "auto"
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .config import Config
+from .config import Config, ConfigError
 from .data import Data, describe, load_data, steps_per_epoch, train_batch
 from .distill import LocalDistiller, block_path, finished_blocks, load_finished
 from .energy import EnergyMeter
@@ -38,7 +38,7 @@ from .students import build_student, matches_activation
 from .surgery import BlockSpec, SwappedForward, assemble, conv_params, find_blocks, total_macs
 from .teacher_cache import CacheDecision, decide, memory_budget
 from .teacher import accuracy, get_teacher, state_fingerprint
-from .teams import Team
+from .teams import Team, team_backend
 
 log = logging.getLogger("hpc_bkd")
 
@@ -58,12 +58,16 @@ class Phases:
         self._t = now
 
 
+# distill keys that change how blocks are trained, never what they become
+_NOT_IN_RESULT = ("checkpoint_interval_s", "schedule", "teacher_cache", "teacher_cache_gb", "team_backend")
+
+
 def job_fingerprint(cfg: Config, teacher_fp: str, blocks: list[BlockSpec]) -> str:
     """What determines the trained blocks; a run directory is only resumed by the same job (how
     the teacher's activations are produced, cached or not, does not change them)."""
     d = cfg.distill
     key = {"model": vars(cfg.model), "data": vars(cfg.data), "blocks": vars(cfg.blocks), "seed": cfg.run.seed,
-           "distill": {k: v for k, v in vars(d).items() if k not in ("checkpoint_interval_s", "schedule", "teacher_cache", "teacher_cache_gb")},
+           "distill": {k: v for k, v in vars(d).items() if k not in _NOT_IN_RESULT},
            "teacher": teacher_fp, "specs": [b.members for b in blocks]}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -121,6 +125,18 @@ def _combine(measured: list[tuple[list[BlockCost], dict[int, float], str]]) -> t
     return costs, shares
 
 
+def _stored_costs(run_dir: Path, blocks: list[BlockSpec]) -> tuple[list[BlockCost], dict[int, float], str] | None:
+    """The costs an earlier run of this job measured (``costs.json``), if they cover these blocks."""
+    try:
+        stored = json.loads((run_dir / "costs.json").read_text())
+        if stored["blocks"] != [b.name for b in blocks]:
+            return None
+        costs = [BlockCost(**c) for c in stored["costs"]]
+        return costs, {int(m): v for m, v in stored["member_share"].items()}, stored["cost_model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def coordinate(cfg: Config, rt: Runtime, data: Data, run_dir: Path, phases: Phases) -> dict[str, Any]:
     """Rank 0: the teacher and its blocks. Returns what is broadcast to every rank."""
     teacher, teacher_info = get_teacher(cfg, data, run_dir, rt.device)
@@ -146,6 +162,10 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
     """
     rt = rt or init_runtime(cfg.run.device, cfg.run.threads)
     setup_logging(rt.rank, rt.size)
+    try:  # before any work: a backend this rank's device cannot use is a config error
+        backend = team_backend(cfg.distill.team_backend, rt.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     phases = Phases()
     wall0 = time.time()
     run_dir = Path(cfg.run.dir)
@@ -185,9 +205,22 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
         log.info("teacher cache %s", cache.reason)
         shared["teacher_cache"] = cache.to_dict()
 
-    # costs: every rank measures at once, so contention between ranks is in the figures
-    measured = rt.gather(_costs(cfg, teacher, blocks, data, rt.device, rt.size, cache.use))
-    if rt.is_root:
+    # resume: which finished blocks can each rank see? (the run dir need not be shared)
+    seen = rt.allgather(finished_blocks(run_dir, fingerprint, len(blocks)))
+    finished = sorted(set().union(*seen))
+    remaining = [b for b in blocks if b.index not in finished]
+
+    # costs: every rank measures at once, so contention between ranks is in the figures; a re-run
+    # with every block finished plans nothing and takes the first run's costs for its report
+    stored = _stored_costs(run_dir, blocks) if rt.is_root and not remaining else None
+    if remaining:
+        measured = rt.gather(_costs(cfg, teacher, blocks, data, rt.device, rt.size, cache.use))
+    elif rt.is_root and stored is None:  # nothing to plan: rank 0 alone measures, for the report
+        measured = [_costs(cfg, teacher, blocks, data, rt.device, 1, cache.use)]
+    if rt.is_root and stored is not None:
+        log.info("every block is finished: no cost measurement (costs from %s)", run_dir / "costs.json")
+        shared["costs"], shared["member_share"], shared["cost_model"] = stored
+    elif rt.is_root:
         shared["costs"], member_share = _combine(measured)
         shared["cost_model"], shared["member_share"] = measured[0][2], member_share
         checkpoint.write_json(run_dir / "costs.json", {
@@ -196,11 +229,6 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
             "teacher_cache": cache.use, "teacher_passes_per_step": 1.0 / cfg.distill.epochs if cache.use else 1.0,
             "costs": [vars(c) for c in shared["costs"]], "member_share": member_share,
             "per_rank": [[vars(c) for c in m[0]] for m in measured]})
-
-    # resume: which finished blocks can each rank see? (the run dir need not be shared)
-    seen = rt.allgather(finished_blocks(run_dir, fingerprint, len(blocks)))
-    finished = sorted(set().union(*seen))
-    remaining = [b for b in blocks if b.index not in finished]
     plan: Plan | None = None
     if rt.is_root:
         sub = make_plan([shared["costs"][b.index] for b in remaining], rt.size, cfg.plan.method,
@@ -223,7 +251,9 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
 
     # distill (a team of ranks shares its blocks and splits every batch; see teams.py)
     team_comm = rt.comm.Split(color=plan.team_of(rt.rank), key=rt.rank)
-    team = Team(team_comm, cfg.distill.bn_groups) if team_comm.size > 1 else None
+    team = Team(team_comm, cfg.distill.bn_groups, backend, rt.device) if team_comm.size > 1 else None
+    if team is not None and team.is_leader:
+        log.info("team of %d ranks: %s collectives", team.size, backend)
     owned = [blocks[i] for i in plan.assignment[rt.rank]]
     if not owned:
         log.info("idle: no blocks for this rank (%d ranks, %d blocks to train)", rt.size, len(remaining))
@@ -232,7 +262,11 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
     t0 = time.time()
     distiller = LocalDistiller(teacher, owned, data, cfg, run_dir, fingerprint, rt.device, rt.rank,
                                shared["teacher_val"], team, cache.use)
-    results, interrupted = distiller.run(finished)
+    try:
+        results, interrupted = distiller.run(finished)
+    finally:
+        if team is not None:
+            team.close()
     t1 = time.time()
     energy = meter.stop()
     peak_mem = _peak_memory_mb(rt.device)

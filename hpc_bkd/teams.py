@@ -17,15 +17,67 @@ Two ways to keep BatchNorm statistics placement-independent:
 * whole-batch statistics (G = 1): members exchange per-channel sums at every BatchNorm, forward and
   backward (``TeamBatchNorm2d``). Exact, but a round trip per layer; the planner charges for it.
 
-All collectives here go through the team's MPI communicator; GPU tensors are staged through host
-memory, which costs little because student gradients are small.
+A team's collectives (the step's allreduce, synced BatchNorm sums, the teacher cache's row
+exchange) go through one of two transports, ``distill.team_backend``:
+
+* ``mpi``: the team's MPI communicator; GPU tensors are staged through host memory (student
+  gradients are small, so this costs little on CPUs and a PCIe round trip per step on GPUs).
+* ``nccl`` (the default between GPU ranks) or ``gloo``: a ``torch.distributed`` process group of
+  just the team, bootstrapped from MPI: the team leader opens a ``TCPStore`` on a free port and
+  broadcasts its address over the team's communicator, so no ``MASTER_ADDR``/``MASTER_PORT``
+  or launcher support is needed. A rank belongs to at most one team, so the team's group is the
+  process's default group.
 """
 from __future__ import annotations
 
+import os
+import socket
+from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+TORCH_BACKENDS = ("nccl", "gloo")
+
+
+def team_backend(setting: str, device: torch.device) -> str:
+    """The transport a team uses (``distill.team_backend``): ``auto`` means NCCL between GPU ranks
+    and MPI between CPU ranks. Raises ValueError for NCCL on CPU ranks."""
+    if setting == "auto":
+        return "nccl" if device.type == "cuda" else "mpi"
+    if setting == "nccl" and device.type != "cuda":
+        raise ValueError(f"distill.team_backend: nccl needs GPU ranks, but this rank runs on {device}; "
+                         "use mpi or gloo (or auto) on CPUs")
+    return setting
+
+
+def _team_address(comm: Any) -> str:
+    """Where members reach the leader's store: loopback when the team shares a node, else the
+    leader's host name (``HPC_BKD_TEAM_ADDR`` overrides, e.g. with an InfiniBand interface's IP)."""
+    seen = comm.allgather((socket.gethostname(), os.environ.get("HPC_BKD_TEAM_ADDR")))
+    leader_host, override = seen[0]  # the leader's word, whatever the members' environments say
+    if override:
+        return override
+    return "127.0.0.1" if len({host for host, _ in seen}) == 1 else leader_host
+
+
+def init_torch_group(comm: Any, backend: str, device: torch.device, timeout_s: float = 600.0) -> None:
+    """Make the team's ``torch.distributed`` process group (the default group of this process),
+    bootstrapped from its MPI communicator ``comm``."""
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    addr = _team_address(comm)
+    store, port = None, None
+    if comm.rank == 0:  # port 0: the OS picks a free port, no race with other jobs on the node
+        store = dist.TCPStore(addr, 0, comm.size, is_master=True, timeout=timeout, wait_for_workers=False)
+        port = store.port
+    port = comm.bcast(port, root=0)
+    if store is None:
+        store = dist.TCPStore(addr, port, comm.size, is_master=False, timeout=timeout)
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, store=store, rank=comm.rank, world_size=comm.size, timeout=timeout, **kwargs)
 
 
 def group_bounds(n: int, groups: int) -> list[int]:
@@ -36,7 +88,8 @@ def group_bounds(n: int, groups: int) -> list[int]:
 class Team:
     """The MPI communicator of one team, and this rank's place in it."""
 
-    def __init__(self, comm: Any, bn_groups: int = 1) -> None:
+    def __init__(self, comm: Any, bn_groups: int = 1, backend: str = "mpi",
+                 device: torch.device = torch.device("cpu")) -> None:
         self.comm = comm
         self.rank = comm.rank
         self.size = comm.size
@@ -44,6 +97,19 @@ class Team:
         if 1 < bn_groups < self.size:
             raise ValueError(f"a team of {self.size} ranks cannot split {bn_groups} BatchNorm groups "
                              "(distill.bn_groups must be 1 or at least the team size)")
+        self.backend = backend
+        if backend in TORCH_BACKENDS:
+            init_torch_group(comm, backend, device)
+        elif backend != "mpi":
+            raise ValueError(f"unknown team backend {backend!r}; choose mpi, {', '.join(TORCH_BACKENDS)}")
+
+    def close(self) -> None:
+        """Tear down the team's torch.distributed group (nothing to do for MPI)."""
+        if self.backend in TORCH_BACKENDS:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     @property
     def is_leader(self) -> bool:
@@ -75,7 +141,16 @@ class Team:
 
     def allgather_rows_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every member filled its ``row_range`` of ``tensor`` (rows = first dimension); afterwards
-        every member holds every row. In place on the CPU, staged through host memory otherwise."""
+        every member holds every row. MPI: in place on the CPU, staged through host memory
+        otherwise; torch backends: in place, one broadcast per member's rows."""
+        if self.backend in TORCH_BACKENDS:
+            import torch.distributed as dist
+
+            for k in range(self.size):  # row blocks of uneven size: no padding, no second table
+                part = tensor[k * tensor.shape[0] // self.size: (k + 1) * tensor.shape[0] // self.size]
+                if part.numel():
+                    dist.broadcast(part, src=k)
+            return tensor
         from mpi4py import MPI
 
         n, per_row = tensor.shape[0], tensor[0].numel() if tensor.shape[0] else 0
@@ -90,7 +165,13 @@ class Team:
         return tensor
 
     def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In-place allreduce of a tensor in its own dtype (staged through host memory off the CPU)."""
+        """In-place allreduce of a tensor in its own dtype (MPI: staged through host memory off the
+        CPU; NCCL: device to device)."""
+        if self.backend in TORCH_BACKENDS:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            return tensor
         from mpi4py import MPI
 
         host = tensor.detach().to("cpu").contiguous()

@@ -70,6 +70,31 @@ def test_a_team_trains_the_same_blocks_as_one_rank(tmp_path: Path, tiny_teacher:
     _assert_same_blocks(one, team, atol=1e-5 if bn_groups > 1 else 2e-4)
 
 
+def test_a_gloo_team_trains_the_same_blocks_as_an_mpi_team(tmp_path: Path, tiny_teacher: Path):
+    """The torch.distributed transport (the path NCCL takes on GPUs, here with Gloo on CPUs) carries
+    the same sums as MPI: synced BatchNorm statistics, the step's gradient bucket and the teacher
+    cache's row exchange. A two-member sum is exact either way, so the blocks are identical."""
+    common = ["-c", "tiny", "--set", f"teacher.checkpoint={tiny_teacher}", "--set", "run.threads=1",
+              "--set", "distill.epochs=2", "--set", "finetune.epochs=0", "--set", "distill.bn_groups=1",
+              "--set", "plan.teams=1"]
+    hpc("distill", *common, "--run-dir", str(tmp_path / "mpi"), "--set", "distill.team_backend=mpi", np=2)
+    proc = hpc("distill", *common, "--run-dir", str(tmp_path / "gloo"), "--set", "distill.team_backend=gloo", np=2)
+    assert "team of 2 ranks: gloo collectives" in proc.stderr
+    assert "(team of 2: 1/2 of the rows each)" in proc.stderr
+    by_mpi, by_gloo = _blocks(tmp_path / "mpi"), _blocks(tmp_path / "gloo")
+    assert by_mpi.keys() == by_gloo.keys() == set(range(8))
+    for i in by_mpi:
+        for k in by_mpi[i]:
+            assert torch.equal(by_mpi[i][k], by_gloo[i][k]), (i, k)
+
+
+def test_nccl_on_cpu_ranks_is_a_config_error(tmp_path: Path, tiny_teacher: Path):
+    proc = hpc("distill", "-c", "tiny", "--run-dir", str(tmp_path), "--set", f"teacher.checkpoint={tiny_teacher}",
+               "--set", "distill.team_backend=nccl", "--set", "run.device=cpu", np=2, check=False, timeout=120)
+    assert proc.returncode == 2 and "nccl needs GPU ranks" in proc.stderr
+    assert not (tmp_path / "report.json").exists()
+
+
 def test_more_ranks_than_blocks_on_two_cores(tmp_path: Path, tiny_teacher: Path):
     """6 ranks, 5 blocks (VGG stages), 2 cores, pure block split: the spare rank is reported idle."""
     proc = hpc("run", "-c", "tiny", "--run-dir", str(tmp_path), "--set", f"teacher.checkpoint={tiny_teacher}",
@@ -82,9 +107,12 @@ def test_more_ranks_than_blocks_on_two_cores(tmp_path: Path, tiny_teacher: Path)
 
 
 def test_four_ranks_on_two_cores_hybrid(tmp_path: Path, tiny_teacher: Path):
-    """4 ranks on 2 cores with two forced teams of two: every rank works, every block is trained once."""
-    hpc("run", "-c", "tiny", "--run-dir", str(tmp_path), "--set", f"teacher.checkpoint={tiny_teacher}",
-        "--set", "plan.teams=2", np=4, timeout=400)
+    """4 ranks on 2 cores with two forced teams of two: every rank works, every block is trained once.
+    Gloo collectives: two torch.distributed groups side by side, one per team, each bootstrapped
+    from its own MPI communicator."""
+    proc = hpc("run", "-c", "tiny", "--run-dir", str(tmp_path), "--set", f"teacher.checkpoint={tiny_teacher}",
+               "--set", "plan.teams=2", "--set", "distill.team_backend=gloo", np=4, timeout=400)
+    assert proc.stderr.count("team of 2 ranks: gloo collectives") == 2
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["world_size"] == 4 and sorted(b["index"] for b in report["blocks"]) == list(range(8))
     assert report["plan"]["teams"] == [[0, 1], [2, 3]] and not report["plan"]["idle_ranks"]

@@ -88,8 +88,12 @@ def test_stop_while_fine_tuning_keeps_blocks_and_resumes(tmp_path: Path, tiny_te
     assert "stop requested: fine-tune saved" in stopped.stderr and not (run / "report.json").exists()
     blocks = {p.name: p.read_bytes() for p in (run / "blocks").glob("block-???.pt")}
     assert len(blocks) == 8
+    costs = (run / "costs.json").read_bytes()
     resumed = hpc(*args)
     assert "fine-tune: resuming at epoch" in resumed.stderr and "resuming: 8 block(s) already finished" in resumed.stderr
+    # nothing left to plan: the first run's costs are reused, not measured again
+    assert "every block is finished: no cost measurement" in resumed.stderr
+    assert (run / "costs.json").read_bytes() == costs
     assert {p.name: p.read_bytes() for p in (run / "blocks").glob("block-???.pt")} == blocks
     report = json.loads((run / "report.json").read_text())
     assert [e["epoch"] for e in report["finetune"]] == [1, 2, 3, 4]

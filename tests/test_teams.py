@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpc_bkd.teams import GhostLayout, GroupBatchNorm2d, ghost_batchnorms, group_bounds, prepare_student
+from hpc_bkd.teams import (GhostLayout, GroupBatchNorm2d, ghost_batchnorms, group_bounds, prepare_student,
+                           team_backend)
 
 
 def _bn(groups: int) -> tuple[GroupBatchNorm2d, GhostLayout]:
@@ -119,3 +120,12 @@ def test_a_step_bucket_holds_the_gradients_and_sums_everything_at_once():
     other = StepBucket(params, ghost_batchnorms(bucketed), n_losses=1)  # takes the gradients over...
     bucket.attach()  # ...until the first bucket takes them back
     assert params[0].grad.data_ptr() == bucket.flat.data_ptr() != other.flat.data_ptr()
+
+
+def test_team_backend_auto_is_nccl_on_gpus_and_mpi_on_cpus():
+    assert team_backend("auto", torch.device("cuda", 0)) == "nccl"
+    assert team_backend("auto", torch.device("cpu")) == "mpi"
+    assert team_backend("gloo", torch.device("cpu")) == "gloo"
+    assert team_backend("mpi", torch.device("cuda", 1)) == "mpi"
+    with pytest.raises(ValueError, match="nccl needs GPU ranks"):
+        team_backend("nccl", torch.device("cpu"))
