@@ -101,8 +101,9 @@ def _costs(cfg: Config, teacher, blocks, data: Data, device, ranks: int = 1,
     matches = [matches_activation(s, cfg.distill.match) for s in blocks]
 
     sizes = _team_sizes(cfg, ranks, len(blocks))
+    # students are timed in the order distill.next_group steps them: one at a time when cached
     measured = measure_team_costs(teacher, blocks, students, batches, device, cfg.distill.bn_groups, matches,
-                                  [1, *sizes])
+                                  [1, *sizes], block_major=cached or cfg.distill.schedule == "sequential")
     passes, shares_prefix = 0.0, True
     if cfg.distill.validate_every_epoch:
         steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
@@ -262,11 +263,9 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
     t0 = time.time()
     distiller = LocalDistiller(teacher, owned, data, cfg, run_dir, fingerprint, rt.device, rt.rank,
                                shared["teacher_val"], team, cache.use)
-    try:
-        results, interrupted = distiller.run(finished)
-    finally:
-        if team is not None:
-            team.close()
+    results, interrupted = distiller.run(finished)
+    if team is not None:  # not on an error: that aborts every rank, and a teardown could wait on them
+        team.close()
     t1 = time.time()
     energy = meter.stop()
     peak_mem = _peak_memory_mb(rt.device)

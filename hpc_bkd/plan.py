@@ -407,7 +407,8 @@ def mac_costs(blocks: Sequence[BlockSpec], students: Sequence[nn.Module], gmacs_
 
 def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Sequence[nn.Module],
                   batches: Sequence[torch.Tensor], device: torch.device, bn_groups: int = 1,
-                  match_activation: Sequence[bool] | None = None, members: int = 1) -> list[BlockCost]:
+                  match_activation: Sequence[bool] | None = None, members: int = 1,
+                  block_major: bool = False) -> list[BlockCost]:
     """Time, on this device, the teacher forward up to each block, each student's train step and
     each student's forward without gradients.
 
@@ -415,19 +416,22 @@ def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Seq
     target (``BlockTap``, its copies included). The first batch warms up; the median of the rest is
     kept. Students are trained on copies so measuring never changes the blocks that are then
     distilled, with the BatchNorm they train with (ghost batches when ``bn_groups`` > 1) and the loss
-    they train with (``match_activation``, per block, see ``students.block_loss``).
+    they train with (``match_activation``, per block, see ``students.block_loss``), and in the order
+    the distiller steps them: every student on one batch before the next batch, or with
+    ``block_major`` (the teacher cache, ``distill.next_group``) one student through every batch
+    before the next student, which runs faster from the CPU's caches.
 
     ``members`` > 1 times what the busiest member of a team of that many ranks runs: its rows of
     each batch (``member_rows``), with its ghost batches.
     """
     return measure_team_costs(teacher, blocks, students, batches, device, bn_groups, match_activation,
-                              (members,))[members]
+                              (members,), block_major)[members]
 
 
 def measure_team_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Sequence[nn.Module],
                        batches: Sequence[torch.Tensor], device: torch.device, bn_groups: int = 1,
                        match_activation: Sequence[bool] | None = None,
-                       members: Sequence[int] = (1,)) -> dict[int, list[BlockCost]]:
+                       members: Sequence[int] = (1,), block_major: bool = False) -> dict[int, list[BlockCost]]:
     """``measure_costs`` for several team sizes at once, interleaved batch by batch (every size
     on a batch before the next batch), so a machine whose speed drifts shifts every size alike
     and their ratios (``TeamModel.member_share``) stay sound."""
@@ -444,35 +448,46 @@ def measure_team_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students
                 for s in students]
     optims = [torch.optim.RMSprop(s.parameters(), lr=1e-6) for s in students]
     matches = list(match_activation) if match_activation is not None else [False] * len(blocks)
+
+    def train_step(j: int, k: int, m: int, n: int, pairs: dict) -> None:
+        b, student, opt = blocks[j], students[j], optims[j]
+        inp, target = pairs[b.index]
+        if layout is not None:
+            layout.set(n, range(math.ceil(bn_groups / m)))
+        t0 = _now(device)
+        loss = block_loss(student(inp), target, matches[j])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for bn in ghost_batchnorms(student):
+            bn.apply_pending(bn.pending)
+        opt.step()
+        t1 = _now(device)
+        student.eval()
+        with torch.no_grad():
+            student(inp)
+        student.train()
+        if k:
+            times[m]["student"][b.index].append(t1 - t0)
+            times[m]["forward"][b.index].append(_now(device) - t1)
+
+    kept = []  # block_major: every batch's (k, m, n, pairs), then each student through them all
     for k, batch in enumerate(batches):
         for m in members:
-            t = times[m]
             n = len(batch)
             x = batch[: member_rows(n, m, bn_groups)].to(device)
             t0 = _now(device)
             pairs = tap(x)
             if k:
                 for b in blocks:
-                    t["teacher"][b.index].append(tap.stamps[b.index] - t0)
-            if layout is not None:
-                layout.set(n, range(math.ceil(bn_groups / m)))
-            for b, student, opt, match in zip(blocks, students, optims, matches):
-                inp, target = pairs[b.index]
-                t0 = _now(device)
-                loss = block_loss(student(inp), target, match)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for bn in ghost_batchnorms(student):
-                    bn.apply_pending(bn.pending)
-                opt.step()
-                t1 = _now(device)
-                student.eval()
-                with torch.no_grad():
-                    student(inp)
-                student.train()
-                if k:
-                    t["student"][b.index].append(t1 - t0)
-                    t["forward"][b.index].append(_now(device) - t1)
+                    times[m]["teacher"][b.index].append(tap.stamps[b.index] - t0)
+            if block_major:
+                kept.append((k, m, n, pairs))
+            else:
+                for j in range(len(blocks)):
+                    train_step(j, k, m, n, pairs)
+    for j in range(len(blocks) if block_major else 0):
+        for k, m, n, pairs in kept:
+            train_step(j, k, m, n, pairs)
     return {m: [BlockCost(*(statistics.median(times[m][key][b.index]) for key in ("teacher", "student", "forward")))
                 for b in blocks] for m in members}
 

@@ -186,3 +186,27 @@ def test_measuring_for_a_team_member_times_its_rows_of_the_batch():
         costs = measure_costs(teacher, blocks, students, batches, torch.device("cpu"), bn_groups=2, members=members)
         assert len(costs) == len(blocks) and all(c.teacher > 0 and c.student > 0 for c in costs)
         assert seen and set(seen) == {rows}
+
+
+@pytest.mark.parametrize("block_major", [False, True])
+def test_students_are_timed_in_the_order_the_distiller_steps_them(block_major: bool):
+    """Uncached, every student steps on a batch before the next batch; with the teacher cache
+    (``block_major``) one student goes through every batch before the next one (distill.next_group)."""
+    from torch import nn
+
+    from hpc_bkd.plan import measure_costs
+    from hpc_bkd.students import build_student
+    from hpc_bkd.surgery import find_blocks
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    blocks = find_blocks(teacher, (3, 8, 8), "conv")
+    students = [build_student(b) for b in blocks]
+    order: list[int] = []
+    for j, student in enumerate(students):  # hooks travel with the copies measure_costs trains
+        student.register_forward_pre_hook(lambda m, args, j=j: order.append(j) if m.training else None)
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    costs = measure_costs(teacher, blocks, students, batches, torch.device("cpu"), block_major=block_major)
+    assert all(c.student > 0 for c in costs)
+    assert order == ([0, 0, 0, 1, 1, 1] if block_major else [0, 1, 0, 1, 0, 1])
