@@ -101,9 +101,11 @@ def _costs(cfg: Config, teacher, blocks, data: Data, device, ranks: int = 1,
     matches = [matches_activation(s, cfg.distill.match) for s in blocks]
 
     sizes = _team_sizes(cfg, ranks, len(blocks))
-    # students are timed in the order distill.next_group steps them: one at a time when cached
+    # timed as the distiller runs them: students one at a time when cached or sequential (see
+    # distill.next_group), and the sequential schedule's teacher one block's prefix at a time
+    sequential = cfg.distill.schedule == "sequential"
     measured = measure_team_costs(teacher, blocks, students, batches, device, cfg.distill.bn_groups, matches,
-                                  [1, *sizes], block_major=cached or cfg.distill.schedule == "sequential")
+                                  [1, *sizes], block_major=cached or sequential, tap_each_block=sequential)
     passes, shares_prefix = 0.0, True
     if cfg.distill.validate_every_epoch:
         steps = steps_per_epoch(len(data.train), cfg.data.batch_size)

@@ -408,7 +408,7 @@ def mac_costs(blocks: Sequence[BlockSpec], students: Sequence[nn.Module], gmacs_
 def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Sequence[nn.Module],
                   batches: Sequence[torch.Tensor], device: torch.device, bn_groups: int = 1,
                   match_activation: Sequence[bool] | None = None, members: int = 1,
-                  block_major: bool = False) -> list[BlockCost]:
+                  block_major: bool = False, tap_each_block: bool = False) -> list[BlockCost]:
     """Time, on this device, the teacher forward up to each block, each student's train step and
     each student's forward without gradients.
 
@@ -419,19 +419,23 @@ def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Seq
     they train with (``match_activation``, per block, see ``students.block_loss``), and in the order
     the distiller steps them: every student on one batch before the next batch, or with
     ``block_major`` (the teacher cache, ``distill.next_group``) one student through every batch
-    before the next student, which runs faster from the CPU's caches.
+    before the next student, which runs faster from the CPU's caches. ``tap_each_block`` (the
+    paper's sequential schedule) times each block's prefix in a pass of its own that copies only
+    that block's input and target, as that schedule runs it, instead of reading it off one pass
+    that copies every block's (which charged block k the copies of blocks 0..k).
 
     ``members`` > 1 times what the busiest member of a team of that many ranks runs: its rows of
     each batch (``member_rows``), with its ghost batches.
     """
     return measure_team_costs(teacher, blocks, students, batches, device, bn_groups, match_activation,
-                              (members,), block_major)[members]
+                              (members,), block_major, tap_each_block)[members]
 
 
 def measure_team_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Sequence[nn.Module],
                        batches: Sequence[torch.Tensor], device: torch.device, bn_groups: int = 1,
                        match_activation: Sequence[bool] | None = None,
-                       members: Sequence[int] = (1,), block_major: bool = False) -> dict[int, list[BlockCost]]:
+                       members: Sequence[int] = (1,), block_major: bool = False,
+                       tap_each_block: bool = False) -> dict[int, list[BlockCost]]:
     """``measure_costs`` for several team sizes at once, interleaved batch by batch (every size
     on a batch before the next batch), so a machine whose speed drifts shifts every size alike
     and their ratios (``TeamModel.member_share``) stay sound."""
@@ -442,7 +446,11 @@ def measure_team_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students
 
     teacher = teacher.to(device).eval()
     times = {m: {key: {b.index: [] for b in blocks} for key in ("teacher", "student", "forward")} for m in members}
-    tap = BlockTap(teacher, blocks, TRAIN_FORMAT, clock=lambda: _now(device))
+    def clock() -> float:
+        return _now(device)
+
+    taps = [BlockTap(teacher, [b], TRAIN_FORMAT, clock) for b in blocks] if tap_each_block \
+        else [BlockTap(teacher, blocks, TRAIN_FORMAT, clock)]
     layout = GhostLayout(bn_groups) if bn_groups > 1 else None
     students = [prepare_student(copy.deepcopy(s).to(device, memory_format=TRAIN_FORMAT).train(), None, layout)
                 for s in students]
@@ -475,11 +483,13 @@ def measure_team_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students
         for m in members:
             n = len(batch)
             x = batch[: member_rows(n, m, bn_groups)].to(device)
-            t0 = _now(device)
-            pairs = tap(x)
-            if k:
-                for b in blocks:
-                    times[m]["teacher"][b.index].append(tap.stamps[b.index] - t0)
+            pairs = {}
+            for tap in taps:
+                t0 = _now(device)
+                pairs.update(tap(x))
+                if k:
+                    for b in tap.blocks:
+                        times[m]["teacher"][b.index].append(tap.stamps[b.index] - t0)
             if block_major:
                 kept.append((k, m, n, pairs))
             else:

@@ -210,3 +210,28 @@ def test_students_are_timed_in_the_order_the_distiller_steps_them(block_major: b
     costs = measure_costs(teacher, blocks, students, batches, torch.device("cpu"), block_major=block_major)
     assert all(c.student > 0 for c in costs)
     assert order == ([0, 0, 0, 1, 1, 1] if block_major else [0, 1, 0, 1, 0, 1])
+
+
+def test_the_sequential_schedule_is_timed_one_prefix_per_block():
+    """tap_each_block: a truncated teacher pass per block (what the paper's schedule runs), each
+    as deep as its block; otherwise one pass serves every block."""
+    from torch import nn
+
+    from hpc_bkd.plan import measure_costs
+    from hpc_bkd.students import build_student
+    from hpc_bkd.surgery import find_blocks
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    blocks = find_blocks(teacher, (3, 8, 8), "conv")
+    students = [build_student(b) for b in blocks]
+    first, last = [], []
+    teacher[0].register_forward_hook(lambda *_: first.append(1))
+    teacher[6].register_forward_hook(lambda *_: last.append(1))
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    for each, passes, deepest in ((False, 2, 2), (True, 6, 2)):
+        first.clear(), last.clear()
+        costs = measure_costs(teacher, blocks, students, batches, torch.device("cpu"), tap_each_block=each)
+        assert len(first) == passes and len(last) == deepest and all(c.teacher > 0 for c in costs)
