@@ -495,9 +495,10 @@ def measure_team_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students
             else:
                 for j in range(len(blocks)):
                     train_step(j, k, m, n, pairs)
-    for j in range(len(blocks) if block_major else 0):
-        for k, m, n, pairs in kept:
-            train_step(j, k, m, n, pairs)
+    if block_major:
+        for j in range(len(blocks)):
+            for k, m, n, pairs in kept:
+                train_step(j, k, m, n, pairs)
     return {m: [BlockCost(*(statistics.median(times[m][key][b.index]) for key in ("teacher", "student", "forward")))
                 for b in blocks] for m in members}
 
