@@ -143,18 +143,18 @@ class Team:
         """Every member filled its ``row_range`` of ``tensor`` (rows = first dimension); afterwards
         every member holds every row. MPI: in place on the CPU, staged through host memory
         otherwise; torch backends: in place, one broadcast per member's rows."""
+        n = tensor.shape[0]
+        bounds = group_bounds(n, self.size)  # the members' row_range boundaries
         if self.backend in TORCH_BACKENDS:
             import torch.distributed as dist
 
             for k in range(self.size):  # row blocks of uneven size: no padding, no second table
-                part = tensor[k * tensor.shape[0] // self.size: (k + 1) * tensor.shape[0] // self.size]
-                if part.numel():
-                    dist.broadcast(part, src=k)
+                if bounds[k + 1] > bounds[k]:
+                    dist.broadcast(tensor[bounds[k]:bounds[k + 1]], src=k)
             return tensor
         from mpi4py import MPI
 
-        n, per_row = tensor.shape[0], tensor[0].numel() if tensor.shape[0] else 0
-        bounds = [k * n // self.size for k in range(self.size + 1)]
+        per_row = tensor[0].numel() if n else 0
         counts = [(bounds[k + 1] - bounds[k]) * per_row for k in range(self.size)]
         displs = [bounds[k] * per_row for k in range(self.size)]
         host = tensor.detach().to("cpu").contiguous()
