@@ -12,30 +12,21 @@ import time
 import traceback
 from pathlib import Path
 
-from .config import ConfigError, Config, describe_keys, load_config, shipped_configs
+from .cli_args import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_job_arguments, job_config
+from .config import ConfigError, describe_keys, shipped_configs
 
 log = logging.getLogger("hpc_bkd")
-
-EXIT_BAD_INPUT = 2
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", default=None,
-                   help="YAML file or shipped config name (default: digits-vgg16; see `hpc-bkd configs`)")
-    p.add_argument("--run-dir", default=None, help="run directory (overrides run.dir)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set distill.epochs=2 (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-bkd", description="Parallel blockwise knowledge distillation over MPI.")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("run", help="the whole job: teacher -> distill -> fine-tune -> report (default)")
-    _common(p)
+    add_job_arguments(p)
     p = sub.add_parser("train-teacher", help="train (or load) the teacher and cache it in the run directory")
-    _common(p)
+    add_job_arguments(p)
     p = sub.add_parser("plan", help="print blocks, assignment and predicted per-rank load; trains nothing")
-    _common(p)
+    add_job_arguments(p)
     p.add_argument("--ranks", type=int, default=None, help="plan for this many ranks (default: MPI size)")
     p.add_argument("--costs", default=None, help="plan from a JSON list of per-block costs; needs no model or data")
     p.add_argument("--json", action="store_true", help="print JSON only")
@@ -44,19 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --costs: distill.bn_groups of the job (teams of up to this many ranks "
                         "need no BatchNorm communication)")
     p = sub.add_parser("distill", help="distill and assemble the student, without end-to-end fine-tuning")
-    _common(p)
+    add_job_arguments(p)
     p = sub.add_parser("evaluate", help="test accuracy of the teacher and the saved student of a run directory")
-    _common(p)
+    add_job_arguments(p)
     sub.add_parser("config-keys", help="every config key with its default and meaning")
     sub.add_parser("configs", help="list the shipped configs")
     return parser
-
-
-def _load(args: argparse.Namespace) -> Config:
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f"run.dir={args.run_dir}")
-    return load_config(args.config, overrides)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -66,17 +50,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         costs = costs_from_json(args.costs)
         plan = make_plan(costs, args.ranks or 1, hybrid=args.hybrid, tm=TeamModel.for_groups(args.bn_groups))
         print(json.dumps(plan.to_dict(), indent=2))
-        return 0
+        return EXIT_OK
     from mpi4py import MPI
 
     from .pipeline import plan_only
 
-    cfg = _load(args)
+    cfg = job_config(args)
     ranks = args.ranks or MPI.COMM_WORLD.size
     out = plan_only(cfg, ranks)
     if args.json:
         print(json.dumps(out, indent=2))
-        return 0
+        return EXIT_OK
     plan = out["plan"]
     print(f"{out['arch']}: {len(out['blocks'])} blocks ({out['granularity']} granularity), costs from {out['cost_model']}")
     print(f"{'block':>5} {'name':<28} {'in':>14} {'out':>14} {'params':>10} {'MMACs':>9} {'teacher s':>9} {'student s':>9}")
@@ -93,16 +77,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
           f"{plan['sequential']:.4f}: predicted speedup {plan['predicted_speedup']:.2f}x")
     for members, share in sorted(out["member_share"].items()):
         print(f"a member of a {members}-rank team measured at {share:.2f} of one rank's time (before communication)")
-    return 0
+    return EXIT_OK
 
 
 def _cmd_train_teacher(args: argparse.Namespace) -> int:
     from .data import load_data
-    from .pipeline import EXIT_INTERRUPTED
     from .runtime import Interrupted, init_runtime, install_stop_handlers, setup_logging
     from .teacher import accuracy, get_teacher
 
-    cfg = _load(args)
+    cfg = job_config(args)
     rt = init_runtime(cfg.run.device, cfg.run.threads)
     setup_logging(rt.rank, rt.size)
     install_stop_handlers()
@@ -130,7 +113,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .surgery import find_blocks, replace_blocks
     from .teacher import accuracy, get_teacher
 
-    cfg = _load(args)
+    cfg = job_config(args)
     run_dir = Path(cfg.run.dir)
     path = run_dir / "student.pt"
     if not path.is_file():
@@ -147,14 +130,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = {"teacher_test_acc": accuracy(teacher, data, "test"), "student_test_acc": accuracy(student, data, "test"),
               "accepted_blocks": saved["accepted_blocks"]}
     print(json.dumps(result, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def _cmd_run(args: argparse.Namespace, distill_only: bool = False) -> int:
-    from .pipeline import EXIT_INTERRUPTED, Interrupted, run_job
+    from .pipeline import Interrupted, run_job
     from .runtime import install_stop_handlers
 
-    cfg = _load(args)
+    cfg = job_config(args)
     if distill_only:
         cfg.finetune.epochs = 0
     install_stop_handlers()
@@ -162,7 +145,7 @@ def _cmd_run(args: argparse.Namespace, distill_only: bool = False) -> int:
         run_job(cfg)
     except Interrupted:
         return EXIT_INTERRUPTED
-    return 0
+    return EXIT_OK
 
 
 COMMANDS = ("run", "train-teacher", "plan", "distill", "evaluate", "config-keys", "configs")
@@ -176,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command
     if command == "config-keys":
         print(describe_keys())
-        return 0
+        return EXIT_OK
     if command == "configs":
         for name, path in sorted(shipped_configs().items()):
             print(f"{name:<20} {path}")
-        return 0
+        return EXIT_OK
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -210,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         if comm.size > 1:  # never leave the other ranks waiting in a collective
             print(f"hpc-bkd: {prefix}aborting all {comm.size} ranks", file=sys.stderr, flush=True)
             time.sleep(1.0)  # let the launcher forward the message: MPI_Abort tears its stdio down
-            comm.Abort(EXIT_BAD_INPUT if clear else 1)
-        return EXIT_BAD_INPUT if clear else 1
+            comm.Abort(EXIT_BAD_INPUT if clear else EXIT_FAILED)
+        return EXIT_BAD_INPUT if clear else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli_args import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, add_job_arguments
 from .submitit_backend import EXECUTORS, LaunchError, report, submit
 
 
@@ -30,10 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Submit hpc_bkd jobs through submitit (SLURM or local).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("submit", help="submit one distillation job (`hpc_bkd run` on every rank)")
-    p.add_argument("-c", "--config", default=None, help="YAML file or shipped config name (default: digits-vgg16)")
-    p.add_argument("--run-dir", default=None, help="run directory (default: the config's run.dir); kept on requeue")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="config override (repeatable)")
+    add_job_arguments(p, run_dir_help="run directory (default: the config's run.dir); kept on requeue")
     p.add_argument("--executor", default="auto", choices=EXECUTORS,
                    help="slurm, local (one rank, this machine), debug (one rank, this process), "
                         "auto = slurm when sbatch is on PATH (default)")
@@ -73,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                      sbatch=dict(args.sbatch))
     except (ConfigError, LaunchError, ValueError) as exc:
         print(f"hpc_bkd.launch: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     run_dir = job.submission().function.run_dir
     print(f"submitted job {job.job_id}: {args.nodes} node(s) x {args.tasks_per_node} rank(s)")
     print(f"  run dir  {run_dir}")
@@ -81,22 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  logs     {task0.stdout} and {task0.stderr.name} (rank 0; one pair per rank)")
     sys.stdout.flush()
     if not args.wait:
-        return 0
+        return EXIT_OK
     try:
         rep = report(job, timeout_s=args.timeout)
     except TimeoutError as exc:
         print(f"hpc_bkd.launch: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except Exception as exc:  # the job failed: say why, point at the logs
         print(f"hpc_bkd.launch: job {job.job_id} failed: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     summary = Path(run_dir) / "summary.txt"
     if summary.is_file():
         print(summary.read_text(), end="")
     acc = rep.get("accuracy", {})
     print(json.dumps({"job_id": job.job_id, "status": rep.get("status"), "run_dir": rep.get("run_dir"),
                       "world_size": rep.get("world_size"), "accuracy": acc, "wall_s": rep.get("wall_s")}))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
