@@ -7,8 +7,8 @@ together move together, so normally one teacher pass serves all of them; blocks 
 different checkpoints simply run apart until their cursors meet.
 
 Every block is checkpointed after each epoch, every ``checkpoint_interval_s`` and when a stop is
-requested (SIGTERM, preemption), atomically, under ``<run>/blocks/``. A finished block is written
-once as ``block-NNN.pt`` and is never trained again.
+requested (SIGTERM, preemption), through a ``rundir.BlockStore``. A finished block is saved once and
+never trained again.
 """
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import checkpoint
 from .config import Config
 from .data import Data, batch_indices, steps_per_epoch, train_batch
+from .rundir import BlockStore
 from .runtime import stop_requested
+from .schedule import Schedule
 from .students import TRAIN_FORMAT, block_loss, build_student, matches_activation
 from .surgery import BlockSpec, BlockTap, SwappedForward
 from .teacher_cache import TeacherCache
@@ -35,31 +36,36 @@ from .teams import GhostLayout, StepBucket, Team, ghost_batchnorms, prepare_stud
 log = logging.getLogger("hpc_bkd")
 
 
-class RunDirConflict(RuntimeError):
-    """The run directory holds blocks from a different job; refusing to overwrite them."""
+@dataclass(frozen=True)
+class BlockResult:
+    """A trained block: its best weights and how its training went. Travels from the rank that
+    trained it to rank 0 and is saved as a plain dict (``to_dict``), so files load with
+    ``weights_only=True``."""
 
+    index: int
+    name: str
+    rank: int
+    state_dict: dict[str, torch.Tensor]
+    epochs: int
+    train_time_s: float
+    final_loss: float | None
+    swapped_val_acc: float | None
+    history: list[dict[str, float]]
+    spans: list[list[float]]
+    early_stopped: bool = False
+    resumed: bool = False           # continued from an unfinished checkpoint
+    resumed_finished: bool = False  # finished by an earlier run, read back from the run directory
+    team_size: int = 1
 
-def block_path(run_dir: Path, index: int, partial: bool = False) -> Path:
-    return Path(run_dir) / "blocks" / f"block-{index:03d}{'.partial' if partial else ''}.pt"
+    def to_dict(self) -> dict[str, Any]:
+        metrics = {k: v for k, v in vars(self).items() if k not in ("state_dict", "resumed_finished")}
+        return {"state_dict": self.state_dict, "metrics": metrics}
 
-
-def finished_blocks(run_dir: Path, fingerprint: str, count: int) -> list[int]:
-    """Indices of blocks already finished under ``run_dir`` by this same job."""
-    done = []
-    for index in range(count):
-        path = block_path(run_dir, index)
-        if path.is_file():
-            saved = checkpoint.load(path)
-            if saved.get("fingerprint") != fingerprint:
-                raise RunDirConflict(
-                    f"{path} was written by a different job (config, teacher or blocks changed). "
-                    "Use a new run.dir, or delete that run's blocks/ folder to start over.")
-            done.append(index)
-    return done
-
-
-def load_finished(run_dir: Path, index: int) -> dict[str, Any]:
-    return checkpoint.load(block_path(run_dir, index))
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], resumed_finished: bool = False) -> "BlockResult":
+        fields_ = set(cls.__dataclass_fields__) - {"state_dict", "resumed_finished"}
+        metrics = {k: v for k, v in saved["metrics"].items() if k in fields_}
+        return cls(state_dict=saved["state_dict"], resumed_finished=resumed_finished, **metrics)
 
 
 def _make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
@@ -139,34 +145,6 @@ class BlockTrainer:
         self.step += 1
 
 
-def next_group(active: list[BlockTrainer], schedule: str, cached: bool) -> list[BlockTrainer]:
-    """The blocks that take the next train step together ([] when every block has ended its epoch).
-
-    Sequential (the paper): the first unfinished block. With the teacher cache: one block at a time
-    for a whole epoch, in index order; there is no teacher pass to share, and a student that keeps
-    the core for an epoch keeps its weights and optimizer state in the CPU's caches (5 % faster on
-    the default job, 13-17 % for bare student steps; the blocks are bit-for-bit the same). Otherwise:
-    every block at the earliest (epoch, step), sharing that batch's truncated teacher pass."""
-    ready = [t for t in active if t.step < t.steps]
-    if not ready:
-        return []
-    if schedule == "sequential":
-        return [min(ready, key=lambda t: t.spec.index)]
-    if cached:
-        return [min(ready, key=lambda t: (t.epoch, t.spec.index))]
-    cursor = min(t.cursor for t in ready)
-    return [t for t in ready if t.cursor == cursor]
-
-
-def epoch_ends(active: list[BlockTrainer], group: list[BlockTrainer], cached: bool) -> list[BlockTrainer]:
-    """The blocks whose epoch ends now, to be validated together (one shared teacher prefix). With
-    the teacher cache a block that has ended its epoch waits, its weights unchanged, until no block
-    is left to step (``group`` is empty); then all are validated at once."""
-    if cached and group:
-        return []
-    return [t for t in active if t.step >= t.steps]
-
-
 class LocalDistiller:
     """Trains the blocks one rank owns (alone, or with its team; see ``teams.py``).
 
@@ -175,14 +153,13 @@ class LocalDistiller:
     """
 
     def __init__(self, teacher: nn.Module, blocks: Sequence[BlockSpec], data: Data, cfg: Config,
-                 run_dir: Path, fingerprint: str, device: torch.device, rank: int = 0,
-                 teacher_val_acc: float | None = None, team: Team | None = None,
-                 cache_teacher: bool = False) -> None:
+                 store: BlockStore, device: torch.device, schedule: Schedule, rank: int = 0,
+                 teacher_val_acc: float | None = None, team: Team | None = None) -> None:
         self.teacher = copy.deepcopy(teacher).to(device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.blocks = list(blocks)
-        self.data, self.cfg, self.run_dir, self.fingerprint = data, cfg, Path(run_dir), fingerprint
+        self.data, self.cfg, self.store, self.schedule = data, cfg, store, schedule
         self.device, self.rank = device, rank
         self.teacher_val_acc = teacher_val_acc
         self.team = team if team is not None and team.size > 1 else None
@@ -195,8 +172,7 @@ class LocalDistiller:
         self._team_stop = False  # a member's stop request, agreed through the step's allreduce
         self._buckets: dict[tuple[int, ...], StepBucket] = {}  # per group of blocks trained together
         self._attached: tuple[int, ...] | None = None  # the bucket the gradients now point into
-        self.cache_teacher = cache_teacher  # see teacher_cache.py; filled when training starts
-        self.cache: TeacherCache | None = None
+        self.cache: TeacherCache | None = None  # see teacher_cache.py; filled when training starts
 
     # ---------------------------------------------------------------- set-up and checkpoints
 
@@ -209,38 +185,28 @@ class LocalDistiller:
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=d.lr_decay)
         trainer = BlockTrainer(spec, student, opt, sched, d.epochs, self.steps,
                                match_activation=matches_activation(spec, d.match))
-        partial = block_path(self.run_dir, spec.index, partial=True)
-        if partial.is_file():
-            saved = checkpoint.load(partial)
-            if saved.get("fingerprint") != self.fingerprint:
-                raise RunDirConflict(f"{partial} was written by a different job; use a new run.dir")
-            trainer.load(saved["trainer"])
+        saved = self.store.resume(spec.index)
+        if saved is not None:
+            trainer.load(saved)
             log.info("block %d (%s): resuming at epoch %d step %d", spec.index, spec.name, trainer.epoch, trainer.step)
         return trainer
 
     def _save_partial(self, t: BlockTrainer) -> None:
-        if not self.leader:
-            return
-        checkpoint.save({"fingerprint": self.fingerprint, "trainer": t.state()},
-                        block_path(self.run_dir, t.spec.index, partial=True))
+        if self.leader:
+            self.store.save_partial(t.spec.index, t.state())
 
-    def _finish(self, t: BlockTrainer) -> dict[str, Any]:
+    def _finish(self, t: BlockTrainer) -> BlockResult:
         if t.best_state is None:  # validation disabled: keep the final weights
             t.best_state = copy.deepcopy(t.student.state_dict())
-        cpu_state = {k: v.detach().cpu().contiguous() for k, v in t.best_state.items()}
-        metrics = {
-            "index": t.spec.index, "name": t.spec.name, "rank": self.rank, "epochs": t.epoch,
-            "train_time_s": t.train_time, "final_loss": t.history[-1]["loss"] if t.history else None,
-            "swapped_val_acc": t.best_acc if t.best_acc >= 0 else None, "history": t.history,
-            "spans": [list(s) for s in t.spans], "early_stopped": t.early_stopped, "resumed": t.resumed,
-        }
-        if self.team is not None:
-            metrics["team_size"] = self.team.size
-        result = {"fingerprint": self.fingerprint, "state_dict": cpu_state, "metrics": metrics}
-        if not self.leader:
-            return result
-        checkpoint.save(result, block_path(self.run_dir, t.spec.index))
-        block_path(self.run_dir, t.spec.index, partial=True).unlink(missing_ok=True)
+        result = BlockResult(
+            index=t.spec.index, name=t.spec.name, rank=self.rank, epochs=t.epoch,
+            state_dict={k: v.detach().cpu().contiguous() for k, v in t.best_state.items()},
+            train_time_s=t.train_time, final_loss=t.history[-1]["loss"] if t.history else None,
+            swapped_val_acc=t.best_acc if t.best_acc >= 0 else None, history=t.history,
+            spans=[list(s) for s in t.spans], early_stopped=t.early_stopped, resumed=t.resumed,
+            team_size=self.team.size if self.team is not None else 1)
+        if self.leader:
+            self.store.save_finished(t.spec.index, result.to_dict())
         return result
 
     # ---------------------------------------------------------------- training
@@ -371,58 +337,69 @@ class LocalDistiller:
             t.update(loss)
             t.train_time += share + time.perf_counter() - t1
 
-    def run(self, finished: Sequence[int] = ()) -> tuple[list[dict[str, Any]], bool]:
-        """Train every owned block not in ``finished``; returns (results, interrupted)."""
-        results: list[dict[str, Any]] = []
+    def run(self, finished: Sequence[int] = ()) -> tuple[list[BlockResult], bool]:
+        """Train every owned block not in ``finished``; returns (results, interrupted). Only a
+        team's leader returns results."""
+        results: list[BlockResult] = []
         active = [self._trainer(s) for s in self.blocks if s.index not in set(finished)]
-        total = sum(t.epochs * t.steps for t in active)
-        done_steps = sum(t.epoch * t.steps + t.step for t in active)
-        progress = _Progress(total, done_steps, self.cfg.run.log_interval_s, self.rank)
-        if self.cache_teacher and active:
+        progress = _Progress(sum(t.epochs * t.steps for t in active),
+                             sum(t.epoch * t.steps + t.step for t in active), self.cfg.run.log_interval_s, self.rank)
+        if self.schedule.uses_cache and active:
             self._fill_cache([t.spec for t in active])
         last_save = time.time()
         interrupted = False
         while active:
-            stop = self._team_stop if self.team is not None else stop_requested()
-            if stop:
+            if self._team_stop if self.team is not None else stop_requested():
                 interrupted = True
                 break
-            group = next_group(active, self.cfg.distill.schedule, self.cache is not None)
+            group = self.schedule.next_group(active)
             if group:
                 self._step(group)
                 progress.update(len(group), group)
-            ending = epoch_ends(active, group, self.cache is not None)
-            checked = [t for t in ending if self._validates(t)]
-            t1 = time.perf_counter()
-            accs = dict(zip((id(t) for t in checked), self._validate(checked))) if checked else {}
-            share = (time.perf_counter() - t1) / max(len(checked), 1)
-            for t in ending:
-                t1 = time.perf_counter()
-                self._end_epoch(t, accs.get(id(t)))
-                t.train_time += time.perf_counter() - t1 + (share if id(t) in accs else 0.0)
-                self._save_partial(t)
-                if t.done:
-                    t.spans.append((t.started_at, time.time()))
-                    result = self._finish(t)
-                    if self.leader:
-                        results.append(result)
-                    active.remove(t)
-                    progress.skip(t.epochs * t.steps - (t.epoch * t.steps))
-                    if self.leader:
-                        log.info("block %2d %-24s done in %.1fs (best swapped val acc %.2f%%)", t.spec.index,
-                                 t.spec.name, t.train_time, t.best_acc)
+            for t in self._close_epochs(active, group):
+                active.remove(t)
+                progress.skip(t.epochs * t.steps - (t.epoch * t.steps))
+                if self.leader:
+                    results.append(self._finish(t))
+                    log.info("block %2d %-24s done in %.1fs (best swapped val acc %.2f%%)", t.spec.index,
+                             t.spec.name, t.train_time, t.best_acc)
+                else:
+                    self._finish(t)
             if time.time() - last_save > self.cfg.distill.checkpoint_interval_s:
                 for t in active:
                     self._save_partial(t)
                 last_save = time.time()
-        for t in active:  # interrupted: keep everything up to this step
+        self._stop(active, interrupted)
+        progress.close()
+        return results, interrupted
+
+    def _close_epochs(self, active: list[BlockTrainer], group: list[BlockTrainer]) -> list[BlockTrainer]:
+        """Validate and close the epochs the schedule ends now (validation shared across them);
+        returns the blocks that are done."""
+        ending = self.schedule.epoch_ends(active, group)
+        checked = [t for t in ending if self._validates(t)]
+        t1 = time.perf_counter()
+        accs = dict(zip((id(t) for t in checked), self._validate(checked))) if checked else {}
+        share = (time.perf_counter() - t1) / max(len(checked), 1)
+        done = []
+        for t in ending:
+            t1 = time.perf_counter()
+            self._end_epoch(t, accs.get(id(t)))
+            t.train_time += time.perf_counter() - t1 + (share if id(t) in accs else 0.0)
+            self._save_partial(t)
+            if t.done:
+                t.spans.append((t.started_at, time.time()))
+                done.append(t)
+        return done
+
+    def _stop(self, active: list[BlockTrainer], interrupted: bool) -> None:
+        """Keep every unfinished block up to this step (after an interruption, or nothing left)."""
+        for t in active:
             if t.started_at is not None:
                 t.spans.append((t.started_at, time.time()))
             self._save_partial(t)
-        progress.close()
         if interrupted:
             log.warning("stop requested: saved %d unfinished block(s) at their current step", len(active))
-        return results, interrupted
 
 
 class _Progress:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint
+from . import atomic_io
 from .config import Config, FinetuneConfig
 from .data import Data, steps_per_epoch, train_batch
 from .runtime import Interrupted, stop_requested
@@ -59,7 +59,7 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
     history: list[dict[str, float]] = []
     start_epoch = start_step = 0
     loss_sum = 0.0
-    saved = checkpoint.load_progress(partial, identity, student, opt, sched)
+    saved = atomic_io.load_progress(partial, identity, student, opt, sched)
     if saved is not None:
         start_epoch, start_step, loss_sum = saved["epoch"], saved["step"], saved["loss_sum"]
         history = saved["history"]
@@ -68,7 +68,7 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
         log.info("%s: resuming at epoch %d step %d from %s", label, start_epoch + 1, start_step, partial)
 
     def save(epoch: int, step: int, loss_sum: float) -> None:
-        checkpoint.save_progress(partial, identity, student, opt, sched, epoch, step, loss_sum=loss_sum,
+        atomic_io.save_progress(partial, identity, student, opt, sched, epoch, step, loss_sum=loss_sum,
                                  history=history, extra=extra or {})
 
     for epoch in range(start_epoch, epochs):

@@ -1,379 +1,470 @@
-"""The job, start to end, on every rank: config -> plan -> per-rank distill -> gather -> assemble ->
-fine-tune -> report. Rank 0 coordinates; every rank trains the blocks the plan gives it.
+"""The job, start to end, on every rank, as a list of stages (``run_job``).
 
-Phases and what travels over MPI:
-1. rank 0 gets the teacher (cache, checkpoint or training) and finds the blocks, and broadcasts
-   teacher weights + block list (no shared filesystem needed);
-2. every rank times every block at once (so the costs include the ranks' contention for the node)
-   and reports the finished blocks it can see under the run directory (resume); rank 0 takes the
-   median costs, plans the remaining blocks and broadcasts the plan;
-3. every rank distills its blocks, checkpointing each under the run directory;
-4. trained blocks and metrics are gathered to rank 0, which assembles, fine-tunes, evaluates, saves
-   the student and writes the report.
+config -> teacher -> schedule -> resume -> costs -> plan -> per-rank distill -> gather ->
+assemble/fine-tune -> report. Each stage takes and returns frozen records and does at most one
+collective, so the MPI protocol reads in order in ``run_job``:
+
+1. ``share_teacher``: rank 0 gets the teacher (cache, checkpoint or training) and its blocks, and
+   broadcasts them (no shared filesystem needed);
+2. ``agree_schedule``: every rank says whether it can hold the teacher cache (allgather);
+3. ``find_finished``: every rank says which finished blocks it sees under the run directory
+   (allgather; the run directory need not be shared);
+4. ``measure_costs``: every rank times every block at once, so the costs include the ranks'
+   contention for the node (gather to rank 0, which keeps the median);
+5. ``share_plan``: rank 0 plans the remaining blocks and broadcasts the plan;
+6. ``distill_owned``: every rank (or team of ranks: a communicator split) distills its blocks,
+   checkpointing each under the run directory;
+7. ``gather_outcomes``: trained blocks and metrics go to rank 0;
+8. ``stop_if_interrupted``: every rank learns whether any rank was stopped (broadcast);
+9. rank 0 assembles, fine-tunes, evaluates, saves and reports (``finish_on_root``) while the
+   others wait for it to say it is done (broadcast).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Callable
 
-import torch
+from torch import nn
 
-from . import checkpoint
+from . import atomic_io
 from .config import Config, ConfigError
-from .data import Data, describe, load_data, steps_per_epoch, train_batch
-from .distill import LocalDistiller, block_path, finished_blocks, load_finished
+from .costs import CostTable, block_costs
+from .data import Data, describe, load_data
+from .distill import BlockResult, LocalDistiller
 from .energy import EnergyMeter
 from .finetune import accept_blocks, finetune, recalibrate_bn
 from .models import build_model
-from .plan import (BlockCost, Plan, TeamModel, make_plan, mac_costs, measure_team_costs, rank_cost,
-                   team_layouts, with_validation)
-from .runtime import Interrupted, Runtime, init_runtime, setup_logging
-from .students import build_student, matches_activation
-from .surgery import BlockSpec, SwappedForward, assemble, conv_params, find_blocks, total_macs
-from .teacher_cache import CacheDecision, decide, memory_budget
+from .plan import Plan, TeamModel, describe_plan, make_plan
+from .records import Accuracy, CacheReport, CacheUse, Energy, FinetuneEpoch, JobRecord, ModelSize, ModelSizes
+from .report import build_record, write_report
+from .rundir import BlockStore, RunDir, job_fingerprint
+from .runtime import Interrupted, Runtime, init_runtime, peak_memory_mb, setup_logging
+from .schedule import Schedule, schedule_for
+from .students import build_student
+from .surgery import BlockSpec, assemble, conv_params, find_blocks, total_macs
 from .teacher import accuracy, get_teacher, state_fingerprint
+from .teacher_cache import decide, memory_budget
 from .teams import Team, team_backend
 
 log = logging.getLogger("hpc_bkd")
 
-EXIT_INTERRUPTED = 3  # the job was stopped (preemption, time limit) after saving; re-run to resume
-
 
 @dataclass
-class Phases:
-    """Wall time per phase, in seconds, measured on rank 0."""
+class Clock:
+    """Rank 0's wall time per phase and the seconds spent in the job's broadcasts and gathers.
+    (Mutable on purpose: it is a stopwatch that stages tick, not data that flows between them.)"""
 
-    times: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
+    comm: dict[str, float] = field(default_factory=lambda: {"broadcast_s": 0.0, "gather_s": 0.0})
+    started: float = field(default_factory=time.time)
     _t: float = field(default_factory=time.perf_counter)
 
     def mark(self, name: str) -> None:
         now = time.perf_counter()
-        self.times[name] = self.times.get(name, 0.0) + now - self._t
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._t
         self._t = now
 
-
-# distill keys that change how blocks are trained, never what they become
-_NOT_IN_RESULT = ("checkpoint_interval_s", "schedule", "teacher_cache", "teacher_cache_gb", "team_backend")
-
-
-def job_fingerprint(cfg: Config, teacher_fp: str, blocks: list[BlockSpec]) -> str:
-    """What determines the trained blocks; a run directory is only resumed by the same job (how
-    the teacher's activations are produced, cached or not, does not change them)."""
-    d = cfg.distill
-    key = {"model": vars(cfg.model), "data": vars(cfg.data), "blocks": vars(cfg.blocks), "seed": cfg.run.seed,
-           "distill": {k: v for k, v in vars(d).items() if k not in _NOT_IN_RESULT},
-           "teacher": teacher_fp, "specs": [b.members for b in blocks]}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def collective(self, kind: str, call: Callable[[], object]) -> object:
+        t0 = time.perf_counter()
+        out = call()
+        self.comm[kind] += time.perf_counter() - t0
+        return out
 
 
-def _team_sizes(cfg: Config, ranks: int, n_blocks: int) -> list[int]:
-    """Team sizes (> 1) a plan on ``ranks`` ranks may use; none for a pure block split."""
-    if not cfg.plan.hybrid or ranks < 2:
-        return []
-    tm = TeamModel.for_groups(cfg.distill.bn_groups)
-    return sorted({m for sizes in team_layouts(ranks, n_blocks, True, cfg.plan.teams) for m in sizes
-                   if m > 1 and tm.allows(m)})
+@dataclass(frozen=True)
+class TeacherShare:
+    """What rank 0 broadcasts about the teacher (``interrupted``: it was stopped while training)."""
+
+    state: dict | None = None
+    info: dict | None = None
+    val_acc: float = 0.0
+    test_acc: float = 0.0
+    blocks: list[BlockSpec] = field(default_factory=list)
+    fingerprint: str = ""
+    interrupted: bool = False
 
 
-def _cache_decision(cfg: Config, blocks: list[BlockSpec], data: Data, device, local_size: int) -> CacheDecision:
-    return decide(cfg.distill.teacher_cache, cfg.data.augment, cfg.distill.schedule, blocks, len(data.train),
-                  memory_budget(device, local_size, cfg.distill.teacher_cache_gb))
+@dataclass(frozen=True)
+class PreparedTeacher:
+    """The frozen teacher on this rank, its blocks and the job's fingerprint."""
+
+    model: nn.Module
+    info: dict
+    val_acc: float
+    test_acc: float
+    blocks: list[BlockSpec]
+    fingerprint: str
 
 
-def _costs(cfg: Config, teacher, blocks, data: Data, device, ranks: int = 1,
-           cached: bool = False) -> tuple[list[BlockCost], dict[int, float], str]:
-    """Per-block costs on this rank, and the share of one rank's time that the busiest member of
-    each team size the plan may use takes (see ``plan.TeamModel``). ``cached``: the teacher's
-    activations are cached, so training pays its teacher pass once, not every epoch."""
-    b = cfg.blocks
-    students = [build_student(s, b.student_depth, b.student_width, cfg.run.seed) for s in blocks]
-    teacher_passes = 1.0 / cfg.distill.epochs if cached else 1.0
-    if cfg.plan.cost_model == "macs":
-        return with_validation(mac_costs(blocks, students), 0.0, teacher_passes=teacher_passes), {}, "macs"
-    batches = [train_batch(data, cfg.data.batch_size, cfg.run.seed, 0, k)[0]
-               for k in range(cfg.plan.measure_batches + 1)]
-    matches = [matches_activation(s, cfg.distill.match) for s in blocks]
+@dataclass(frozen=True)
+class ScheduleChoice:
+    """The step order every rank follows and whether ranks cache the teacher's activations."""
 
-    sizes = _team_sizes(cfg, ranks, len(blocks))
-    # timed as the distiller runs them: students one at a time when cached or sequential (see
-    # distill.next_group), and the sequential schedule's teacher one block's prefix at a time
-    sequential = cfg.distill.schedule == "sequential"
-    measured = measure_team_costs(teacher, blocks, students, batches, device, cfg.distill.bn_groups, matches,
-                                  [1, *sizes], block_major=cached or sequential, tap_each_block=sequential)
-    passes, shares_prefix = 0.0, True
-    if cfg.distill.validate_every_epoch:
-        steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
-        passes = len(data.val) / cfg.data.batch_size / steps  # validation batches per train step
-        shares_prefix = SwappedForward(teacher, blocks).shares_prefix
-    measured = {m: with_validation(c, passes, shares_prefix, teacher_passes) for m, c in measured.items()}
-    costs = measured[1]
-    whole = rank_cost(range(len(costs)), costs)
-    shares = {m: rank_cost(range(len(costs)), measured[m]) / whole for m in sizes}
-    return costs, shares, "measured"
+    schedule: Schedule
+    cache: CacheReport
 
 
-def _combine(measured: list[tuple[list[BlockCost], dict[int, float], str]]) -> tuple[list[BlockCost], dict[int, float]]:
-    """The per-field median over ranks of every rank's measurement (each rank measures while the
-    others do too, so the costs include what ranks sharing a node do to each other)."""
-    per_rank = [m[0] for m in measured]
-    costs = [BlockCost(*(statistics.median(getattr(r[i], f) for r in per_rank) for f in ("teacher", "student", "forward")))
-             for i in range(len(per_rank[0]))]
-    shares = {m: statistics.median(r[1][m] for r in measured) for m in measured[0][1]}
-    return costs, shares
+@dataclass(frozen=True)
+class Resume:
+    """Blocks finished by an earlier run of this job, and which ranks can see each."""
+
+    finished: list[int]
+    seen: list[list[int]]  # per rank
+
+    def remaining(self, blocks: list[BlockSpec]) -> list[BlockSpec]:
+        return [b for b in blocks if b.index not in self.finished]
+
+    def carried_by(self, rank: int) -> list[int]:
+        """Finished blocks rank 0 cannot see that this rank forwards (the lowest rank seeing it)."""
+        return [i for i in self.finished if i not in self.seen[0]
+                and rank == min(r for r, s in enumerate(self.seen) if i in s)]
 
 
-def _stored_costs(run_dir: Path, blocks: list[BlockSpec]) -> tuple[list[BlockCost], dict[int, float], str] | None:
-    """The costs an earlier run of this job measured (``costs.json``), if they cover these blocks."""
-    try:
-        stored = json.loads((run_dir / "costs.json").read_text())
-        if stored["blocks"] != [b.name for b in blocks]:
-            return None
-        costs = [BlockCost(**c) for c in stored["costs"]]
-        return costs, {int(m): v for m, v in stored["member_share"].items()}, stored["cost_model"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+@dataclass(frozen=True)
+class RankOutcome:
+    """One rank's distillation, as gathered to rank 0."""
+
+    rank: int
+    host: str
+    device: str
+    threads: int
+    blocks: list[int]
+    results: list[BlockResult]
+    carried: list[BlockResult]  # finished blocks of an earlier run that rank 0 cannot see
+    interrupted: bool
+    start: float
+    end: float
+    energy: Energy
+    peak_mem_mb: float
+    cache: CacheUse | None
 
 
-def coordinate(cfg: Config, rt: Runtime, data: Data, run_dir: Path, phases: Phases) -> dict[str, Any]:
-    """Rank 0: the teacher and its blocks. Returns what is broadcast to every rank."""
-    teacher, teacher_info = get_teacher(cfg, data, run_dir, rt.device)
-    phases.mark("teacher")
-    teacher_val = accuracy(teacher, data, "val", cfg.data.eval_batch_size, rt.device)
-    teacher_test = accuracy(teacher, data, "test", cfg.data.eval_batch_size, rt.device)
-    teacher.cpu()
-    log.info("teacher %s (%s): val acc %.2f%%, test acc %.2f%%", cfg.model.arch, teacher_info["source"],
-             teacher_val, teacher_test)
-    blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
-    phases.mark("teacher")
-    state = teacher.state_dict()
-    teacher_fp = state_fingerprint(state)
-    return {"teacher_state": state, "teacher_info": teacher_info, "teacher_val": teacher_val,
-            "teacher_test": teacher_test, "blocks": blocks,
-            "fingerprint": job_fingerprint(cfg, teacher_fp, blocks), "teacher_fp": teacher_fp}
+@dataclass(frozen=True)
+class StudentResult:
+    """The assembled, fine-tuned student and what it scored."""
+
+    model: nn.Module
+    accepted: list[int]
+    accuracy: Accuracy
+    finetune: list[FinetuneEpoch]
+    sizes: ModelSizes
 
 
-def run_job(cfg: Config, rt: Runtime | None = None) -> dict[str, Any] | None:
-    """Run the whole job on this rank. Returns the report on rank 0, None on the others.
+def run_job(cfg: Config, rt: Runtime | None = None) -> JobRecord | None:
+    """Run the whole job on this rank. Returns the job record on rank 0, None on the others.
 
     Raises ``Interrupted`` on every rank if a stop was requested (everything finished is saved).
     """
     rt = rt or init_runtime(cfg.run.device, cfg.run.threads)
     setup_logging(rt.rank, rt.size)
-    try:  # before any work: a backend this rank's device cannot use is a config error
-        backend = team_backend(cfg.distill.team_backend, rt.device)
+    backend = check_team_backend(cfg, rt)
+    clock = Clock()
+    run_dir = open_run_dir(cfg, rt)
+    data = load_job_data(cfg, rt, clock)
+    teacher = share_teacher(cfg, rt, data, run_dir, clock)
+    choice = agree_schedule(cfg, rt, teacher, data)
+    resume = find_finished(rt, run_dir, teacher)
+    costs = measure_costs(cfg, rt, teacher, data, choice, resume, run_dir)
+    plan = share_plan(cfg, rt, teacher, costs, resume, clock)
+    outcome = distill_owned(cfg, rt, teacher, data, run_dir, plan, choice, resume, backend)
+    outcomes = gather_outcomes(rt, outcome, clock)
+    stop_if_interrupted(rt, outcomes, run_dir)
+    if not rt.is_root:
+        await_root(rt, run_dir)
+        return None
+    clock.mark("distill+gather")
+    return finish_on_root(rt, lambda: report_job(cfg, rt, data, run_dir, teacher, choice, costs, plan,
+                                                 outcomes, resume, clock))
+
+
+# ------------------------------------------------------------------------------ set-up stages
+
+
+def check_team_backend(cfg: Config, rt: Runtime) -> str:
+    """Before any work: a team transport this rank's device cannot use is a config error."""
+    try:
+        return team_backend(cfg.distill.team_backend, rt.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    phases = Phases()
-    wall0 = time.time()
-    run_dir = Path(cfg.run.dir)
+
+
+def open_run_dir(cfg: Config, rt: Runtime) -> RunDir:
+    run_dir = RunDir(cfg.run.dir)
     if rt.is_root:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(run_dir / "config.json", cfg.to_dict())
+        run_dir.create()
+        atomic_io.write_json(run_dir.config, cfg.to_dict())
         log.info("hpc_bkd: %d rank(s), run dir %s, device %s, %d thread(s) per rank", rt.size, run_dir,
                  rt.device, rt.threads)
+    return run_dir
+
+
+def load_job_data(cfg: Config, rt: Runtime, clock: Clock) -> Data:
     data = load_data(cfg.data, cfg.run.seed)
     if rt.is_root:
         log.info("data: %s: %s", cfg.data.dataset, describe(data))
-    phases.mark("data")
+    clock.mark("data")
+    return data
 
-    shared = None
+
+def share_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, clock: Clock) -> PreparedTeacher:
+    """Rank 0 prepares the teacher and finds its blocks; every rank gets them (broadcast)."""
+    share = None
     if rt.is_root:
         try:
-            shared = coordinate(cfg, rt, data, run_dir, phases)
+            share = _prepare_teacher(cfg, rt, data, run_dir, clock)
         except Interrupted:  # stopped while training the teacher: its progress is saved
-            shared = {"interrupted": True}
-    t_bcast = time.perf_counter()
-    shared = rt.bcast(shared)
-    bcast_s = time.perf_counter() - t_bcast
-    if shared.get("interrupted"):
+            share = TeacherShare(interrupted=True)
+    share = clock.collective("broadcast_s", lambda: rt.bcast(share))
+    assert isinstance(share, TeacherShare)
+    if share.interrupted:
         raise Interrupted(str(run_dir))
-    blocks: list[BlockSpec] = shared["blocks"]
     teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width)
-    teacher.load_state_dict(shared["teacher_state"])
-    teacher.eval()
-    fingerprint = shared["fingerprint"]
+    teacher.load_state_dict(share.state)
     if rt.is_root:
-        phases.mark("broadcast")
+        clock.mark("broadcast")
+    return PreparedTeacher(teacher.eval(), share.info or {}, share.val_acc, share.test_acc, share.blocks,
+                           share.fingerprint)
 
-    # the teacher cache: used only if every rank can hold every block's activations
-    decisions = rt.allgather(_cache_decision(cfg, blocks, data, rt.device, rt.local_size))
+
+def _prepare_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, clock: Clock) -> TeacherShare:
+    teacher, info = get_teacher(cfg, data, run_dir, rt.device)
+    clock.mark("teacher")
+    val = accuracy(teacher, data, "val", cfg.data.eval_batch_size, rt.device)
+    test = accuracy(teacher, data, "test", cfg.data.eval_batch_size, rt.device)
+    teacher.cpu()
+    log.info("teacher %s (%s): val acc %.2f%%, test acc %.2f%%", cfg.model.arch, info["source"], val, test)
+    blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
+    clock.mark("teacher")
+    state = teacher.state_dict()
+    return TeacherShare(state, info, val, test, blocks, job_fingerprint(cfg, state_fingerprint(state), blocks))
+
+
+def agree_schedule(cfg: Config, rt: Runtime, teacher: PreparedTeacher, data: Data) -> ScheduleChoice:
+    """The teacher cache is used only if every rank can hold every block's activations."""
+    base = schedule_for(cfg.distill.schedule)
+    budget = memory_budget(rt.device, rt.local_size, cfg.distill.teacher_cache_gb)
+    mine = decide(cfg.distill.teacher_cache, cfg.data.augment, base, teacher.blocks, len(data.train), budget)
+    decisions = rt.allgather(mine)
     cache = next((d for d in decisions if not d.use), decisions[0])
     if rt.is_root:
         log.info("teacher cache %s", cache.reason)
-        shared["teacher_cache"] = cache.to_dict()
+    return ScheduleChoice(schedule_for(cfg.distill.schedule, cache.use), cache.to_record())
 
-    # resume: which finished blocks can each rank see? (the run dir need not be shared)
-    seen = rt.allgather(finished_blocks(run_dir, fingerprint, len(blocks)))
-    finished = sorted(set().union(*seen))
-    remaining = [b for b in blocks if b.index not in finished]
 
-    # costs: every rank measures at once, so contention between ranks is in the figures; a re-run
-    # with every block finished plans nothing and takes the first run's costs for its report
-    stored = _stored_costs(run_dir, blocks) if rt.is_root and not remaining else None
-    if remaining:
-        measured = rt.gather(_costs(cfg, teacher, blocks, data, rt.device, rt.size, cache.use))
-    elif rt.is_root and stored is None:  # nothing to plan: rank 0 alone measures, for the report
-        measured = [_costs(cfg, teacher, blocks, data, rt.device, 1, cache.use)]
-    if rt.is_root and stored is not None:
-        log.info("every block is finished: no cost measurement (costs from %s)", run_dir / "costs.json")
-        shared["costs"], shared["member_share"], shared["cost_model"] = stored
-    elif rt.is_root:
-        shared["costs"], member_share = _combine(measured)
-        shared["cost_model"], shared["member_share"] = measured[0][2], member_share
-        checkpoint.write_json(run_dir / "costs.json", {
-            "cost_model": shared["cost_model"], "device": str(rt.device), "threads": rt.threads,
-            "batch_size": cfg.data.batch_size, "blocks": [b.name for b in blocks],
-            "teacher_cache": cache.use, "teacher_passes_per_step": 1.0 / cfg.distill.epochs if cache.use else 1.0,
-            "costs": [vars(c) for c in shared["costs"]], "member_share": member_share,
-            "per_rank": [[vars(c) for c in m[0]] for m in measured]})
-    plan: Plan | None = None
+def find_finished(rt: Runtime, run_dir: RunDir, teacher: PreparedTeacher) -> Resume:
+    """Which blocks an earlier run of this job finished, as any rank sees them."""
+    seen = rt.allgather(run_dir.finished_blocks(teacher.fingerprint, len(teacher.blocks)))
+    return Resume(sorted(set().union(*seen)), seen)
+
+
+# ------------------------------------------------------------------------------ costs and plan
+
+
+def measure_costs(cfg: Config, rt: Runtime, teacher: PreparedTeacher, data: Data, choice: ScheduleChoice,
+                  resume: Resume, run_dir: RunDir) -> CostTable | None:
+    """Rank 0's cost table (None elsewhere): every rank measures at once, so contention between
+    ranks is in the figures; a re-run with every block finished plans nothing and takes the first
+    run's costs for its report (rank 0 alone measures if it has none)."""
+    def measure(ranks: int) -> CostTable:
+        return block_costs(cfg, teacher.model, teacher.blocks, data, rt.device, ranks, choice.schedule,
+                           choice.cache.use)
+
+    if resume.remaining(teacher.blocks):
+        measured = rt.gather(measure(rt.size))
+    elif not rt.is_root:
+        return None
+    else:
+        stored = CostTable.read(run_dir.costs, teacher.blocks)
+        if stored is not None:
+            log.info("every block is finished: no cost measurement (costs from %s)", run_dir.costs)
+            return stored
+        measured = [measure(1)]
+    if not rt.is_root:
+        return None
+    table = CostTable.combine(measured)
+    atomic_io.write_json(run_dir.costs, table.to_json(
+        teacher.blocks, device=str(rt.device), threads=rt.threads, batch_size=cfg.data.batch_size,
+        teacher_cache=choice.cache.use, teacher_passes_per_step=1.0 / cfg.distill.epochs if choice.cache.use else 1.0))
+    return table
+
+
+def share_plan(cfg: Config, rt: Runtime, teacher: PreparedTeacher, costs: CostTable | None, resume: Resume,
+               clock: Clock) -> Plan:
+    """Rank 0 plans the blocks left to train; every rank gets the plan (broadcast)."""
+    plan = None
     if rt.is_root:
-        sub = make_plan([shared["costs"][b.index] for b in remaining], rt.size, cfg.plan.method,
-                        cfg.plan.hybrid, cfg.plan.teams,
-                        tm=TeamModel.for_groups(cfg.distill.bn_groups, shared["member_share"]))
-        local_to_global = [b.index for b in remaining]
-        sub.assignment = [[local_to_global[i] for i in blocks_] for blocks_ in sub.assignment]
-        sub.costs = shared["costs"]
-        plan = sub
-        if finished:
-            log.info("resuming: %d block(s) already finished (%s), %d to train", len(finished),
-                     ",".join(map(str, finished)), len(remaining))
-        _log_plan(plan, blocks)
-        phases.mark("plan")
-    t_bcast = time.perf_counter()
-    plan = rt.bcast(plan)
-    bcast_s += time.perf_counter() - t_bcast
+        assert costs is not None
+        remaining = [b.index for b in resume.remaining(teacher.blocks)]
+        plan = make_plan([costs.costs[i] for i in remaining], rt.size, cfg.plan.method, cfg.plan.hybrid,
+                         cfg.plan.teams, tm=TeamModel.for_groups(cfg.distill.bn_groups, costs.member_share),
+                         ).for_blocks(remaining, costs.costs)
+        if resume.finished:
+            log.info("resuming: %d block(s) already finished (%s), %d to train", len(resume.finished),
+                     ",".join(map(str, resume.finished)), len(remaining))
+        for line in describe_plan(plan):
+            log.info("%s", line)
+        clock.mark("plan")
+    plan = clock.collective("broadcast_s", lambda: rt.bcast(plan))
+    assert isinstance(plan, Plan)
     if rt.is_root:
-        phases.mark("broadcast")
+        clock.mark("broadcast")
+    return plan
 
-    # distill (a team of ranks shares its blocks and splits every batch; see teams.py)
+
+# ------------------------------------------------------------------------------ distillation
+
+
+def distill_owned(cfg: Config, rt: Runtime, teacher: PreparedTeacher, data: Data, run_dir: RunDir, plan: Plan,
+                  choice: ScheduleChoice, resume: Resume, backend: str) -> RankOutcome:
+    """Distill the blocks the plan gives this rank, alone or with its team (a communicator split;
+    a team of ranks shares its blocks and splits every batch, see ``teams.py``)."""
     team_comm = rt.comm.Split(color=plan.team_of(rt.rank), key=rt.rank)
     team = Team(team_comm, cfg.distill.bn_groups, backend, rt.device) if team_comm.size > 1 else None
     if team is not None and team.is_leader:
         log.info("team of %d ranks: %s collectives", team.size, backend)
-    owned = [blocks[i] for i in plan.assignment[rt.rank]]
+    owned = [teacher.blocks[i] for i in plan.assignment[rt.rank]]
     if not owned:
-        log.info("idle: no blocks for this rank (%d ranks, %d blocks to train)", rt.size, len(remaining))
+        log.info("idle: no blocks for this rank (%d ranks, %d blocks to train)", rt.size,
+                 len(resume.remaining(teacher.blocks)))
     meter = EnergyMeter(rt.device)
     meter.start()
-    t0 = time.time()
-    distiller = LocalDistiller(teacher, owned, data, cfg, run_dir, fingerprint, rt.device, rt.rank,
-                               shared["teacher_val"], team, cache.use)
-    results, interrupted = distiller.run(finished)
+    start = time.time()
+    distiller = LocalDistiller(teacher.model, owned, data, cfg, BlockStore(run_dir, teacher.fingerprint), rt.device,
+                               choice.schedule, rt.rank, teacher.val_acc, team)
+    results, interrupted = distiller.run(resume.finished)
     if team is not None:  # not on an error: that aborts every rank, and a teardown could wait on them
         team.close()
-    t1 = time.time()
-    energy = meter.stop()
-    peak_mem = _peak_memory_mb(rt.device)
-    # forward finished blocks rank 0 cannot see itself (run dir not shared across nodes)
-    carried = [load_finished(run_dir, i) for i in finished
-               if i not in seen[0] and rt.rank == min(r for r, s in enumerate(seen) if i in s)]
-    t_gather = time.perf_counter()
-    gathered = rt.gather({"rank": rt.rank, "host": rt.host, "results": results, "carried": carried,
-                          "interrupted": interrupted, "start": t0, "end": t1, "energy": energy,
-                          "peak_mem_mb": peak_mem, "device": str(rt.device), "threads": rt.threads,
-                          "blocks": [b.index for b in owned],
-                          "teacher_cache": {"mb": distiller.cache.nbytes / 2**20, "fill_s": distiller.cache.fill_s}
-                          if distiller.cache is not None else None})
-    gather_s = time.perf_counter() - t_gather
-    any_interrupted = rt.bcast(any(g["interrupted"] for g in gathered) if rt.is_root else None)
-    if any_interrupted:
+    end = time.time()
+    cache = distiller.cache
+    return RankOutcome(
+        rank=rt.rank, host=rt.host, device=str(rt.device), threads=rt.threads, blocks=[b.index for b in owned],
+        results=results, carried=[BlockResult.from_dict(run_dir.load_block(i)) for i in resume.carried_by(rt.rank)],
+        interrupted=interrupted, start=start, end=end, energy=Energy(**meter.stop()),
+        peak_mem_mb=peak_memory_mb(rt.device),
+        cache=CacheUse(cache.nbytes / 2**20, cache.fill_s) if cache is not None else None)
+
+
+def gather_outcomes(rt: Runtime, outcome: RankOutcome, clock: Clock) -> list[RankOutcome]:
+    """Every rank's outcome on rank 0 (an empty list elsewhere)."""
+    gathered = clock.collective("gather_s", lambda: rt.gather(outcome))
+    return list(gathered) if isinstance(gathered, list) else []
+
+
+def stop_if_interrupted(rt: Runtime, outcomes: list[RankOutcome], run_dir: RunDir) -> None:
+    """Raise ``Interrupted`` on every rank if any rank was stopped (rank 0 decides, broadcast)."""
+    if rt.bcast(any(o.interrupted for o in outcomes) if rt.is_root else None):
         if rt.is_root:
             log.warning("job interrupted: finished blocks and unfinished checkpoints are saved under %s; "
                         "re-run the same command to resume", run_dir)
         raise Interrupted(str(run_dir))
-    if not rt.is_root:
-        if rt.bcast(None) == "interrupted":  # sleep while rank 0 fine-tunes, then leave together
-            raise Interrupted(str(run_dir))
-        return None
-    phases.mark("distill+gather")
+
+
+def await_root(rt: Runtime, run_dir: RunDir) -> None:
+    """Sleep while rank 0 fine-tunes and reports, then leave together (or all be interrupted)."""
+    if rt.bcast(None) == "interrupted":
+        raise Interrupted(str(run_dir))
+
+
+def finish_on_root(rt: Runtime, finish: Callable[[], JobRecord]) -> JobRecord:
+    """Run rank 0's last stages, then release the waiting ranks, whatever happened."""
     try:
-        report = _finish(cfg, rt, data, run_dir, teacher, blocks, shared, plan, gathered, finished, phases,
-                         {"broadcast_s": bcast_s, "gather_s": gather_s}, wall0)
+        record = finish()
     except Interrupted:
         rt.bcast("interrupted")
         raise
     rt.bcast("done")
-    return report
+    return record
 
 
-def _finish(cfg, rt, data, run_dir, teacher, blocks, shared, plan, gathered, finished, phases, comm, wall0):
-    """Rank 0: assemble accepted blocks, fine-tune, evaluate, save the student, write the report."""
-    from .report import write_report
+# ------------------------------------------------------------------------------ rank 0: the student
 
-    results: dict[int, dict] = {}
-    for g in gathered:
-        for r in g["results"] + g["carried"]:
-            results[r["metrics"]["index"]] = r
-    for i in finished:
+
+def collect_results(outcomes: list[RankOutcome], resume: Resume, run_dir: RunDir) -> dict[int, BlockResult]:
+    """Every block's result: trained now, forwarded by the rank that could see it, or read back."""
+    results = {r.index: r for o in outcomes for r in o.results}
+    for o in outcomes:
+        results.update({r.index: BlockResult.from_dict(r.to_dict(), resumed_finished=True) for r in o.carried})
+    for i in resume.finished:
         if i not in results:
-            results[i] = load_finished(run_dir, i)
-            results[i]["metrics"]["resumed_finished"] = True
-    for g in gathered:
-        for r in g["carried"]:
-            results[r["metrics"]["index"]]["metrics"]["resumed_finished"] = True
+            results[i] = BlockResult.from_dict(run_dir.load_block(i), resumed_finished=True)
+    return results
+
+
+def make_student(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher: PreparedTeacher,
+                 results: dict[int, BlockResult], clock: Clock) -> StudentResult:
+    """Assemble the accepted blocks into the teacher, recalibrate, fine-tune, evaluate, save."""
     b = cfg.blocks
     students = {}
     for i, r in results.items():
-        s = build_student(blocks[i], b.student_depth, b.student_width, cfg.run.seed)
-        s.load_state_dict(r["state_dict"])
+        s = build_student(teacher.blocks[i], b.student_depth, b.student_width, cfg.run.seed)
+        s.load_state_dict(r.state_dict)
         students[i] = s.eval()
-    accs = {i: r["metrics"]["swapped_val_acc"] for i, r in results.items()}
-    accepted = accept_blocks(accs, shared["teacher_val"], cfg.distill.accept_tolerance)
-    student = assemble(teacher, {i: students[i] for i in accepted}, blocks)
+    accepted = accept_blocks({i: r.swapped_val_acc for i, r in results.items()}, teacher.val_acc,
+                             cfg.distill.accept_tolerance)
+    student = assemble(teacher.model, {i: students[i] for i in accepted}, teacher.blocks)
     before = accuracy(student, data, "test", cfg.data.eval_batch_size, rt.device)
     recalibrate_bn(student, data, cfg, cfg.finetune.recalibrate_bn_batches, rt.device)
     recalibrated = accuracy(student, data, "test", cfg.data.eval_batch_size, rt.device)
     log.info("assembled student: %d/%d blocks accepted, test acc %.2f%% (%.2f%% after BN recalibration)",
-             len(accepted), len(blocks), before, recalibrated)
-    phases.mark("assemble")
-    history = finetune(student, teacher, data, cfg, rt.device, run_dir / "finetune.partial.pt",
-                       f"{shared['fingerprint']}:{accepted}:{sorted(vars(cfg.finetune).items())}")
+             len(accepted), len(teacher.blocks), before, recalibrated)
+    clock.mark("assemble")
+    history = finetune(student, teacher.model, data, cfg, rt.device, run_dir.finetune_partial,
+                       f"{teacher.fingerprint}:{accepted}:{sorted(vars(cfg.finetune).items())}")
     student.cpu()
-    phases.mark("finetune")
+    clock.mark("finetune")
     after = accuracy(student, data, "test", cfg.data.eval_batch_size, rt.device)
     student.cpu()
-    phases.mark("evaluate")
-    checkpoint.save({"state_dict": student.state_dict(), "accepted_blocks": accepted,
-                     "config": cfg.to_dict()}, run_dir / "student.pt")
+    clock.mark("evaluate")
+    atomic_io.save({"state_dict": student.state_dict(), "accepted_blocks": accepted, "config": cfg.to_dict()},
+                   run_dir.student)
     shape = data.input_shape
-    models = {
-        "teacher": {"params": sum(p.numel() for p in teacher.parameters()), "conv_params": conv_params(teacher),
-                    "macs": total_macs(teacher, shape)},
-        "student": {"params": sum(p.numel() for p in student.parameters()), "conv_params": conv_params(student),
-                    "macs": total_macs(student, shape)},
-    }
-    return write_report(cfg, run_dir, rt, blocks, plan, shared, results, accepted, gathered, models,
-                        {"teacher_test": shared["teacher_test"], "teacher_val": shared["teacher_val"],
-                         "student_assembled": before, "student_before_finetune": recalibrated,
-                         "student_after_finetune": after},
-                        history, phases, comm, wall0)
+    return StudentResult(student, accepted,
+                         Accuracy(teacher.test_acc, teacher.val_acc, before, recalibrated, after),
+                         [FinetuneEpoch(**h) for h in history],
+                         ModelSizes(model_size(teacher.model, shape), model_size(student, shape)))
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def model_size(model: nn.Module, input_shape: tuple[int, ...]) -> ModelSize:
+    return ModelSize(sum(p.numel() for p in model.parameters()), conv_params(model), total_macs(model, input_shape))
 
 
-def _log_plan(plan: Plan, blocks: list[BlockSpec]) -> None:
-    log.info("plan (%s%s): predicted makespan %.3fs/batch, lower bound %.3fs, one rank %.3fs, speedup %.2fx",
-             plan.method, ", optimal" if plan.optimal else "", plan.makespan, plan.lower_bound, plan.sequential,
-             plan.predicted_speedup)
-    for members in plan.teams:
-        owned, load = plan.assignment[members[0]], plan.predicted[members[0]]
-        who = f"rank {members[0]}" if len(members) == 1 else f"ranks {members[0]}-{members[-1]} (team)"
-        log.info("  %s: %.3fs/batch  blocks %s", who, load, ",".join(map(str, owned)) or "(idle)")
+def report_job(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher: PreparedTeacher,
+               choice: ScheduleChoice, costs: CostTable | None, plan: Plan, outcomes: list[RankOutcome],
+               resume: Resume, clock: Clock) -> JobRecord:
+    """Rank 0's last stages: the student from the gathered blocks, then the job record."""
+    assert costs is not None
+    results = collect_results(outcomes, resume, run_dir)
+    student = make_student(cfg, rt, data, run_dir, teacher, results, clock)
+    clock.mark("report")
+    record = build_record(cfg, rt.size, run_dir, teacher.info, choice.cache, costs, plan, teacher.blocks, results,
+                          outcomes, student, clock)
+    write_report(record, run_dir)
+    return record
 
 
-def plan_only(cfg: Config, ranks: int) -> dict[str, Any]:
+# ------------------------------------------------------------------------------ `hpc-bkd plan`
+
+
+@dataclass(frozen=True)
+class PlanPreview:
+    """What ``hpc-bkd plan`` shows: blocks, their costs and the plan for a number of ranks."""
+
+    arch: str
+    granularity: str
+    costs: CostTable
+    teacher_cache: CacheReport
+    blocks: list[BlockSpec]
+    plan: Plan
+
+    def to_json(self) -> dict:
+        return {"arch": self.arch, "granularity": self.granularity, "cost_model": self.costs.cost_model,
+                "member_share": self.costs.member_share, "teacher_cache": vars(self.teacher_cache),
+                "blocks": [b.to_dict() for b in self.blocks], "plan": self.plan.to_dict()}
+
+
+def plan_only(cfg: Config, ranks: int) -> PlanPreview:
     """`hpc-bkd plan`: blocks, the assignment and predicted loads, without training students.
 
     Needs the teacher's shape only: a fresh model when no checkpoint is given (costs then come from
@@ -387,13 +478,14 @@ def plan_only(cfg: Config, ranks: int) -> dict[str, Any]:
         from .teacher import load_teacher_checkpoint
         load_teacher_checkpoint(cfg.teacher.checkpoint, teacher)
     blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
-    cache = _cache_decision(cfg, blocks, data, rt.device, ranks)  # as if the ranks shared this node
-    costs, member_share, cost_model = _costs(cfg, teacher, blocks, data, rt.device, ranks, cache.use)
-    plan = make_plan(costs, ranks, cfg.plan.method, cfg.plan.hybrid, cfg.plan.teams,
-                     tm=TeamModel.for_groups(cfg.distill.bn_groups, member_share))
-    return {"arch": cfg.model.arch, "granularity": cfg.blocks.granularity, "cost_model": cost_model,
-            "member_share": member_share, "teacher_cache": cache.to_dict(),
-            "blocks": [b.to_dict() for b in blocks], "plan": plan.to_dict()}
+    base = schedule_for(cfg.distill.schedule)
+    cache = decide(cfg.distill.teacher_cache, cfg.data.augment, base, blocks, len(data.train),
+                   memory_budget(rt.device, ranks, cfg.distill.teacher_cache_gb))  # as if the ranks shared a node
+    costs = block_costs(cfg, teacher, blocks, data, rt.device, ranks, schedule_for(cfg.distill.schedule, cache.use),
+                        cache.use)
+    plan = make_plan(costs.costs, ranks, cfg.plan.method, cfg.plan.hybrid, cfg.plan.teams,
+                     tm=TeamModel.for_groups(cfg.distill.bn_groups, costs.member_share))
+    return PlanPreview(cfg.model.arch, cfg.blocks.granularity, costs, cache.to_record(), blocks, plan)
 
 
-__all__ = ["run_job", "plan_only", "Interrupted", "EXIT_INTERRUPTED", "block_path"]
+__all__ = ["run_job", "plan_only", "Interrupted"]

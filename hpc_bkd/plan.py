@@ -6,7 +6,7 @@ and one train step per owned student, so its cost per batch is
     cost(B) = max_{b in B} teacher[b] + sum_{b in B} student[b]
 
 where ``teacher[b]`` is the time of a teacher forward up to the end of block b (validation, which
-has the same shape, is folded in by ``with_validation``). The plan minimises
+has the same shape, is folded in by ``costs.with_validation``). The plan minimises
 the makespan max_r cost(B_r): exactly by branch and bound when the search is small, else by LPT
 (deepest block first, to the rank it raises least) followed by move/swap local search.
 
@@ -21,16 +21,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import statistics
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Sequence
-
-import torch
-from torch import nn
-
-from .surgery import BlockSpec, BlockTap
+from typing import Any, Sequence
 
 
 @dataclass(frozen=True)
@@ -109,7 +102,7 @@ class TeamModel:
                                      if self.allows(m) and self.share(m) > 0])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     """Which blocks each rank trains, and what the cost model predicts."""
 
@@ -126,7 +119,7 @@ class Plan:
 
     def __post_init__(self) -> None:
         if not self.teams:
-            self.teams = [[r] for r in range(self.size)]
+            object.__setattr__(self, "teams", [[r] for r in range(self.size)])
 
     def team_of(self, rank: int) -> int:
         return next(t for t, members in enumerate(self.teams) if rank in members)
@@ -147,11 +140,32 @@ class Plan:
     def predicted_speedup(self) -> float:
         return self.sequential / self.makespan if self.makespan > 0 else 1.0
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["predicted_speedup"] = self.predicted_speedup
-        d["idle_ranks"] = self.idle_ranks
-        return d
+    def for_blocks(self, indices: Sequence[int], costs: Sequence[BlockCost]) -> "Plan":
+        """This plan of a subset of blocks (planned as 0..n-1) in the job's block numbering, with
+        every block's costs (a resumed job plans only the blocks left to train)."""
+        assignment = [[indices[i] for i in owned] for owned in self.assignment]
+        return replace(self, assignment=assignment, costs=list(costs))
+
+    def json_extra(self) -> dict[str, Any]:
+        """Derived figures written beside the fields for people reading ``report.json``."""
+        return {"predicted_speedup": self.predicted_speedup, "idle_ranks": self.idle_ranks}
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["costs"] = [vars(c) for c in self.costs]
+        return {**d, **self.json_extra()}
+
+
+def describe_plan(plan: Plan) -> list[str]:
+    """The plan for people: its makespan and bound, then one line per team or rank."""
+    lines = [f"plan ({plan.method}{', optimal' if plan.optimal else ''}): predicted makespan "
+             f"{plan.makespan:.4f}s/batch, lower bound {plan.lower_bound:.4f}s, one rank {plan.sequential:.4f}s, "
+             f"speedup {plan.predicted_speedup:.2f}x"]
+    for members in plan.teams:
+        owned, load = plan.assignment[members[0]], plan.predicted[members[0]]
+        who = f"rank {members[0]}" if len(members) == 1 else f"ranks {members[0]}-{members[-1]} (team, batch split)"
+        lines.append(f"  {who}: {load:.4f}s/batch  blocks {','.join(map(str, owned)) or '(idle)'}")
+    return lines
 
 
 def rank_cost(blocks: Sequence[int], costs: Sequence[BlockCost]) -> float:
@@ -163,30 +177,6 @@ def rank_cost(blocks: Sequence[int], costs: Sequence[BlockCost]) -> float:
 def team_cost(blocks: Sequence[int], costs: Sequence[BlockCost], members: int, tm: TeamModel = TeamModel()) -> float:
     """Seconds per batch for a team of ``members`` ranks splitting every batch of ``blocks``."""
     return rank_cost(blocks, costs) * tm.scale(members)
-
-
-def with_validation(costs: Sequence[BlockCost], passes: float, shared_prefix: bool = True,
-                    teacher_passes: float = 1.0) -> list[BlockCost]:
-    """Fold the end-of-epoch validation into per-batch costs, spread over the epoch's steps, and
-    charge the training teacher ``teacher_passes`` times per step (1/epochs when the teacher's
-    activations are cached: one pass over the training set for the whole run, see
-    ``teacher_cache.py``; validation is never cached: the student's output feeds the teacher).
-
-    ``passes`` is validation batches per train step. Every block is checked with the teacher's
-    prefix up to it shared by the blocks a rank validates together (``surgery.SwappedForward``), so
-    a rank validating blocks B pays one prefix to its deepest block plus, per block, its student's
-    forward and the rest of the network after it:
-    passes x (max_B teacher[b] + sum_B (forward[b] + full - teacher[b])), with ``full`` the deepest
-    block's prefix. That has the shape of ``rank_cost``, so it folds into the teacher and student
-    terms exactly; for one block alone (the sequential schedule) it is one full pass. Without a
-    shared prefix (``shared_prefix=False``) every block pays a full pass.
-    """
-    full = max(c.teacher for c in costs)
-    if not shared_prefix:
-        return [BlockCost(c.teacher * teacher_passes, c.student + passes * (full + c.forward), c.forward)
-                for c in costs]
-    return [BlockCost(c.teacher * (teacher_passes + passes), c.student + passes * (full - c.teacher + c.forward),
-                      c.forward) for c in costs]
 
 
 def lower_bound(costs: Sequence[BlockCost], ranks: int) -> float:
@@ -391,119 +381,3 @@ def costs_from_json(path: str | Path) -> list[BlockCost]:
         if out[-1].teacher < 0 or out[-1].student < 0:
             raise ValueError(f"{path}: item {i} has a negative cost")
     return out
-
-
-def mac_costs(blocks: Sequence[BlockSpec], students: Sequence[nn.Module], gmacs_per_s: float = 5.0) -> list[BlockCost]:
-    """Estimate from MACs: teacher forward = prefix MACs; student step = 3x its forward MACs."""
-    from .surgery import total_macs
-
-    out = []
-    for spec, student in zip(blocks, students):
-        s_macs = total_macs(student, spec.in_shape)
-        out.append(BlockCost(spec.prefix_macs / (gmacs_per_s * 1e9), 3 * s_macs / (gmacs_per_s * 1e9),
-                             s_macs / (gmacs_per_s * 1e9)))
-    return out
-
-
-def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Sequence[nn.Module],
-                  batches: Sequence[torch.Tensor], device: torch.device, bn_groups: int = 1,
-                  match_activation: Sequence[bool] | None = None, members: int = 1,
-                  block_major: bool = False, tap_each_block: bool = False) -> list[BlockCost]:
-    """Time, on this device, the teacher forward up to each block, each student's train step and
-    each student's forward without gradients.
-
-    The teacher is timed as the distiller runs it: one truncated pass taking every block's input and
-    target (``BlockTap``, its copies included). The first batch warms up; the median of the rest is
-    kept. Students are trained on copies so measuring never changes the blocks that are then
-    distilled, with the BatchNorm they train with (ghost batches when ``bn_groups`` > 1) and the loss
-    they train with (``match_activation``, per block, see ``students.block_loss``), and in the order
-    the distiller steps them: every student on one batch before the next batch, or with
-    ``block_major`` (the teacher cache, ``distill.next_group``) one student through every batch
-    before the next student, which runs faster from the CPU's caches. ``tap_each_block`` (the
-    paper's sequential schedule) times each block's prefix in a pass of its own that copies only
-    that block's input and target, as that schedule runs it, instead of reading it off one pass
-    that copies every block's (which charged block k the copies of blocks 0..k).
-
-    ``members`` > 1 times what the busiest member of a team of that many ranks runs: its rows of
-    each batch (``member_rows``), with its ghost batches.
-    """
-    return measure_team_costs(teacher, blocks, students, batches, device, bn_groups, match_activation,
-                              (members,), block_major, tap_each_block)[members]
-
-
-def measure_team_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Sequence[nn.Module],
-                       batches: Sequence[torch.Tensor], device: torch.device, bn_groups: int = 1,
-                       match_activation: Sequence[bool] | None = None,
-                       members: Sequence[int] = (1,), block_major: bool = False,
-                       tap_each_block: bool = False) -> dict[int, list[BlockCost]]:
-    """``measure_costs`` for several team sizes at once, interleaved batch by batch (every size
-    on a batch before the next batch), so a machine whose speed drifts shifts every size alike
-    and their ratios (``TeamModel.member_share``) stay sound."""
-    import copy
-
-    from .students import TRAIN_FORMAT, block_loss
-    from .teams import GhostLayout, ghost_batchnorms, prepare_student
-
-    teacher = teacher.to(device).eval()
-    times = {m: {key: {b.index: [] for b in blocks} for key in ("teacher", "student", "forward")} for m in members}
-    def clock() -> float:
-        return _now(device)
-
-    taps = [BlockTap(teacher, [b], TRAIN_FORMAT, clock) for b in blocks] if tap_each_block \
-        else [BlockTap(teacher, blocks, TRAIN_FORMAT, clock)]
-    layout = GhostLayout(bn_groups) if bn_groups > 1 else None
-    students = [prepare_student(copy.deepcopy(s).to(device, memory_format=TRAIN_FORMAT).train(), None, layout)
-                for s in students]
-    optims = [torch.optim.RMSprop(s.parameters(), lr=1e-6) for s in students]
-    matches = list(match_activation) if match_activation is not None else [False] * len(blocks)
-
-    def train_step(j: int, k: int, m: int, n: int, pairs: dict) -> None:
-        b, student, opt = blocks[j], students[j], optims[j]
-        inp, target = pairs[b.index]
-        if layout is not None:
-            layout.set(n, range(math.ceil(bn_groups / m)))
-        t0 = _now(device)
-        loss = block_loss(student(inp), target, matches[j])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for bn in ghost_batchnorms(student):
-            bn.apply_pending(bn.pending)
-        opt.step()
-        t1 = _now(device)
-        student.eval()
-        with torch.no_grad():
-            student(inp)
-        student.train()
-        if k:
-            times[m]["student"][b.index].append(t1 - t0)
-            times[m]["forward"][b.index].append(_now(device) - t1)
-
-    kept = []  # block_major: every batch's (k, m, n, pairs), then each student through them all
-    for k, batch in enumerate(batches):
-        for m in members:
-            n = len(batch)
-            x = batch[: member_rows(n, m, bn_groups)].to(device)
-            pairs = {}
-            for tap in taps:
-                t0 = _now(device)
-                pairs.update(tap(x))
-                if k:
-                    for b in tap.blocks:
-                        times[m]["teacher"][b.index].append(tap.stamps[b.index] - t0)
-            if block_major:
-                kept.append((k, m, n, pairs))
-            else:
-                for j in range(len(blocks)):
-                    train_step(j, k, m, n, pairs)
-    if block_major:
-        for j in range(len(blocks)):
-            for k, m, n, pairs in kept:
-                train_step(j, k, m, n, pairs)
-    return {m: [BlockCost(*(statistics.median(times[m][key][b.index]) for key in ("teacher", "student", "forward")))
-                for b in blocks] for m in members}
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

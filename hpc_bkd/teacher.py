@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint
+from . import atomic_io
 from .config import Config
+from .rundir import RunDir
 from .data import Data, eval_batches, steps_per_epoch, train_batch
 from .models import build_model
 from .runtime import Interrupted, stop_requested
@@ -65,7 +66,7 @@ def load_teacher_checkpoint(path: str | Path, model: nn.Module) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"teacher.checkpoint={str(path)!r} does not exist")
     try:
-        state = checkpoint.load(path)
+        state = atomic_io.load(path)
     except Exception as exc:  # pickle errors, truncated files, non-weights content
         raise TeacherMismatchError(f"{path}: cannot be read as a weights-only checkpoint ({exc})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -108,13 +109,13 @@ def train_teacher(cfg: Config, data: Data, device: torch.device, partial: Path |
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     identity = _teacher_identity(cfg, data.num_classes)
     start_epoch = start_step = 0
-    saved = checkpoint.load_progress(partial, identity, model, opt, sched)
+    saved = atomic_io.load_progress(partial, identity, model, opt, sched)
     if saved is not None:
         start_epoch, start_step = saved["epoch"], saved["step"]
         log.info("teacher: resuming at epoch %d step %d from %s", start_epoch + 1, start_step, partial)
 
     def save(epoch: int, step: int) -> None:
-        checkpoint.save_progress(partial, identity, model, opt, sched, epoch, step)
+        atomic_io.save_progress(partial, identity, model, opt, sched, epoch, step)
 
     for epoch in range(start_epoch, cfg.teacher.epochs):
         t0, loss_sum = time.time(), 0.0
@@ -139,16 +140,16 @@ def train_teacher(cfg: Config, data: Data, device: torch.device, partial: Path |
     return model.eval()
 
 
-def get_teacher(cfg: Config, data: Data, run_dir: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+def get_teacher(cfg: Config, data: Data, run_dir: RunDir, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher for this job and where it came from (checkpoint, cache, or trained now)."""
     model = build_model(cfg.model.arch, data.num_classes, cfg.model.width)
     if cfg.teacher.checkpoint:
         load_teacher_checkpoint(cfg.teacher.checkpoint, model)
         source = f"checkpoint {cfg.teacher.checkpoint}"
     else:
-        cache = run_dir / "teacher.pt"
+        cache = run_dir.teacher
         identity = _teacher_identity(cfg, data.num_classes)
-        cached = checkpoint.load(cache) if cfg.teacher.cache and cache.is_file() else None
+        cached = atomic_io.load(cache) if cfg.teacher.cache and cache.is_file() else None
         if cached is not None and cached.get("identity") == identity:
             model.load_state_dict(cached["state_dict"])
             source = f"cache {cache}"
@@ -157,10 +158,10 @@ def get_teacher(cfg: Config, data: Data, run_dir: Path, device: torch.device) ->
                 log.warning("cached teacher %s was trained with other settings: training a new one", cache)
             t0 = time.time()
             log.info("training the teacher (%s, %d epochs) ...", cfg.model.arch, cfg.teacher.epochs)
-            partial = run_dir / "teacher.partial.pt"
+            partial = run_dir.teacher_partial
             model = train_teacher(cfg, data, device, partial).cpu()
             if cfg.teacher.cache:
-                checkpoint.save({"state_dict": model.state_dict(), "identity": identity}, cache)
+                atomic_io.save({"state_dict": model.state_dict(), "identity": identity}, cache)
             partial.unlink(missing_ok=True)
             source = f"trained in {time.time() - t0:.1f}s"
     return model.eval(), {"source": source}

@@ -12,7 +12,7 @@ the rank that trains the block (a data-parallel team splits the rows and exchang
 Memory: per image, an owned block's input and target (C x H x W floats each). Whether the cache is
 used is decided before planning (``decide``), for the worst case of one rank owning every block, so
 no plan can run out of it; the costs the planner sees then charge the teacher once per run
-(``plan.with_validation(teacher_passes=1/epochs)``).
+(``costs.with_validation(teacher_passes=1/epochs)``).
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .records import CacheReport
+from .schedule import Schedule
 from .surgery import BlockSpec, BlockTap
 
 log = logging.getLogger("hpc_bkd")
@@ -39,9 +41,8 @@ class CacheDecision:
     budget_bytes: int   # what one rank may use
     reason: str
 
-    def to_dict(self) -> dict:
-        return {"use": self.use, "needed_mb": self.needed_bytes / 2**20, "budget_mb": self.budget_bytes / 2**20,
-                "reason": self.reason}
+    def to_record(self) -> CacheReport:
+        return CacheReport(self.use, self.needed_bytes / 2**20, self.budget_bytes / 2**20, self.reason)
 
 
 def cache_bytes(blocks: Sequence[BlockSpec], images: int) -> int:
@@ -72,7 +73,7 @@ def memory_budget(device: torch.device, local_size: int, gb: float | None = None
     return int(0.5 * available / max(local_size, 1)) if available is not None else 0
 
 
-def decide(setting: str, augment: str, schedule: str, blocks: Sequence[BlockSpec], images: int,
+def decide(setting: str, augment: str, schedule: Schedule, blocks: Sequence[BlockSpec], images: int,
            budget: int) -> CacheDecision:
     """Cache (``setting`` auto) when the teacher's inputs repeat every epoch, the schedule shares
     one teacher pass per batch, and every block's cache fits one rank's budget."""
@@ -82,9 +83,9 @@ def decide(setting: str, augment: str, schedule: str, blocks: Sequence[BlockSpec
     if augment != "none":
         return CacheDecision(False, needed, budget,
                              f"off: data.augment={augment} changes the teacher's input every epoch")
-    if schedule == "sequential":
+    if not schedule.may_cache:
         return CacheDecision(False, needed, budget,
-                             "off: the sequential schedule re-runs the teacher for every block, as the paper does")
+                             f"off: the {schedule.name} schedule re-runs the teacher for every block, as the paper does")
     if needed > budget:
         return CacheDecision(False, needed, budget,
                              f"off: every block's activations need {needed / 2**30:.2f} GiB per rank, over the "

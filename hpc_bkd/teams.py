@@ -85,8 +85,89 @@ def group_bounds(n: int, groups: int) -> list[int]:
     return [j * n // groups for j in range(groups + 1)]
 
 
+class Transport:
+    """How a team's members exchange tensors: the interface of the two transports below."""
+
+    name = ""
+
+    def allreduce_(self, tensor: torch.Tensor, op: str) -> None:
+        """Reduce ``tensor`` over the team, in place (``op``: sum or max)."""
+        raise NotImplementedError
+
+    def allgather_rows_(self, tensor: torch.Tensor, bounds: list[int]) -> None:
+        """Member k filled rows ``bounds[k]:bounds[k + 1]``; afterwards every member has all."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the transport holds (nothing by default)."""
+
+
+class MpiTransport(Transport):
+    """The team's MPI communicator; tensors off the CPU are staged through host memory (student
+    gradients are small, so this costs little on CPUs and a PCIe round trip per step on GPUs)."""
+
+    name = "mpi"
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+
+    def allreduce_(self, tensor: torch.Tensor, op: str) -> None:
+        from mpi4py import MPI
+
+        host = tensor.detach().to("cpu").contiguous()
+        self.comm.Allreduce(MPI.IN_PLACE, host.numpy(), op=MPI.MAX if op == "max" else MPI.SUM)
+        if host.data_ptr() != tensor.data_ptr():  # else reduced in place
+            tensor.copy_(host)
+
+    def allgather_rows_(self, tensor: torch.Tensor, bounds: list[int]) -> None:
+        from mpi4py import MPI
+
+        per_row = tensor[0].numel() if tensor.shape[0] else 0
+        counts = [(bounds[k + 1] - bounds[k]) * per_row for k in range(len(bounds) - 1)]
+        displs = [bounds[k] * per_row for k in range(len(bounds) - 1)]
+        host = tensor.detach().to("cpu").contiguous()
+        mpi_type = {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE}[host.dtype]
+        self.comm.Allgatherv(MPI.IN_PLACE, [host.numpy().reshape(-1), (counts, displs), mpi_type])
+        if host.data_ptr() != tensor.data_ptr():
+            tensor.copy_(host)
+
+
+class TorchTransport(Transport):
+    """A ``torch.distributed`` group (NCCL: device to device; Gloo) of just the team."""
+
+    def __init__(self, comm: Any, backend: str, device: torch.device) -> None:
+        self.name = backend
+        init_torch_group(comm, backend, device)
+
+    def allreduce_(self, tensor: torch.Tensor, op: str) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+
+    def allgather_rows_(self, tensor: torch.Tensor, bounds: list[int]) -> None:
+        import torch.distributed as dist
+
+        for k in range(len(bounds) - 1):  # row blocks of uneven size: no padding, no second table
+            if bounds[k + 1] > bounds[k]:
+                dist.broadcast(tensor[bounds[k]:bounds[k + 1]], src=k)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def make_transport(comm: Any, backend: str, device: torch.device) -> Transport:
+    if backend == "mpi":
+        return MpiTransport(comm)
+    if backend in TORCH_BACKENDS:
+        return TorchTransport(comm, backend, device)
+    raise ValueError(f"unknown team backend {backend!r}; choose mpi, {', '.join(TORCH_BACKENDS)}")
+
+
 class Team:
-    """The MPI communicator of one team, and this rank's place in it."""
+    """The MPI communicator of one team, this rank's place in it, and its transport."""
 
     def __init__(self, comm: Any, bn_groups: int = 1, backend: str = "mpi",
                  device: torch.device = torch.device("cpu")) -> None:
@@ -97,19 +178,15 @@ class Team:
         if 1 < bn_groups < self.size:
             raise ValueError(f"a team of {self.size} ranks cannot split {bn_groups} BatchNorm groups "
                              "(distill.bn_groups must be 1 or at least the team size)")
-        self.backend = backend
-        if backend in TORCH_BACKENDS:
-            init_torch_group(comm, backend, device)
-        elif backend != "mpi":
-            raise ValueError(f"unknown team backend {backend!r}; choose mpi, {', '.join(TORCH_BACKENDS)}")
+        self.transport = make_transport(comm, backend, device)
+
+    @property
+    def backend(self) -> str:
+        return self.transport.name
 
     def close(self) -> None:
-        """Tear down the team's torch.distributed group (nothing to do for MPI)."""
-        if self.backend in TORCH_BACKENDS:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        """Tear down the team's transport (a torch.distributed group; nothing for MPI)."""
+        self.transport.close()
 
     @property
     def is_leader(self) -> bool:
@@ -141,43 +218,13 @@ class Team:
 
     def allgather_rows_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every member filled its ``row_range`` of ``tensor`` (rows = first dimension); afterwards
-        every member holds every row. MPI: in place on the CPU, staged through host memory
-        otherwise; torch backends: in place, one broadcast per member's rows."""
-        n = tensor.shape[0]
-        bounds = group_bounds(n, self.size)  # the members' row_range boundaries
-        if self.backend in TORCH_BACKENDS:
-            import torch.distributed as dist
-
-            for k in range(self.size):  # row blocks of uneven size: no padding, no second table
-                if bounds[k + 1] > bounds[k]:
-                    dist.broadcast(tensor[bounds[k]:bounds[k + 1]], src=k)
-            return tensor
-        from mpi4py import MPI
-
-        per_row = tensor[0].numel() if n else 0
-        counts = [(bounds[k + 1] - bounds[k]) * per_row for k in range(self.size)]
-        displs = [bounds[k] * per_row for k in range(self.size)]
-        host = tensor.detach().to("cpu").contiguous()
-        mpi_type = {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE}[host.dtype]
-        self.comm.Allgatherv(MPI.IN_PLACE, [host.numpy().reshape(-1), (counts, displs), mpi_type])
-        if host.data_ptr() != tensor.data_ptr():
-            tensor.copy_(host)
+        every member holds every row."""
+        self.transport.allgather_rows_(tensor, group_bounds(tensor.shape[0], self.size))
         return tensor
 
     def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In-place allreduce of a tensor in its own dtype (MPI: staged through host memory off the
-        CPU; NCCL: device to device)."""
-        if self.backend in TORCH_BACKENDS:
-            import torch.distributed as dist
-
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-            return tensor
-        from mpi4py import MPI
-
-        host = tensor.detach().to("cpu").contiguous()
-        self.comm.Allreduce(MPI.IN_PLACE, host.numpy(), op=MPI.MAX if op == "max" else MPI.SUM)
-        if host.data_ptr() != tensor.data_ptr():  # else reduced in place
-            tensor.copy_(host)
+        """In-place allreduce of a tensor in its own dtype."""
+        self.transport.allreduce_(tensor, op)
         return tensor
 
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from conftest import hpc
-from hpc_bkd import checkpoint
+from hpc_bkd.launch.mpich import step_segments
+from hpc_bkd import atomic_io
 
 REPO = Path(__file__).resolve().parents[1]
 N_BLOCKS = 8  # the tiny config's VGG11
@@ -84,8 +85,8 @@ def assert_resumed_like_reference(run: Path, reference: Path, finished_before: d
     assert any(b["resumed"] and not b["resumed_finished"] for b in report["blocks"]), "no block continued"
     assert not list((run / "blocks").glob("*.partial.pt"))
     for i in range(N_BLOCKS):
-        a = checkpoint.load(reference / "blocks" / f"block-{i:03d}.pt")
-        b = checkpoint.load(run / "blocks" / f"block-{i:03d}.pt")
+        a = atomic_io.load(reference / "blocks" / f"block-{i:03d}.pt")
+        b = atomic_io.load(run / "blocks" / f"block-{i:03d}.pt")
         assert a["fingerprint"] == b["fingerprint"]
         sa, sb = a["state_dict"], b["state_dict"]
         assert sa.keys() == sb.keys()
@@ -127,14 +128,8 @@ def release(cluster, job_id: str) -> None:
 
 
 def mpich_shm_segments(job_id: str, steps: int = 4) -> list[Path]:
-    """MPICH's /dev/shm segments of steps 0..steps-1 of a SLURM job (named by FNV-1a of "job.step")."""
-    found = []
-    for step in range(steps):
-        h = 2166136261
-        for byte in f"{job_id}.{step}".encode():
-            h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
-        found += sorted(Path("/dev/shm").glob(f"mpich_shm_{h:x}_*"))
-    return found
+    """MPICH's /dev/shm segments of steps 0..steps-1 of a SLURM job (what the cleanup step removes)."""
+    return step_segments(job_id, range(steps))
 
 
 def restarts(cluster, job_id: str) -> int:

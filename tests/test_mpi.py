@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from conftest import hpc
-from hpc_bkd import checkpoint
+from hpc_bkd import atomic_io
 
 pytestmark = pytest.mark.mpi
 
 
 def _blocks(run: Path) -> dict[int, dict]:
-    return {int(p.stem.split("-")[1]): checkpoint.load(p)["state_dict"] for p in sorted((run / "blocks").glob("block-*.pt"))}
+    return {int(p.stem.split("-")[1]): atomic_io.load(p)["state_dict"] for p in sorted((run / "blocks").glob("block-*.pt"))}
 
 
 def _assert_same_blocks(one: dict[int, dict], other: dict[int, dict], atol: float = 1e-5) -> None:

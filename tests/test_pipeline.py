@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from conftest import hpc
-from hpc_bkd import checkpoint
+from hpc_bkd import atomic_io
 
 
 def test_tiny_job_end_to_end(tmp_path: Path, tiny_teacher: Path):
@@ -23,9 +23,9 @@ def test_tiny_job_end_to_end(tmp_path: Path, tiny_teacher: Path):
     assert set(report["phases_s"]) >= {"data", "plan", "distill+gather", "finetune"}
     assert (run / "gantt.png").read_bytes()[:4] == b"\x89PNG"
     assert "accuracy (test)" in (run / "summary.txt").read_text()
-    saved = checkpoint.load(run / "student.pt")  # weights_only
+    saved = atomic_io.load(run / "student.pt")  # weights_only
     assert saved["accepted_blocks"] == report["accepted_blocks"]
-    block = checkpoint.load(run / "blocks" / "block-001.pt")["state_dict"]
+    block = atomic_io.load(run / "blocks" / "block-001.pt")["state_dict"]
     assert all(v.is_contiguous() for v in block.values()), "blocks train channels-last but save plain tensors"
     assert not list(run.glob("**/*.tmp")), "temporary files left behind"
     out = json.loads(hpc("evaluate", "-c", "tiny", "--run-dir", str(run),
@@ -41,8 +41,8 @@ def test_blocks_are_seeded_by_index_not_schedule(tmp_path: Path, tiny_teacher: P
     hpc("distill", *common, "--run-dir", str(tmp_path / "par"))
     hpc("distill", *common, "--run-dir", str(tmp_path / "seq"), "--set", "distill.schedule=sequential")
     for i in range(8):
-        a = checkpoint.load(tmp_path / "par" / "blocks" / f"block-{i:03d}.pt")["state_dict"]
-        b = checkpoint.load(tmp_path / "seq" / "blocks" / f"block-{i:03d}.pt")["state_dict"]
+        a = atomic_io.load(tmp_path / "par" / "blocks" / f"block-{i:03d}.pt")["state_dict"]
+        b = atomic_io.load(tmp_path / "seq" / "blocks" / f"block-{i:03d}.pt")["state_dict"]
         assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a), f"block {i} differs"
 
 

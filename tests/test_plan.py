@@ -115,7 +115,7 @@ def test_ghost_batch_teams_are_cheap_and_bounded_by_the_groups():
 def test_validation_folds_into_the_rank_cost_exactly():
     """with_validation's folded costs give, for any set of blocks, the training cost plus one shared
     validation prefix to the deepest block and one suffix per block (a full pass for one block)."""
-    from hpc_bkd.plan import with_validation
+    from hpc_bkd.costs import with_validation
 
     rng = random.Random(0)
     teacher = sorted(rng.uniform(0.01, 1.0) for _ in range(7))
@@ -168,7 +168,7 @@ def test_measuring_for_a_team_member_times_its_rows_of_the_batch():
     ghost batches only: what that member runs in a team."""
     from torch import nn
 
-    from hpc_bkd.plan import measure_costs
+    from hpc_bkd.costs import measure_costs
     from hpc_bkd.students import build_student
     from hpc_bkd.surgery import find_blocks
 
@@ -194,7 +194,7 @@ def test_students_are_timed_in_the_order_the_distiller_steps_them(block_major: b
     (``block_major``) one student goes through every batch before the next one (distill.next_group)."""
     from torch import nn
 
-    from hpc_bkd.plan import measure_costs
+    from hpc_bkd.costs import measure_costs
     from hpc_bkd.students import build_student
     from hpc_bkd.surgery import find_blocks
 
@@ -217,7 +217,7 @@ def test_the_sequential_schedule_is_timed_one_prefix_per_block():
     as deep as its block; otherwise one pass serves every block."""
     from torch import nn
 
-    from hpc_bkd.plan import measure_costs
+    from hpc_bkd.costs import measure_costs
     from hpc_bkd.students import build_student
     from hpc_bkd.surgery import find_blocks
 

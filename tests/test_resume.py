@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from conftest import REPO, cli_env, hpc
-from hpc_bkd import checkpoint
+from hpc_bkd import atomic_io
 
 
 def test_sigterm_then_resume_equals_uninterrupted(tmp_path: Path, tiny_teacher: Path):
@@ -46,8 +46,8 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path: Path, tiny_teacher: 
     assert any(b["resumed"] and not b["resumed_finished"] for b in report["blocks"]), "no block continued"
     assert not list((run / "blocks").glob("*.partial.pt"))
     for i in range(8):
-        a = checkpoint.load(tmp_path / "straight" / "blocks" / f"block-{i:03d}.pt")["state_dict"]
-        b = checkpoint.load(run / "blocks" / f"block-{i:03d}.pt")["state_dict"]
+        a = atomic_io.load(tmp_path / "straight" / "blocks" / f"block-{i:03d}.pt")["state_dict"]
+        b = atomic_io.load(run / "blocks" / f"block-{i:03d}.pt")["state_dict"]
         assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5) for k in a), f"block {i}"
 
 
@@ -75,7 +75,7 @@ def test_stop_while_training_the_teacher_resumes_it(tmp_path: Path, tiny_teacher
     resumed = hpc(*args)
     assert "teacher: resuming at epoch" in resumed.stderr
     assert not (run / "teacher.partial.pt").exists()
-    a, b = checkpoint.load(tiny_teacher)["state_dict"], checkpoint.load(run / "teacher.pt")["state_dict"]
+    a, b = atomic_io.load(tiny_teacher)["state_dict"], atomic_io.load(run / "teacher.pt")["state_dict"]
     assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5) for k in a)
 
 

@@ -4,9 +4,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from hpc_bkd.distill import epoch_ends, next_group
+from hpc_bkd.costs import with_validation
 from hpc_bkd.models import build_model
-from hpc_bkd.plan import BlockCost, rank_cost, with_validation
+from hpc_bkd.plan import BlockCost, rank_cost
+from hpc_bkd.schedule import schedule_for
 from hpc_bkd.students import TRAIN_FORMAT
 from hpc_bkd.surgery import BlockTap, find_blocks
 from hpc_bkd.teacher_cache import TeacherCache, cache_bytes, decide
@@ -41,13 +42,13 @@ def test_decide_says_why():
     need = cache_bytes(blocks, 100)
     # inputs and targets of every block, float32
     assert need == 4 * 100 * sum(torch.Size(b.in_shape).numel() + torch.Size(b.out_shape).numel() for b in blocks)
-    assert decide("auto", "none", "parallel", blocks, 100, need).use
+    assert decide("auto", "none", schedule_for("parallel"), blocks, 100, need).use
     cases = {("off", "none", "parallel", need): "teacher_cache: off",
              ("auto", "crop", "parallel", need): "augment=crop",
              ("auto", "none", "sequential", need): "sequential schedule",
              ("auto", "none", "parallel", need - 1): "over the budget"}
     for (setting, augment, schedule, budget), why in cases.items():
-        d = decide(setting, augment, schedule, blocks, 100, budget)
+        d = decide(setting, augment, schedule_for(schedule), blocks, 100, budget)
         assert not d.use and why in d.reason
 
 
@@ -81,12 +82,12 @@ def _schedule(active: list, schedule: str, cached: bool, epochs: int = 2) -> lis
     """Drive the distiller's ordering the way LocalDistiller.run does; returns what happened."""
     trace = []
     while active:
-        group = next_group(active, schedule, cached)
+        group = schedule_for(schedule, cached).next_group(active)
         if group:
             trace.append(("step", [(t.index, t.epoch, t.step) for t in group]))
             for t in group:
                 t.step += 1
-        ending = epoch_ends(active, group, cached)
+        ending = schedule_for(schedule, cached).epoch_ends(active, group)
         if ending:
             trace.append(("validate", sorted(t.index for t in ending)))
         for t in ending:

@@ -1,0 +1,226 @@
+"""The job record: the one schema of ``report.json``.
+
+Every reader of a report (``report`` for the summary and plots, the benchmark and KD-baseline
+drivers, tests, users' scripts) goes through ``JobRecord.from_json`` and attribute access, and the
+pipeline builds it once, so a field is added, renamed or documented in exactly one place. The
+records are torch-free on purpose: reading a report needs no model code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .plan import BlockCost, Plan
+
+T = TypeVar("T")
+
+
+def to_plain(obj: Any) -> Any:
+    """A record (or anything holding records) as JSON-ready dicts, lists and scalars."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        extra = getattr(obj, "json_extra", None)
+        out = {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {**out, **(extra() if extra else {})}
+    if isinstance(obj, dict):
+        return {str(k) if not isinstance(k, str) else k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def from_plain(cls: type[T], data: Any) -> T:
+    """The inverse of ``to_plain`` for the record type ``cls`` (keys a record does not declare, such
+    as derived values written for people, are ignored)."""
+    return _convert(cls, data)
+
+
+def _convert(tp: Any, data: Any) -> Any:
+    if data is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(inner[0], data) if len(inner) == 1 else data
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp) if f.init}
+        return tp(**{k: _convert(hints[k], v) for k, v in data.items() if k in names})
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v) for v in data]
+    if origin is dict:
+        key, value = typing.get_args(tp)
+        return {(int(k) if key is int else k): _convert(value, v) for k, v in data.items()}
+    return data
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """Whether ranks cached the teacher's activations, and why (``teacher_cache.decide``)."""
+
+    use: bool
+    needed_mb: float
+    budget_mb: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """What one rank's teacher cache held and how long filling it took."""
+
+    mb: float
+    fill_s: float
+
+
+@dataclass(frozen=True)
+class Energy:
+    """Joules over the distillation, or why a counter was unavailable (``energy.EnergyMeter``)."""
+
+    gpu_j: float | None = None
+    cpu_package_j: float | None = None
+    gpu_unavailable: str | None = None
+    cpu_unavailable: str | None = None
+
+    def describe(self) -> tuple[str, str]:
+        """(GPU, CPU package) for people: joules, or why the counter was unavailable."""
+        gpu = f"{self.gpu_j:.0f} J" if self.gpu_j is not None else f"unavailable ({self.gpu_unavailable})"
+        cpu = (f"{self.cpu_package_j:.0f} J" if self.cpu_package_j is not None
+               else f"unavailable ({self.cpu_unavailable})")
+        return gpu, cpu
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """One block: what it is in the teacher, who trained it, how it went, whether it was kept."""
+
+    index: int
+    name: str
+    members: list[str]
+    in_shape: list[int]
+    out_shape: list[int]
+    teacher_params: int
+    teacher_macs: int
+    rank: int | None
+    train_time_s: float
+    epochs: int | None
+    final_loss: float | None
+    swapped_val_acc: float | None
+    accepted: bool
+    early_stopped: bool
+    resumed: bool              # continued from an unfinished checkpoint
+    resumed_finished: bool     # finished by an earlier run of the job, not trained now
+    spans: list[list[float]]   # wall-clock (start, end) of each training session
+    history: list[dict[str, float]]
+    cost: BlockCost
+
+
+@dataclass(frozen=True)
+class RankRecord:
+    """One rank's distillation: where it ran, what it trained, how busy it was."""
+
+    rank: int
+    host: str
+    device: str
+    threads: int
+    blocks: list[int]
+    busy_s: float
+    idle_s: float
+    predicted_s_per_batch: float
+    peak_mem_mb: float
+    energy: Energy
+    teacher_cache: CacheUse | None = None
+
+
+@dataclass(frozen=True)
+class DistillTimes:
+    """The distillation phase across ranks (epoch seconds) and its MPI traffic."""
+
+    start: float
+    end: float
+    makespan_s: float
+    resumed_blocks: list[int]
+    broadcast_s: float
+    gather_s: float
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Test accuracy (percent) of the teacher and of the student at each step of its making."""
+
+    teacher_test: float
+    teacher_val: float
+    student_assembled: float
+    student_before_finetune: float
+    student_after_finetune: float
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    params: int
+    conv_params: int
+    macs: int  # multiply-accumulates of one image's forward
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    teacher: ModelSize
+    student: ModelSize
+
+
+@dataclass(frozen=True)
+class FinetuneEpoch:
+    epoch: int
+    loss: float
+    val_acc: float
+    time_s: float
+    kept: bool = False  # the epoch whose weights the student keeps (best validation accuracy)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """Everything a finished job reports; ``report.json`` is ``to_json`` of it."""
+
+    status: str
+    finished_at: str
+    run_dir: str
+    world_size: int
+    config: dict[str, Any]
+    teacher: dict[str, Any]           # where the teacher came from (``teacher.get_teacher``)
+    cost_model: str                   # measured | macs
+    member_share: dict[str, float]    # team size -> busiest member's share of one rank's time
+    teacher_cache: CacheReport | None
+    plan: Plan
+    blocks: list[BlockRecord]
+    ranks: list[RankRecord]
+    distill: DistillTimes
+    accepted_blocks: list[int]
+    accuracy: Accuracy
+    models: ModelSizes
+    finetune: list[FinetuneEpoch]
+    energy: Energy
+    phases_s: dict[str, float]
+    wall_s: float
+    inference: dict[str, Any] | None = field(default=None)  # deploy-form speed (``deploy``), if measured
+
+    def to_json(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobRecord:
+        return from_plain(cls, data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> JobRecord:
+        """Read a ``report.json``; a damaged or foreign file raises ``ValueError`` naming it."""
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not a readable hpc_bkd report ({exc!r})") from None
+
+    def block(self, index: int) -> BlockRecord:
+        return next(b for b in self.blocks if b.index == index)

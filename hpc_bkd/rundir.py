@@ -1,0 +1,137 @@
+"""The run directory: the one owner of every file a job reads or writes under ``run.dir``.
+
+Like submitit's ``JobPaths``: code asks a ``RunDir`` for a path instead of spelling file names,
+so the layout below is written down once. The run directory also decides what may be resumed: a
+finished block is reused only when the same job (the fingerprint of config, teacher and blocks)
+wrote it.
+
+    config.json            the resolved config of the last start
+    teacher.pt             the trained (or loaded) teacher; teacher.partial.pt while it trains
+    costs.json             the measured cost table (``costs.CostTable``)
+    blocks/block-NNN.pt    a finished student block; block-NNN.partial.pt while it trains
+    finetune.partial.pt    fine-tuning progress
+    student.pt             the assembled, fine-tuned student
+    report.json            the job record (``records.JobRecord``); summary.txt, gantt.png
+    export/                deployable files (``export``)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from . import atomic_io
+from .config import Config
+
+if TYPE_CHECKING:
+    from .surgery import BlockSpec
+
+
+class RunDirConflict(RuntimeError):
+    """The run directory holds blocks from a different job; refusing to overwrite them."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths and resume rules of one run directory."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    config = property(lambda self: self.root / "config.json")
+    teacher = property(lambda self: self.root / "teacher.pt")
+    teacher_partial = property(lambda self: self.root / "teacher.partial.pt")
+    costs = property(lambda self: self.root / "costs.json")
+    finetune_partial = property(lambda self: self.root / "finetune.partial.pt")
+    student = property(lambda self: self.root / "student.pt")
+    report = property(lambda self: self.root / "report.json")
+    summary = property(lambda self: self.root / "summary.txt")
+    gantt = property(lambda self: self.root / "gantt.png")
+    export_dir = property(lambda self: self.root / "export")
+
+    def block(self, index: int, partial: bool = False) -> Path:
+        return self.root / "blocks" / f"block-{index:03d}{'.partial' if partial else ''}.pt"
+
+    def create(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ blocks and resume
+
+    def finished_blocks(self, fingerprint: str, count: int) -> list[int]:
+        """Indices of blocks already finished here by this same job; a block of another job is a
+        conflict (its results are never overwritten)."""
+        done = []
+        for index in range(count):
+            if self.block(index).is_file():
+                self._check(self.load_block(index), fingerprint, self.block(index))
+                done.append(index)
+        return done
+
+    def load_block(self, index: int) -> dict[str, Any]:
+        """A finished block's record: ``fingerprint``, ``state_dict`` and ``metrics``."""
+        return atomic_io.load(self.block(index))
+
+    def save_block(self, index: int, result: dict[str, Any]) -> None:
+        """Write a finished block and drop its unfinished checkpoint (in that order: a crash in
+        between leaves the finished one, which wins)."""
+        atomic_io.save(result, self.block(index))
+        self.block(index, partial=True).unlink(missing_ok=True)
+
+    def save_partial(self, index: int, fingerprint: str, trainer_state: dict[str, Any]) -> None:
+        atomic_io.save({"fingerprint": fingerprint, "trainer": trainer_state}, self.block(index, partial=True))
+
+    def load_partial(self, index: int, fingerprint: str) -> dict[str, Any] | None:
+        """An unfinished block's trainer state, when this job saved one."""
+        path = self.block(index, partial=True)
+        if not path.is_file():
+            return None
+        saved = atomic_io.load(path)
+        self._check(saved, fingerprint, path)
+        return saved["trainer"]
+
+    @staticmethod
+    def _check(saved: dict[str, Any], fingerprint: str, path: Path) -> None:
+        if saved.get("fingerprint") != fingerprint:
+            raise RunDirConflict(
+                f"{path} was written by a different job (config, teacher or blocks changed). "
+                "Use a new run.dir, or delete that run's blocks/ folder to start over.")
+
+
+@dataclass(frozen=True)
+class BlockStore:
+    """Where the distiller saves and resumes its blocks: one job's blocks in one run directory.
+    The distiller only calls these; which files they become is the run directory's business."""
+
+    run_dir: RunDir
+    fingerprint: str
+
+    def resume(self, index: int) -> dict[str, Any] | None:
+        return self.run_dir.load_partial(index, self.fingerprint)
+
+    def save_partial(self, index: int, trainer_state: dict[str, Any]) -> None:
+        self.run_dir.save_partial(index, self.fingerprint, trainer_state)
+
+    def save_finished(self, index: int, result: dict[str, Any]) -> None:
+        self.run_dir.save_block(index, {"fingerprint": self.fingerprint, **result})
+
+
+# distill keys that change how blocks are trained, never what they become
+_NOT_IN_RESULT = ("checkpoint_interval_s", "schedule", "teacher_cache", "teacher_cache_gb", "team_backend")
+
+
+def job_fingerprint(cfg: Config, teacher_fp: str, blocks: Sequence[BlockSpec]) -> str:
+    """What determines the trained blocks; a run directory is only resumed by the same job (how
+    the teacher's activations are produced, cached or not, and in which order blocks are stepped
+    do not change them)."""
+    d = cfg.distill
+    key = {"model": vars(cfg.model), "data": vars(cfg.data), "blocks": vars(cfg.blocks), "seed": cfg.run.seed,
+           "distill": {k: v for k, v in vars(d).items() if k not in _NOT_IN_RESULT},
+           "teacher": teacher_fp, "specs": [b.members for b in blocks]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
