@@ -37,10 +37,10 @@ bench-paper-scale: install  ## 1-rank PBKD vs the paper's sequential schedule (a
 	  --set model.width=1.0 --set teacher.epochs=3 --set teacher.lr=0.01 --set distill.epochs=2 --set finetune.epochs=0
 
 slurm-up:
-	bash launch/local-slurm.sh start
+	bash tests/cluster/local-slurm.sh start
 
 slurm-down:
-	bash launch/local-slurm.sh stop
+	bash tests/cluster/local-slurm.sh stop
 
 clean:
 	rm -rf runs bench/results bench/results-paper-scale .pytest_cache

@@ -1,4 +1,4 @@
-"""Command line: ``python -m hpc_bkd [run|train-teacher|plan|distill|evaluate|config-keys] ...``.
+"""Command line: ``python -m hpc_bkd [run|train-teacher|plan|distill|evaluate|export|config-keys|configs] ...``.
 
 The same command works alone (one rank) and under ``mpirun -np N``/``srun``/``sbatch``.
 """
@@ -8,9 +8,9 @@ import argparse
 import json
 import logging
 import sys
-import time
 import traceback
 from pathlib import Path
+from typing import Sequence
 
 from .cli_args import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_job_arguments, job_config
 from .config import ConfigError, describe_keys, shipped_configs
@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_arguments(p)
     p = sub.add_parser("evaluate", help="test accuracy of the teacher and the saved student of a run directory")
     add_job_arguments(p)
+    p = sub.add_parser("export", help="write a finished run's student (and teacher) as torch.export / ONNX files "
+                                      "under <run dir>/export, for use without hpc_bkd")
+    add_job_arguments(p)
+    p.add_argument("--formats", default="pt2,onnx",
+                   help="comma-separated: pt2 (torch.export), onnx (needs the export extra); default: both")
+    p.add_argument("--teacher", action="store_true", help="also export the teacher (the baseline to compare with)")
     sub.add_parser("config-keys", help="every config key with its default and meaning")
     sub.add_parser("configs", help="list the shipped configs")
     return parser
@@ -133,6 +139,27 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """Export a finished run for deployment.
+
+    A missing run directory, student or optional package (the ``export`` extra) is for the user to
+    fix, so it is one line and exit 2, not a traceback; an ImportError of hpc_bkd's own modules is a
+    bug and keeps its traceback.
+    """
+    cfg = job_config(args)
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    try:
+        from .export import export_main
+
+        export_main(Path(cfg.run.dir), formats, args.teacher)
+    except (FileNotFoundError, ImportError) as exc:
+        if isinstance(exc, ImportError) and (exc.name or "").startswith("hpc_bkd"):
+            raise
+        print(f"hpc-bkd: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
 def _cmd_run(args: argparse.Namespace, distill_only: bool = False) -> int:
     from .pipeline import Interrupted, run_job
     from .runtime import install_stop_handlers
@@ -148,14 +175,29 @@ def _cmd_run(args: argparse.Namespace, distill_only: bool = False) -> int:
     return EXIT_OK
 
 
-COMMANDS = ("run", "train-teacher", "plan", "distill", "evaluate", "config-keys", "configs")
+COMMANDS = ("run", "train-teacher", "plan", "distill", "evaluate", "export", "config-keys", "configs")
+
+
+def normalize_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``run`` put first when it names no command.
+
+    ``python -m hpc_bkd`` and ``python -m hpc_bkd --set distill.epochs=2`` run the default job: the
+    shortest command line is the common one, in a batch script as at a prompt. ``-h`` still shows
+    the list of commands.
+    """
+    argv = list(argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        return ["run", *argv]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
-        argv = ["run", *argv]  # `python -m hpc_bkd [--set ...]`: the default job
-    args = build_parser().parse_args(argv)
+    """Run one command on this rank and return its exit code (see :mod:`hpc_bkd.cli_args`).
+
+    Errors are reported once, as one line when the input is at fault (exit 2) and with a traceback
+    otherwise (exit 1); with several ranks, a failing one aborts them all.
+    """
+    args = build_parser().parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
     command = args.command
     if command == "config-keys":
         print(describe_keys())
@@ -174,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_train_teacher(args)
         if command == "evaluate":
             return _cmd_evaluate(args)
+        if command == "export":
+            return _cmd_export(args)
         return _cmd_run(args, distill_only=command == "distill")
     except ConfigError as exc:  # same on every rank: rank 0 says it, all leave
         if comm.rank == 0:
@@ -190,11 +234,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hpc-bkd: {prefix}error: {exc}", file=sys.stderr, flush=True)
         else:
             print(f"hpc-bkd: {prefix}unexpected error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        code = EXIT_BAD_INPUT if clear else EXIT_FAILED
         if comm.size > 1:  # never leave the other ranks waiting in a collective
-            print(f"hpc-bkd: {prefix}aborting all {comm.size} ranks", file=sys.stderr, flush=True)
-            time.sleep(1.0)  # let the launcher forward the message: MPI_Abort tears its stdio down
-            comm.Abort(EXIT_BAD_INPUT if clear else EXIT_FAILED)
-        return EXIT_BAD_INPUT if clear else EXIT_FAILED
+            from .runtime import abort_all
+
+            # the delay lets the launcher forward the message: MPI_Abort tears its stdio down
+            abort_all(comm, code, f"hpc-bkd: {prefix}aborting all {comm.size} ranks", delay_s=1.0)
+        return code
 
 
 if __name__ == "__main__":

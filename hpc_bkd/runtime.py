@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -60,19 +60,82 @@ class Runtime:
         self.idle_wait()
         return self.comm.allgather(obj)
 
-    def abort(self, code: int = 1) -> None:
+    def abort(self, code: int = 1) -> NoReturn:
         """End every rank now (a failed rank must not leave the others waiting forever)."""
-        if self.size > 1:
-            self.comm.Abort(code)
-        sys.exit(code)
+        abort_all(self.comm, code)
+
+
+# ------------------------------------------------------------------------------- machine facts
+
+
+def available_cores() -> int:
+    """CPUs this process may run on: its affinity mask where the OS has one, else the machine's count.
+
+    The mask, not ``os.cpu_count()``: SLURM, cgroups, ``taskset`` and MPI binding narrow it, and
+    threads beyond it only contend for the same cores.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank in MiB: CUDA's allocator peak on a GPU, else the process's max RSS.
+
+    The report compares ranks by it; on CPU the resident set is what competes for the node's RAM.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def meminfo_bytes(field: str) -> int | None:
+    """A ``/proc/meminfo`` field (e.g. ``MemAvailable``, ``MemTotal``) in bytes; None where unreadable.
+
+    None rather than a guess, so that callers can fall back to their own default off Linux.
+    """
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def mem_available_bytes() -> int | None:
+    """Memory the kernel can give without swapping (MemAvailable), the budget for in-RAM caches."""
+    return meminfo_bytes("MemAvailable")
+
+
+def mem_total_bytes() -> int | None:
+    """Installed memory (MemTotal), for describing a machine in benchmark records."""
+    return meminfo_bytes("MemTotal")
+
+
+def pick_device(setting: str, local_rank: int = 0) -> torch.device:
+    """The device of ``run.device`` (auto|cpu|cuda) for the rank with node-local rank ``local_rank``.
+
+    auto takes a GPU when CUDA is available. GPUs are those left visible by CUDA_VISIBLE_DEVICES
+    (e.g. by SLURM ``--gpus-per-task``), shared round-robin by node-local rank so that ranks on one
+    node do not all land on GPU 0. ``cuda`` without CUDA raises instead of silently using the CPU.
+    """
+    use_cuda = setting == "cuda" or (setting == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but CUDA is not available on this node")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def _cpu_share(local_rank: int, local_size: int) -> int:
     """CPU threads for this rank: its srun CPU allocation, else an even share of the node's cores."""
     if os.environ.get("SLURM_CPUS_PER_TASK") and os.environ.get("SLURM_STEP_ID") is not None:
         return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))  # srun already gave this task its CPUs
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // local_size)
+    return max(1, available_cores() // local_size)
 
 
 # glibc mallopt parameters (malloc.h)
@@ -115,15 +178,10 @@ def init_runtime(device: str = "auto", threads: int = 0) -> Runtime:
     node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
     local_rank, local_size = node_comm.rank, node_comm.size
     node_comm.Free()
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise RuntimeError("run.device=cuda but CUDA is not available on this node")
-        # devices are those left visible by CUDA_VISIBLE_DEVICES (e.g. by SLURM --gpus-per-task)
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
     else:
-        dev = torch.device("cpu")
         keep_freed_memory()
     n_threads = threads or _cpu_share(local_rank, local_size)
     torch.set_num_threads(n_threads)
@@ -171,10 +229,54 @@ def clear_stop() -> None:
     _stop.clear()
 
 
-def install_stop_handlers(signals: tuple[str, ...] = STOP_SIGNALS) -> None:
-    """SIGTERM (scancel, preemption), SIGUSR1/2 (``--signal``), SIGINT: flag only, the loop saves."""
+def install_stop_handlers(signals: tuple[str, ...] = STOP_SIGNALS,
+                          received: list[int] | None = None) -> dict[int, Any]:
+    """SIGTERM (scancel, preemption), SIGUSR1/2 (``--signal``), SIGINT: flag only, the loop saves.
+
+    A handler that only sets a flag, because the signal arrives on the main thread, which is the
+    training loop: saving from the handler could catch a block between its optimizer step and its
+    step counter, so the loop saves at its next step instead. ``received``, when given, gets each
+    signal number as it arrives (a launcher decides by the signal whether to requeue). Returns the
+    handlers replaced, for :func:`restore_handlers`; nothing is installed (and ``{}`` returned)
+    off the main thread, where Python cannot set handlers.
+    """
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
+    def note_and_stop(signum: int, frame: Any) -> None:
+        if received is not None:
+            received.append(signum)
+        request_stop()
+
+    handler = request_stop if received is None else note_and_stop
+    previous: dict[int, Any] = {}
     for name in signals:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), request_stop)
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def restore_handlers(previous: dict[int, Any]) -> None:
+    """Put back the handlers :func:`install_stop_handlers` replaced (a default one where none was
+    set from Python), so that a caller in the same process (submitit's debug executor) keeps its own."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+# ------------------------------------------------------------------------------- abort
+
+
+def abort_all(comm: Any, code: int, message: str = "", delay_s: float = 0.0) -> NoReturn:
+    """End every rank of ``comm``'s job with exit status ``code``; on one rank, just exit.
+
+    A failed rank must not leave the others waiting forever in a collective, and only MPI_Abort
+    reaches them all. ``message`` (if any) goes to stderr first; ``delay_s`` lets the launcher
+    forward it before MPI_Abort tears its stdio down.
+    """
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    if comm is not None and comm.size > 1:
+        if delay_s > 0:
+            time.sleep(delay_s)
+        comm.Abort(code)
+    raise SystemExit(code)

@@ -25,28 +25,16 @@
 
 _bkd_log() { printf '[%(%H:%M:%S)T hpc_bkd.sbatch] %s\n' -1 "$*" >&2; }
 
-# MPICH (ch4) keeps each node's shared memory in /dev/shm/mpich_shm_<FNV-1a of "jobid.stepid">_<node>
-# and removes it in MPI_Finalize only. A requeued job keeps its id and numbers its steps from 0
-# again, so a segment left by a killed step makes MPI_Init of the same step id fail or hang until
-# the time limit. Run on every node in a step of its own, before the main step and after it when it
-# failed: remove what steps 0..next of this job id may have left (no live step of this job can own
-# them: this one runs alone).
-_bkd_shm_clean() {
-  local s k h i c
-  for (( s = 0; s <= SLURM_STEP_ID + 1; s++ )); do
-    k=$SLURM_JOB_ID.$s h=2166136261
-    for (( i = 0; i < ${#k}; i++ )); do
-      printf -v c %d "'${k:i:1}"; h=$(( ((h ^ c) * 16777619) & 0xffffffff ))
-    done
-    printf -v h %x "$h"
-    rm -f "/dev/shm/mpich_shm_${h}_"* "/dev/shm/mpich_vci_${h}_"*
-  done
-}
-
-_bkd_shm_step() {  # run _bkd_shm_clean once per node, in a step of its own
+# MPICH (ch4) keeps each node's shared memory in /dev/shm and removes it in MPI_Finalize only; a
+# requeued job keeps its id and numbers its steps from 0 again, so a segment left by a killed step
+# makes MPI_Init of the same step id fail or hang until the time limit. Before the main step and
+# after it when it failed, one task per node removes what steps 0..next of this job id may have
+# left (no live step of this job can own them: this one runs alone). The cleanup itself, and why,
+# is hpc_bkd/launch/mpich.py (shared with the submitit backend).
+_bkd_shm_step() {  # _bkd_shm_step PYTHON: run the cleanup once per node, in a step of its own
   [ "${HPC_BKD_SHM_CLEANUP:-1}" != 0 ] && [ -n "${SLURM_JOB_ID:-}" ] || return 0
   srun --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" --mpi=none --cpus-per-task=1 \
-    bash -c "$(declare -f _bkd_shm_clean); _bkd_shm_clean" || _bkd_log "warning: /dev/shm cleanup step failed"
+    "$1" -m hpc_bkd.launch.mpich cleanup || _bkd_log "warning: /dev/shm cleanup step failed"
 }
 
 hpc_bkd_sbatch_main() {  # hpc_bkd_sbatch_main DEFAULT_CONFIG [hpc_bkd run arguments...]
@@ -93,7 +81,7 @@ hpc_bkd_sbatch_main() {  # hpc_bkd_sbatch_main DEFAULT_CONFIG [hpc_bkd run argum
   _bkd_log "run dir $run_dir"
   _bkd_log "srun ${srun_args[*]} $py ${args[*]}"
 
-  _bkd_shm_step  # segments a killed run of this job id left (requeue)
+  _bkd_shm_step "$py"  # segments a killed run of this job id left (requeue)
 
   _BKD_REQUEUE=0 _BKD_SRUN=
   # time limit near (--signal=B:USR1@...): ask the ranks to save, then requeue ourselves
@@ -110,7 +98,7 @@ hpc_bkd_sbatch_main() {  # hpc_bkd_sbatch_main DEFAULT_CONFIG [hpc_bkd run argum
   local rc=0
   wait "$_BKD_SRUN" || rc=$?
   trap - USR1 TERM
-  case $rc in 0|3) ;; *) _bkd_shm_step ;; esac  # a killed or aborted rank leaves its segment behind
+  case $rc in 0|3) ;; *) _bkd_shm_step "$py" ;; esac  # a killed or aborted rank leaves its segment behind
 
   if [ "$rc" -eq 3 ] && [ "$_BKD_REQUEUE" = 1 ]; then
     if [ "$restarts" -ge "$max_requeues" ]; then

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "cluster"))  # the local SLURM test cluster and its fixture
 from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a real local SLURM)
 
 REPO = Path(__file__).resolve().parents[1]

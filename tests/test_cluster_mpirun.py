@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MPIRUN, REPO, cli_env, hpc
+from hpc_bkd.launch.mpich import unused_segments
 from slurm_cluster import hard_timeout
 from test_cluster_common import long_reference  # noqa: F401  (session fixture)
 from test_cluster_common import (as_set_args, assert_resumed_like_reference, assert_stopped_mid_distillation,
@@ -34,27 +35,11 @@ def _rank_pid(run: Path, rank: int) -> int | None:
     return None
 
 
-def _shm_in_use() -> set[str]:
-    used = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            used.update(line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
-                        if "/dev/shm/" in line)
-        except (OSError, IndexError):
-            continue
-    return used
-
-
 def _remove_leaked_shm(before: set[str]) -> None:
     """MPICH unlinks its /dev/shm segment in MPI_Finalize only: remove the one the killed job left
     (new since `before` and mapped by no process), so repeated runs do not fill a small /dev/shm."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        return
-    in_use = _shm_in_use()
-    for p in shm.glob("mpich_*"):
-        if p.name not in before and str(p) not in in_use:
-            p.unlink(missing_ok=True)
+    for p in unused_segments(ignore=before):
+        p.unlink(missing_ok=True)
 
 
 @hard_timeout(300)

@@ -1,4 +1,4 @@
-"""Smoke tests of the local SLURM (launch/local-slurm.sh) through the `slurm_cluster` fixture:
+"""Smoke tests of the local SLURM (tests/cluster/local-slurm.sh) through the `slurm_cluster` fixture:
 batch jobs, MPI ranks via srun + pmi2 + the venv's MPICH, and cancellation seen by sacct."""
 import sys
 import time

@@ -12,8 +12,10 @@ that rank 0 wrote to ``<run dir>/report.json``::
 
 From the shell: ``python -m hpc_bkd.launch submit -c tiny --nodes 1 --tasks-per-node 2 --wait``.
 
-One backend per module (submitit's style): ``submitit_backend`` is the only one so far; the plain
-``sbatch`` path is ``slurm/*.sbatch`` in the repository. See the README section "Running on a cluster".
+One backend per module (submitit's style): ``submitit_backend`` is the only one so far, and
+``submitit_compat`` holds every use of submitit's private API. ``mpich`` removes the shared memory a
+killed MPICH step leaves in /dev/shm, for this backend and for the plain ``sbatch`` path
+(``slurm/*.sbatch`` in the repository). See docs/cluster.md.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ MPI under submitit (and how it differs from mpirun)
     job's report is ``job.task(0).result()`` or :func:`report` (``job.result()`` only works for one
     task). A failing rank aborts the whole MPI job (no rank is left waiting in a collective). A
     one-line step before the main one (and after it, if it failed) removes MPICH shared memory that
-    a killed earlier run of the same job id left in /dev/shm (see ``MPICH_SHM_CLEANUP``).
+    a killed earlier run of the same job id left in /dev/shm (see :mod:`hpc_bkd.launch.mpich`).
 
     submitit's *local* executor forks its tasks itself, with no process manager: each task would be
     a separate one-rank MPI job training every block into the same run directory. So the local and
@@ -21,6 +21,9 @@ MPI under submitit (and how it differs from mpirun)
     several ranks on one machine use ``mpirun -np N python -m hpc_bkd run``, or SLURM.
 
 Stop, checkpoint, requeue (how our stop flag and submitit's requeue cooperate)
+    submitit internals used here (its preemption signal, its requeue, its result pickle) are reached
+    through :mod:`hpc_bkd.launch.submitit_compat` only, which checks they still exist.
+
     Before our code runs, submitit installs its own handlers in every task: the preemption signal
     (``SIGUSR2``, sent ``signal_delay_s`` before the time limit) calls ``checkpoint()`` and
     ``scontrol requeue`` on task 0 and exits at once; ``SIGTERM`` is ignored. Used as is, that exit
@@ -36,14 +39,15 @@ Stop, checkpoint, requeue (how our stop flag and submitit's requeue cooperate)
     of them. Then:
 
     * the preemption signal (time limit) was received: task 0 runs submitit's own
-      ``SignalHandler.checkpoint_and_try_requeue``, which calls ``checkpoint()`` (a resubmission of
-      the same job, same run directory), counts the timeout against ``max_num_timeout`` and runs
-      ``scontrol requeue`` (local executor: exit code 144, its controller restarts the task). The
-      other ranks wait for it, then all leave without a result; the requeued job resumes from the
-      run directory and writes the result. Past ``max_requeues`` the job fails with submitit's
-      "timed-out too many times" and a hint to resubmit.
+      ``SignalHandler.checkpoint_and_try_requeue`` (``submitit_compat.checkpoint_and_requeue``),
+      which calls ``checkpoint()`` (a resubmission of the same job, same run directory), counts the
+      timeout against ``max_num_timeout`` and runs ``scontrol requeue`` (local executor: exit code
+      144, its controller restarts the task). The other ranks wait for it, then all leave without a
+      result; the requeued job resumes from the run directory and writes the result. Past
+      ``max_requeues`` the job fails with submitit's "timed-out too many times" and a hint to
+      resubmit.
     * only TERM/INT (``scancel``, preemption, ``scontrol requeue`` by hand): every rank exits with
-      code 3 (``pipeline.EXIT_INTERRUPTED``) without a result and SLURM decides: a cancelled job
+      code 3 (``cli_args.EXIT_INTERRUPTED``) without a result and SLURM decides: a cancelled job
       stays cancelled (``job.result()`` raises; resubmitting with the same ``run_dir`` resumes), a
       requeued or preempted one runs the same pickle again and resumes.
 
@@ -58,39 +62,30 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
+
+from ..cli_args import EXIT_FAILED, EXIT_INTERRUPTED
+from . import submitit_compat as compat
 
 log = logging.getLogger("hpc_bkd")
 
 EXECUTORS = ("auto", "slurm", "local", "debug")
 
-# Batch-script lines run before and after the main srun (as in slurm/common.sh). MPICH (ch4) keeps
-# each node's shared memory in /dev/shm/mpich_shm_<FNV-1a of "jobid.stepid">_<node> and removes it
-# in MPI_Finalize only; a requeued job keeps its id and numbers its steps from 0 again, so a
-# segment left by a killed step makes MPI_Init of the same step id fail or hang until the time
-# limit. This step removes, on every node, what steps 0..next of this job id may have left: before
-# the main step (requeues) and after it (a failed rank leaves its segment otherwise).
-MPICH_SHM_CLEANUP = [
-    "_bkd_shm_clean() {",
-    "  local s k h i c",
-    "  for (( s = 0; s <= SLURM_STEP_ID + 1; s++ )); do",
-    "    k=$SLURM_JOB_ID.$s h=2166136261",
-    "    for (( i = 0; i < ${#k}; i++ )); do",
-    "      printf -v c %d \"'${k:i:1}\"; h=$(( ((h ^ c) * 16777619) & 0xffffffff ))",
-    "    done",
-    "    printf -v h %x \"$h\"",
-    "    rm -f \"/dev/shm/mpich_shm_${h}_\"* \"/dev/shm/mpich_vci_${h}_\"*",
-    "  done",
-    "}",
-    "srun --ntasks-per-node=1 --ntasks=\"${SLURM_JOB_NUM_NODES:-1}\" --mpi=none --cpus-per-task=1 "
-    "bash -c \"$(declare -f _bkd_shm_clean); _bkd_shm_clean\" || echo 'hpc_bkd: /dev/shm cleanup failed' >&2",
-]
-# after srun, when it failed (the function comes from the setup lines); srun's status stays the job's
-MPICH_SHM_CLEANUP_AFTER = ["_bkd_rc=$?", f"[ $_bkd_rc -eq 0 ] || {MPICH_SHM_CLEANUP[-1]}", "exit $_bkd_rc"]
+
+def shm_cleanup_lines(python: str = sys.executable) -> tuple[list[str], list[str]]:
+    """Batch-script lines (setup, teardown) that remove stale MPICH shared memory of this job id.
+
+    Before the main step, because a requeued job keeps its id and its steps start from 0 again; after
+    it only when it failed, because a killed rank leaves its segment behind; srun's status stays the
+    job's. The same cleanup as ``slurm/common.sh``: :func:`hpc_bkd.launch.mpich.cleanup_job`.
+    """
+    from .mpich import srun_cleanup_command
+
+    step = f"{srun_cleanup_command(python)} || echo 'hpc_bkd: /dev/shm cleanup failed' >&2"
+    return [step], ["_bkd_rc=$?", f"[ $_bkd_rc -eq 0 ] || {step}", "exit $_bkd_rc"]
 
 
 class LaunchError(RuntimeError):
@@ -98,13 +93,6 @@ class LaunchError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------ the job
-
-
-def _preempt_signal() -> int:
-    """submitit's preemption/timeout signal (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)."""
-    from submitit.core.job_environment import JobEnvironment
-
-    return int(JobEnvironment._usr_sig())
 
 
 class DistillJob:
@@ -156,10 +144,11 @@ class DistillJob:
         cfg = load_config(self.config, overrides)
 
         received: list[int] = []
-        previous = _install_stop_handlers(received)
+        previous = runtime.install_stop_handlers(received=received)
         runtime.clear_stop()  # the debug executor runs in the caller's process: no stale flag
         try:
-            return run_job(cfg)
+            record = run_job(cfg)
+            return record.to_json() if record is not None else None  # the report.json dict
         except Interrupted:
             self._after_interrupt(env, comm, received, started)
             raise  # not reached: _after_interrupt always raises
@@ -168,16 +157,11 @@ class DistillJob:
                 _abort_with_result(env, comm)
             raise
         finally:
-            _restore_handlers(previous)
+            runtime.restore_handlers(previous)
 
     def _after_interrupt(self, env: Any, comm: Any, received: list[int], started: float) -> None:
         """Everything is saved on every rank; requeue (time limit) or leave (SLURM decides)."""
-        from submitit.core.job_environment import SignalHandler
-        from submitit.core.utils import DelayedSubmission, UncompletedJobError
-
-        from ..pipeline import EXIT_INTERRUPTED
-
-        usr_sig = _preempt_signal()
+        usr_sig = compat.preempt_signal()
         requeue = usr_sig in received
         if comm.size > 1:
             requeue = any(comm.allgather(requeue))
@@ -192,14 +176,9 @@ class DistillJob:
             raise SystemExit(EXIT_INTERRUPTED)
         error = None
         if env.global_rank == 0:
-            delayed = DelayedSubmission.load(env.paths.submitted_pickle)
-            handler = SignalHandler(env, env.paths, delayed)
-            handler._start_time = started  # timed out or preempted: judged from this run's start
-            handler._exit = lambda: None  # leave only once every rank knows the outcome
-            try:  # checkpoint() -> pickle the resubmission -> scontrol requeue (local: exit 144)
-                handler.checkpoint_and_try_requeue(usr_sig)
-            except UncompletedJobError as exc:
-                error = str(exc)
+            # checkpoint() -> pickle the resubmission -> scontrol requeue (local: exit 144); timed out
+            # or preempted is judged from this run's start; returns only, all ranks leave together
+            error = compat.checkpoint_and_requeue(env, usr_sig, started)
         if comm.size > 1:
             error = comm.bcast(error, root=0)
         if error:
@@ -210,41 +189,17 @@ class DistillJob:
         raise SystemExit(EXIT_INTERRUPTED)  # no result: the requeued job writes it
 
 
-def _install_stop_handlers(received: list[int]) -> dict[int, Any]:
-    from ..runtime import STOP_SIGNALS, request_stop
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def on_signal(signum: int, frame: Any) -> None:
-        received.append(signum)
-        request_stop()
-
-    previous = {}
-    for name in STOP_SIGNALS:
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            previous[sig] = signal.signal(sig, on_signal)
-    return previous
-
-
-def _restore_handlers(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
-def _abort_with_result(env: Any, comm: Any) -> None:
+def _abort_with_result(env: Any, comm: Any) -> NoReturn:
     """Record this task's error where submitit looks for it, then end every rank of the job."""
+    from ..runtime import abort_all
+
     trace = traceback.format_exc()
     print(f"hpc_bkd: [rank {comm.rank}/{comm.size}] error:\n{trace}hpc_bkd: aborting all {comm.size} ranks",
           file=sys.stderr, flush=True)
     try:
-        from submitit.core import utils
-
-        with utils.temporary_save_path(env.paths.result_pickle) as tmp:
-            utils.cloudpickle_dump(("error", trace), tmp)
+        compat.save_task_error(env, trace)
     finally:
-        comm.Abort(1)
+        abort_all(comm, EXIT_FAILED)
 
 
 # ------------------------------------------------------------------------------- submission
@@ -269,7 +224,7 @@ def make_executor(executor: str = "auto", folder: str | os.PathLike = "submitit/
     sbatch: extra ``#SBATCH`` options, e.g. ``{"account": "proj", "qos": "high"}``.
     setup: shell lines run in the batch script before srun (``module load ...``).
     shm_cleanup: run the short step that removes stale MPICH shared memory of this job id before
-    and after the main step (see ``MPICH_SHM_CLEANUP``; needed for requeues with MPICH).
+    and after the main step (see :func:`shm_cleanup_lines`; needed for requeues with MPICH).
     """
     import submitit
 
@@ -294,11 +249,12 @@ def make_executor(executor: str = "auto", folder: str | os.PathLike = "submitit/
             params["gpus_per_task"] = gpus_per_task
         if cpus_per_task:
             params["cpus_per_task"] = cpus_per_task
-        lines = [*setup, *(MPICH_SHM_CLEANUP if shm_cleanup else [])]
+        before, after = shm_cleanup_lines() if shm_cleanup else ([], [])
+        lines = [*setup, *before]
         if lines:
             params["setup"] = lines
-        if shm_cleanup:
-            params["teardown"] = MPICH_SHM_CLEANUP_AFTER
+        if after:
+            params["teardown"] = after
         ex.update_parameters(**params)
         return ex
     if nodes != 1 or tasks_per_node != 1:
@@ -355,13 +311,9 @@ def report(job: Any, timeout_s: float | None = None, poll_s: float = 1.0) -> dic
     try:
         return job.results()[0]
     except Exception:
-        from submitit.core.utils import FailedJobError, pickle_load
-
         for k in range(job.num_tasks):
-            path = job.task(k).paths.result_pickle
-            if path.exists():
-                outcome, payload = pickle_load(path)
-                if outcome == "error":
-                    raise FailedJobError(f"job {job.job_id} task {k} failed:\n{payload}\n"
-                                         f"logs: {job.task(k).paths.stderr}") from None
+            trace = compat.task_error(job.task(k).paths)
+            if trace is not None:
+                raise compat.failed_job_error(f"job {job.job_id} task {k} failed:\n{trace}\n"
+                                              f"logs: {job.task(k).paths.stderr}") from None
         raise

@@ -1,6 +1,7 @@
-"""Session fixture `slurm_cluster`: a real single-node SLURM (launch/local-slurm.sh) for tests.
+"""Session fixture `slurm_cluster`: a real single-node SLURM (tests/cluster/local-slurm.sh) for tests.
 
-Use in tests/conftest.py:  ``from slurm_cluster import slurm_cluster  # noqa: F401``
+Use in tests/conftest.py:  ``from slurm_cluster import slurm_cluster  # noqa: F401`` (with
+tests/cluster/ on sys.path, as conftest puts it).
 
 Skips when not root or when the Debian packages cannot be installed, unless
 HPC_BKD_REQUIRE_SLURM=1 (then it fails). HPC_BKD_SKIP_SLURM=1 skips on purpose.
@@ -19,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "launch" / "local-slurm.sh"
+SCRIPT = Path(__file__).resolve().with_name("local-slurm.sh")  # the cluster itself, next to this file
 START_TIMEOUT = float(os.environ.get("HPC_BKD_SLURM_START_TIMEOUT", "900"))  # apt included
 CMD_TIMEOUT = 60.0  # any single sbatch/scontrol/sacct call
 TERMINAL = frozenset({
@@ -236,7 +236,7 @@ def slurm_cluster(tmp_path_factory):
         _fail_or_skip(f"local-slurm.sh start exited {rc}:\n{out[-2000:]}")
     if rc != 0:
         what = f"timed out after {START_TIMEOUT:.0f}s" if rc == 124 else f"exited {rc}"
-        pytest.fail(f"launch/local-slurm.sh start {what}:\n{out[-4000:]}", pytrace=False)
+        pytest.fail(f"tests/cluster/local-slurm.sh start {what}:\n{out[-4000:]}", pytrace=False)
     cluster = SlurmCluster(Path(conf["HPC_BKD_SLURM_DIR"]), conf["HPC_BKD_SLURM_PARTITION"],
                            int(conf["HPC_BKD_SLURM_CPUS"]), work, started_here=not up)
     cluster.start_seconds = time.monotonic() - t0
