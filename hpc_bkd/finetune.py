@@ -36,6 +36,18 @@ def accept_blocks(block_accs: dict[int, float | None], teacher_val_acc: float, t
     return sorted(i for i, acc in block_accs.items() if acc is not None and acc >= teacher_val_acc - tolerance)
 
 
+def _kd_optimizer(student: nn.Module, lr: float, steps: int, epochs: int
+                  ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD with Nesterov momentum and a cosine schedule after one epoch of linear warm-up (an
+    assembled student is fragile)."""
+    total = max(1, epochs * steps)
+    warmup = min(steps, total // 2)
+    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (
+        1 + math.cos(math.pi * min(s, total) / total)))
+    return opt, sched
+
+
 def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, epochs: int, lr: float,
              device: torch.device, label: str = "fine-tune", seed_offset: int = 2,
              on_epoch: Callable[[nn.Module, dict[str, float]], None] | None = None,
@@ -51,11 +63,7 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
     teacher = teacher.to(device).eval()
     bs = cfg.data.batch_size
     steps = steps_per_epoch(len(data.train), bs)
-    total = max(1, epochs * steps)
-    warmup = min(steps, total // 2)  # one epoch of linear warm-up: an assembled student is fragile
-    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (
-        1 + math.cos(math.pi * min(s, total) / total)))
+    opt, sched = _kd_optimizer(student, lr, steps, epochs)
     history: list[dict[str, float]] = []
     start_epoch = start_step = 0
     loss_sum = 0.0

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .records import CacheReport
+from .runtime import mem_available_bytes
 from .schedule import Schedule
 from .surgery import BlockSpec, BlockTap
 
@@ -50,17 +51,6 @@ def cache_bytes(blocks: Sequence[BlockSpec], images: int) -> int:
     return 4 * images * sum(math.prod(b.in_shape) + math.prod(b.out_shape) for b in blocks)
 
 
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def memory_budget(device: torch.device, local_size: int, gb: float | None = None) -> int:
     """Bytes one rank may cache: ``gb`` if given, else half the node's available memory split
     between its ranks (40 % of the free memory of a GPU, which holds one rank)."""
@@ -69,7 +59,7 @@ def memory_budget(device: torch.device, local_size: int, gb: float | None = None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(0.4 * free)
-    available = _mem_available()
+    available = mem_available_bytes()
     return int(0.5 * available / max(local_size, 1)) if available is not None else 0
 
 

@@ -1,0 +1,158 @@
+"""The job's stages in-process on a one-rank runtime (an MPI singleton): what each returns, the
+distiller's save/resume through a BlockStore, fine-tuning, and the report's round trip."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpc_bkd import pipeline, runtime
+from hpc_bkd.config import load_config
+from hpc_bkd.distill import BlockResult, LocalDistiller
+from hpc_bkd.finetune import finetune
+from hpc_bkd.plan import BlockCost, Plan
+from hpc_bkd.records import FinetuneEpoch, JobRecord
+from hpc_bkd.report import summary_text
+from hpc_bkd.rundir import BlockStore, RunDir, RunDirConflict
+from hpc_bkd.schedule import SequentialSchedule, schedule_for
+
+
+@pytest.fixture(scope="module")
+def rt() -> runtime.Runtime:
+    return runtime.init_runtime("cpu", 1)
+
+
+def _cfg(tmp_path: Path, tiny_teacher: Path, *extra: str):
+    return load_config("tiny", [f"teacher.checkpoint={tiny_teacher}", "run.threads=1", f"run.dir={tmp_path / 'run'}",
+                                "plan.cost_model=macs", *extra])
+
+
+def _through_plan(cfg, rt):
+    clock = pipeline.Clock()
+    run_dir = pipeline.open_run_dir(cfg, rt)
+    data = pipeline.load_job_data(cfg, rt, clock)
+    teacher = pipeline.share_teacher(cfg, rt, data, run_dir, clock)
+    choice = pipeline.agree_schedule(cfg, rt, teacher, data)
+    resume = pipeline.find_finished(rt, run_dir, teacher)
+    costs = pipeline.measure_costs(cfg, rt, teacher, data, choice, resume, run_dir)
+    plan = pipeline.share_plan(cfg, rt, teacher, costs, resume, clock)
+    return clock, run_dir, data, teacher, choice, resume, costs, plan
+
+
+def test_stages_in_order_give_a_job_record(tmp_path: Path, tiny_teacher: Path, rt):
+    cfg = _cfg(tmp_path, tiny_teacher)
+    clock, run_dir, data, teacher, choice, resume, costs, plan = _through_plan(cfg, rt)
+    assert run_dir.config.is_file() and json.loads(run_dir.config.read_text())["model"]["arch"] == "vgg11"
+    assert len(teacher.blocks) == 8 and not teacher.model.training and len(teacher.fingerprint) == 16
+    assert choice.cache.use and choice.schedule.uses_cache  # tiny data fits: the cached schedule
+    assert resume.finished == [] and resume.remaining(teacher.blocks) == teacher.blocks
+    assert costs is not None and costs.cost_model == "macs" and len(costs.costs) == 8
+    assert json.loads(run_dir.costs.read_text())["blocks"] == [b.name for b in teacher.blocks]
+    assert plan.assignment == [list(range(8))] and plan.costs == costs.costs
+    outcome = pipeline.distill_owned(cfg, rt, teacher, data, run_dir, plan, choice, resume, "mpi")
+    assert not outcome.interrupted and [r.index for r in outcome.results] == list(range(8))
+    assert all(run_dir.block(i).is_file() for i in range(8)) and outcome.cache is not None
+    outcomes = pipeline.gather_outcomes(rt, outcome, clock)
+    pipeline.stop_if_interrupted(rt, outcomes, run_dir)  # nobody was stopped: returns
+    record = pipeline.report_job(cfg, rt, data, run_dir, teacher, choice, costs, plan, outcomes, resume, clock)
+    assert record.status == "completed" and [b.index for b in record.blocks] == list(range(8))
+    assert record.accuracy.teacher_test == teacher.test_acc
+    assert JobRecord.load(run_dir.report) == record
+    assert run_dir.student.is_file() and run_dir.summary.read_text().startswith("hpc_bkd report")
+
+
+def test_a_second_run_resumes_every_block(tmp_path: Path, tiny_teacher: Path, rt):
+    cfg = _cfg(tmp_path, tiny_teacher, "finetune.epochs=0")
+    record = pipeline.run_job(cfg, rt)
+    assert record is not None
+    *_, teacher, choice, resume, costs, plan = _through_plan(cfg, rt)
+    assert resume.finished == list(range(8)) and plan.assignment == [[]]
+    assert costs is not None and costs.costs == record.plan.costs  # read back, not re-measured
+    results = pipeline.collect_results([], resume, RunDir(cfg.run.dir))
+    assert all(r.resumed_finished for r in results.values())
+    assert all(torch.equal(results[b.index].state_dict[k], v)
+               for b in teacher.blocks for k, v in RunDir(cfg.run.dir).load_block(b.index)["state_dict"].items())
+
+
+def test_distiller_stopped_then_resumed_trains_the_same_blocks(tmp_path: Path, tiny_teacher: Path, rt):
+    cfg = _cfg(tmp_path, tiny_teacher)
+    _, run_dir, data, teacher, choice, *_ = _through_plan(cfg, rt)
+    blocks = teacher.blocks[:3]
+
+    def distill(store: BlockStore) -> tuple[list[BlockResult], bool]:
+        return LocalDistiller(teacher.model, blocks, data, cfg, store, rt.device, choice.schedule, 0,
+                              teacher.val_acc).run()
+
+    straight, interrupted = distill(BlockStore(RunDir(tmp_path / "a"), "fp"))
+    assert not interrupted and len(straight) == 3
+    store = BlockStore(RunDir(tmp_path / "b"), "fp")
+    runtime.request_stop()
+    try:
+        results, interrupted = distill(store)
+    finally:
+        runtime.clear_stop()
+    assert interrupted and results == [] and all(store.resume(b.index) is not None for b in blocks)
+    resumed, interrupted = distill(store)
+    assert not interrupted and all(r.resumed for r in resumed)
+    for a, b in zip(straight, resumed):
+        assert a.state_dict.keys() == b.state_dict.keys()
+        assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert not any(store.run_dir.block(b.index, partial=True).exists() for b in blocks)
+
+
+def test_run_dir_refuses_blocks_of_another_job(tmp_path: Path):
+    run_dir = RunDir(tmp_path)
+    BlockStore(run_dir, "job-a").save_finished(0, {"state_dict": {}, "metrics": {}})
+    assert run_dir.finished_blocks("job-a", 2) == [0]
+    with pytest.raises(RunDirConflict, match="different job"):
+        run_dir.finished_blocks("job-b", 2)
+    BlockStore(run_dir, "job-a").save_partial(1, {"epoch": 1})
+    with pytest.raises(RunDirConflict):
+        BlockStore(run_dir, "job-b").resume(1)
+
+
+def test_finetune_keeps_its_best_epoch_and_resumes_from_its_partial(tmp_path: Path, tiny_teacher: Path, rt):
+    cfg = _cfg(tmp_path, tiny_teacher, "finetune.epochs=2", "finetune.keep=best-val")
+    _, run_dir, data, teacher, *_ = _through_plan(cfg, rt)
+    student = pipeline.build_model(cfg.model.arch, data.num_classes, cfg.model.width)
+    student.load_state_dict(teacher.model.state_dict())
+    history = [FinetuneEpoch(**h) for h in finetune(student, teacher.model, data, cfg, rt.device,
+                                                    run_dir.finetune_partial, "id")]
+    assert [h.epoch for h in history] == [1, 2] and sum(h.kept for h in history) == 1
+    best = max(history, key=lambda h: h.val_acc)
+    assert next(h for h in history if h.kept).val_acc == best.val_acc
+    assert not run_dir.finetune_partial.exists()  # removed once finished
+
+
+def test_job_record_round_trips_and_a_damaged_report_is_named(tmp_path: Path, tiny_teacher: Path, rt):
+    cfg = _cfg(tmp_path, tiny_teacher, "finetune.epochs=0")
+    record = pipeline.run_job(cfg, rt)
+    assert record is not None
+    again = JobRecord.from_json(json.loads(json.dumps(record.to_json())))
+    assert again == record and isinstance(again.plan, Plan) and isinstance(again.plan.costs[0], BlockCost)
+    assert record.to_json()["plan"]["predicted_speedup"] == record.plan.predicted_speedup
+    text = summary_text(again)
+    assert "accuracy (test)" in text and f"{len(record.blocks)}" in text
+    bad = tmp_path / "report.json"
+    bad.write_text('{"status": "completed"')
+    with pytest.raises(ValueError, match="report.json"):
+        JobRecord.load(bad)
+
+
+def test_sequential_schedule_predicts_every_prefix():
+    costs = [BlockCost(1.0, 0.5), BlockCost(2.0, 0.25), BlockCost(3.0, 0.125)]
+    plan = Plan(2, [[0, 2], [1]], [0, 0], 3.625, 0, 0, "exact", True, costs)
+    assert schedule_for("parallel").predicted_per_batch(plan) == 3.625
+    assert SequentialSchedule().predicted_per_batch(plan) == pytest.approx(max(1.5 + 3.125, 2.25))
+    with pytest.raises(ValueError, match="unknown schedule"):
+        schedule_for("fastest")
+
+
+@pytest.mark.parametrize("module", ["hpc_bkd.plan", "hpc_bkd.schedule", "hpc_bkd.records"])
+def test_planner_and_records_import_without_torch(module: str):
+    code = f"import sys; sys.modules['torch'] = None; import {module}"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
