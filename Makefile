@@ -28,12 +28,12 @@ test-fast: install  ## skip the slow tier
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: install  ## benchmark: 1 vs 2 ranks, paper schedule, end-to-end KD; table + JSON + PNG
-	$(PY) -m hpc_bkd.bench --out bench/results --repeat 3
+	$(PY) -m benchmarks.bench --out bench/results --repeat 3
 
 # The schedule comparison on the workload the paper and issue #4 describe: a full-width VGG16-BN
 # (64-512 channels) at 32x32, batch 64; 2 distillation epochs, no fine-tuning, no KD baseline.
 bench-paper-scale: install  ## 1-rank PBKD vs the paper's sequential schedule (and 2 ranks) on full-width VGG16
-	$(PY) -m hpc_bkd.bench --out bench/results-paper-scale --ranks 1,2 --no-kd --repeat 3 \
+	$(PY) -m benchmarks.bench --out bench/results-paper-scale --ranks 1,2 --no-kd --repeat 3 \
 	  --set model.width=1.0 --set teacher.epochs=3 --set teacher.lr=0.01 --set distill.epochs=2 --set finetune.epochs=0
 
 slurm-up:

@@ -1,4 +1,5 @@
 """The benchmark's outputs (structure, not timings) and the end-to-end KD baseline."""
+import copy
 import json
 import os
 import subprocess
@@ -10,10 +11,18 @@ import torch
 
 from conftest import REPO, cli_env
 from hpc_bkd.config import load_config
+from hpc_bkd.records import JobRecord
+
+if str(REPO) not in sys.path:  # benchmarks/ is a top-level folder, not part of the installed package
+    sys.path.insert(0, str(REPO))
+
+# report.json of a real 2-rank `tiny` run whose one team of 2 trained all 8 blocks (teacher cache on)
+TEAM_REPORT = Path(__file__).parent / "fixtures" / "report-tiny-2ranks-team.json"
 
 
 def test_kd_baseline_tiny(tmp_path: Path, tiny_teacher: Path):
-    from hpc_bkd.baseline import build_baseline_student, run_baseline
+    from benchmarks.baseline import KDRecord, build_baseline_student, run_baseline
+    from benchmarks.bench import kd_metrics
     from hpc_bkd.data import load_data
     from hpc_bkd.models import build_model
     from hpc_bkd.students import build_student
@@ -28,7 +37,13 @@ def test_kd_baseline_tiny(tmp_path: Path, tiny_teacher: Path):
     finally:
         torch.set_num_threads(threads)
     saved = json.loads((tmp_path / "kd" / "kd_baseline.json").read_text())
-    assert saved["final_test_acc"] == result["final_test_acc"]
+    assert saved["final_test_acc"] == result.final_test_acc
+    assert KDRecord.from_json(saved) == result  # the record round-trips through its JSON
+    m = kd_metrics(result)
+    json.dumps(m)  # plain JSON: no record leaks into bench.json
+    assert m["timeline"] == [{"epoch": h["epoch"], "time_s": h["cumulative_s"], "val_acc": h["val_acc"]}
+                             for h in saved["history"]]
+    assert m["time_to_within"] == saved["time_to_within"]["val"] and m["blocks_replaced"] == list(range(8))
     hist = saved["history"]
     assert [h["epoch"] for h in hist] == [1, 2]
     assert all(0 <= h["val_acc"] <= 100 and 0 <= h["test_acc"] <= 100 and h["epoch_s"] > 0 for h in hist)
@@ -60,7 +75,7 @@ def test_kd_baseline_tiny(tmp_path: Path, tiny_teacher: Path):
 @pytest.mark.slow
 def test_bench_quick(tmp_path: Path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "hpc_bkd.bench", "--quick", "--ranks", "1,2", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--quick", "--ranks", "1,2", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=REPO, env=cli_env())
     assert proc.returncode == 0, f"bench exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     for label in ("phase distill+gather s", "distill makespan s", "predicted makespan s", "parallel efficiency",
@@ -115,7 +130,7 @@ def test_bench_quick(tmp_path: Path):
 
 
 def test_median_round_keeps_the_middle_makespan():
-    from hpc_bkd.bench import median_round
+    from benchmarks.bench import median_round
 
     tries = [{"name": "pbkd-1", "metrics": {"distill_s": s}} for s in (30.0, 10.0, 20.0)]
     chosen = median_round(tries)
@@ -129,7 +144,7 @@ def test_median_round_keeps_the_middle_makespan():
 @pytest.mark.slow
 def test_bench_repeat_runs_interleaved_rounds(tmp_path: Path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "hpc_bkd.bench", "--quick", "--ranks", "1", "--no-kd", "--repeat", "2",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--quick", "--ranks", "1", "--no-kd", "--repeat", "2",
                            "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO, env=cli_env())
     assert proc.returncode == 0, f"bench exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     started = [line.split()[1] for line in proc.stdout.splitlines() if line.endswith("...")]
@@ -140,3 +155,61 @@ def test_bench_repeat_runs_interleaved_rounds(tmp_path: Path):
         assert len(run["rounds_distill_s"]) == 2 and run["metrics"]["distill_s"] == min(run["rounds_distill_s"])
         assert (out / f"gantt-{name}.png").is_file()
     assert "rounds (median kept)" in proc.stdout
+
+
+def test_pbkd_metrics_from_a_job_record():
+    """The bench reads a report through JobRecord: every metric from the record's attributes."""
+    from benchmarks.bench import derive, pbkd_metrics, table, targets_text
+
+    data = json.loads(TEAM_REPORT.read_text())
+    record = JobRecord.from_json(data)
+    n_train = 600
+    m = pbkd_metrics(record, n_train)
+    json.dumps(m)  # plain JSON: no record leaks into bench.json
+
+    bs, epochs = data["config"]["data"]["batch_size"], data["config"]["distill"]["epochs"]
+    steps = n_train // bs
+    assert m["world_size"] == 2 and m["schedule"] == "parallel" and m["teacher_cache"] is True
+    assert m["plan_teams"] == [[0, 1]] and m["costs"] == data["plan"]["costs"]
+    assert m["predicted_s_per_batch"] == data["plan"]["makespan"]
+    assert m["predicted_distill_s"] == pytest.approx(data["plan"]["makespan"] * steps * epochs)
+    distill_s = data["distill"]["makespan_s"]
+    assert m["prediction_error"] == pytest.approx((m["predicted_distill_s"] - distill_s) / distill_s)
+    assert m["plan_predicted_speedup"] == pytest.approx(data["plan"]["predicted_speedup"])
+    # one team of two trains every block: each rank puts half of every batch through each block
+    for row, rank in zip(m["ranks"], data["ranks"]):
+        images = sum(epochs * steps * bs / 2 for _ in rank["blocks"])
+        assert row["block_images_per_s"] == pytest.approx(images / rank["busy_s"])
+        assert row["energy"] == {**{k: None for k in ("gpu_j", "cpu_package_j", "gpu_unavailable",
+                                                       "cpu_unavailable")}, **rank["energy"]}
+    assert m["accuracy"] == data["accuracy"] and m["accepted"] == data["accepted_blocks"]
+    assert m["student_test_acc"] == data["accuracy"]["student_after_finetune"]
+    start = sum(data["phases_s"][k] for k in ("plan", "broadcast", "distill+gather", "assemble"))
+    assert m["timeline"][0]["time_s"] == pytest.approx(start + data["finetune"][0]["time_s"])
+    assert m["energy_text"] == "unavailable" and m["energy_reason"].startswith("CPU: ")
+
+    # the sequential schedule's prediction comes from hpc_bkd.schedule: each block pays its teacher prefix
+    seq = copy.deepcopy(data)
+    seq["config"]["distill"]["schedule"] = "sequential"
+    ms = pbkd_metrics(JobRecord.from_json(seq), n_train)
+    costs = data["plan"]["costs"]
+    assert ms["predicted_s_per_batch"] == pytest.approx(max(
+        sum(costs[b]["teacher"] + costs[b]["student"] for b in owned) for owned in data["plan"]["assignment"]))
+
+    runs = {"pbkd-1": {"metrics": copy.deepcopy(m)}, "pbkd-2": {"metrics": m}, "sequential-1": {"metrics": ms}}
+    derived = derive(runs, [1, 2])
+    assert [p["ranks"] for p in derived["scaling"]["hybrid"]] == [1, 2] and m["speedup"] == pytest.approx(1.0)
+    assert any(t["target"].startswith("1-rank PBKD vs sequential") for t in derived["targets"])
+    text = table(runs, {"cpu_model": "cpu", "cores": 2, "torch": "x"}, {"config": "tiny", "threads": 1})
+    assert "predicted makespan s" in text and "targets:" in targets_text(derived["targets"])
+
+
+def test_bench_children_find_the_baseline_from_any_directory(tmp_path: Path):
+    """The bench starts `python -m benchmarks.baseline` with its own environment: that must work
+    whatever the working directory (benchmarks/ is not installed with the package)."""
+    from benchmarks.bench import _env
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.baseline", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=_env(1))
+    assert proc.returncode == 0, proc.stderr
+    assert "--run-dir" in proc.stdout and "--blocks" in proc.stdout

@@ -1,12 +1,14 @@
 """The benchmark: PBKD on 1 and N ranks, the paper's sequential schedule, and end-to-end KD, in one go.
 
-    python -m hpc_bkd.bench [--config digits-vgg16] [--out bench/results] [--ranks 1,2] [--quick]
+    python -m benchmarks.bench [--config digits-vgg16] [--out bench/results] [--ranks 1,2] [--quick]
+
+(from the repository root; the runs it starts find ``benchmarks`` through ``PYTHONPATH`` wherever they run)
 
 1. trains the teacher once (``train-teacher``) and gives it to every run via ``teacher.checkpoint``;
 2. runs, each through the real command line in its own process (``mpirun -np N`` for N > 1):
    ``pbkd-1`` (one rank), ``pbkd-N`` (N ranks, hybrid plan) and ``pbkd-N-blocks`` (N ranks, pure block
    split, ``plan.hybrid=false``) for every N, ``sequential-1`` (``distill.schedule=sequential``: the
-   paper's one-block-at-a-time schedule) and ``kd-e2e`` (``python -m hpc_bkd.baseline``);
+   paper's one-block-at-a-time schedule) and ``kd-e2e`` (``python -m benchmarks.baseline``);
 3. prints one table (runs as columns) and writes ``bench.json``, ``speedup.png`` (speedup and
    efficiency vs ranks), ``time_to_accuracy.png`` and each run's Gantt chart as ``gantt-<run>.png``.
 
@@ -15,10 +17,11 @@ threads per rank (and ``OMP_NUM_THREADS`` to match), so a 1-rank run uses one N-
 the N-rank speedup measures the parallel method, not extra cores. The teacher is trained with all cores
 (it is shared and not part of any comparison).
 
-Definitions (all from each run's ``report.json``):
+Definitions (all from each run's ``report.json``, read as an ``hpc_bkd.records.JobRecord``):
 * speedup(N) = distill makespan(pbkd-1) / distill makespan(N ranks); efficiency = speedup / N;
-* predicted makespan = plan.makespan (s/batch of the slowest rank) x steps/epoch x distill.epochs;
-  for the sequential schedule, sum over blocks of (teacher prefix + student step) x steps x epochs;
+* predicted makespan = the schedule's predicted s/batch of the slowest rank
+  (``hpc_bkd.schedule.Schedule.predicted_per_batch``: plan.makespan; for the sequential schedule, the sum
+  over a rank's blocks of teacher prefix + student step) x steps/epoch x distill.epochs;
 * block-img/s per rank = images put through a student block's train step on that rank per busy second
   (a block trained by a team of m ranks counts 1/m of each batch on each);
 * time to teacher-1pt = the time from the end of data loading until the student's validation accuracy
@@ -40,10 +43,20 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
+from hpc_bkd import atomic_io
+from hpc_bkd.cli_args import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from hpc_bkd.records import Energy, JobRecord, to_plain
+from hpc_bkd.runtime import available_cores, keep_freed_memory, mem_total_bytes
+from hpc_bkd.schedule import schedule_for
+
+from .baseline import RESULT_FILE as KD_RESULT_FILE
+from .baseline import KDRecord
+
+REPO = Path(__file__).resolve().parents[1]  # on every child's PYTHONPATH: `-m benchmarks.baseline` from anywhere
 
 PHASES = ["data", "teacher", "plan", "broadcast", "distill+gather", "assemble", "finetune", "evaluate", "report"]
 TARGETS = {"efficiency": 0.90, "seq_speedup": 2.5, "seq_acc_points": 0.3, "prediction_error": 0.10,
@@ -51,10 +64,6 @@ TARGETS = {"efficiency": 0.90, "seq_speedup": 2.5, "seq_acc_points": 0.3, "predi
 
 
 # ------------------------------------------------------------------------------------------ hardware
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _cpu_model() -> str:
@@ -68,13 +77,8 @@ def _cpu_model() -> str:
 
 
 def _mem_gb() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
+    total = mem_total_bytes()
+    return None if total is None else round(total / 2**30, 1)
 
 
 def _loadavg() -> list[float] | None:
@@ -124,7 +128,7 @@ print(json.dumps(out))
 
 def hardware(env: dict[str, str]) -> dict[str, Any]:
     """CPU model, cores, memory, torch, MPI library and GPUs (probed in a child: CUDA stays out of here)."""
-    info: dict[str, Any] = {"host": platform.node(), "cpu_model": _cpu_model(), "cores": _cores(),
+    info: dict[str, Any] = {"host": platform.node(), "cpu_model": _cpu_model(), "cores": available_cores(),
                             "logical_cpus": os.cpu_count(), "mem_gb": _mem_gb(), "python": platform.python_version(),
                             "os": f"{platform.system()} {platform.release()}"}
     try:
@@ -139,6 +143,7 @@ def _env(threads: int) -> dict[str, str]:
     # a bench started inside an MPI/SLURM job must not hand its own PMI wiring to the children
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "SLURM_", "OMPI_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
     env["OMP_NUM_THREADS"] = str(threads)
     env["MKL_NUM_THREADS"] = str(threads)
@@ -162,8 +167,6 @@ def calibration_work(iterations: int = 40) -> float:
     import torch.nn.functional as F
     from torch import nn
 
-    from .runtime import keep_freed_memory
-
     keep_freed_memory()  # as the ranks do
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -184,7 +187,7 @@ def machine_ceiling(procs: int, env: dict[str, str]) -> dict[str, Any]:
     """Run the same fixed work in 1 process, then in ``procs`` at once: the parallel efficiency
     this machine allows independent single-thread processes (shared memory bandwidth, caches,
     vCPUs that are really hyperthreads), an upper bound for any method's efficiency here."""
-    code = "from hpc_bkd.bench import calibration_work; print(calibration_work())"
+    code = "from benchmarks.bench import calibration_work; print(calibration_work())"
 
     def run(n: int) -> list[float]:
         ps = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
@@ -197,19 +200,29 @@ def machine_ceiling(procs: int, env: dict[str, str]) -> dict[str, Any]:
             "efficiency_ceiling": alone / max(together)}
 
 
-def plan_runs(ranks: list[int], kd: bool = True) -> list[dict[str, Any]]:
-    """The runs, in order: name, ranks, kind (pbkd | kd) and the overrides that make them differ."""
-    runs = [{"name": "pbkd-1", "ranks": 1, "kind": "pbkd", "sets": [], "what": "PBKD, 1 rank"}]
+@dataclass(frozen=True)
+class RunSpec:
+    """One configuration the bench runs: its name, ranks, kind and the overrides that make it differ."""
+
+    name: str
+    ranks: int
+    kind: str          # pbkd | kd
+    sets: list[str]    # --set overrides on top of the bench's own
+    what: str          # for people
+
+
+def plan_runs(ranks: list[int], kd: bool = True) -> list[RunSpec]:
+    """The runs, in order: pbkd-1, pbkd-N and pbkd-N-blocks for every N > 1, sequential-1, kd-e2e."""
+    runs = [RunSpec("pbkd-1", 1, "pbkd", [], "PBKD, 1 rank")]
     for n in ranks:
         if n > 1:
-            runs.append({"name": f"pbkd-{n}", "ranks": n, "kind": "pbkd", "sets": ["plan.hybrid=true"],
-                         "what": f"PBKD, {n} ranks, hybrid plan"})
-            runs.append({"name": f"pbkd-{n}-blocks", "ranks": n, "kind": "pbkd", "sets": ["plan.hybrid=false"],
-                         "what": f"PBKD, {n} ranks, pure block split"})
-    runs.append({"name": "sequential-1", "ranks": 1, "kind": "pbkd", "sets": ["distill.schedule=sequential"],
-                 "what": "paper schedule (one block at a time), 1 rank"})
+            runs.append(RunSpec(f"pbkd-{n}", n, "pbkd", ["plan.hybrid=true"], f"PBKD, {n} ranks, hybrid plan"))
+            runs.append(RunSpec(f"pbkd-{n}-blocks", n, "pbkd", ["plan.hybrid=false"],
+                                f"PBKD, {n} ranks, pure block split"))
+    runs.append(RunSpec("sequential-1", 1, "pbkd", ["distill.schedule=sequential"],
+                        "paper schedule (one block at a time), 1 rank"))
     if kd:
-        runs.append({"name": "kd-e2e", "ranks": 1, "kind": "kd", "sets": [], "what": "end-to-end KD from scratch"})
+        runs.append(RunSpec("kd-e2e", 1, "kd", [], "end-to-end KD from scratch"))
     return runs
 
 
@@ -238,91 +251,103 @@ def _tail(path: Path, lines: int = 15) -> str:
 # ------------------------------------------------------------------------------------------ metrics
 
 
-def _energy_text(energy: dict[str, Any] | None) -> tuple[str, str | None]:
+def _energy_text(energy: Energy | None) -> tuple[str, str | None]:
     """('123 J', None) or ('unavailable', reason)."""
-    if not energy:
+    # TODO(issue 12): report.summary_text words the same counters; one helper could serve both
+    if energy is None:
         return "unavailable", "no energy record"
     parts, reasons = [], []
-    if energy.get("gpu_j") is not None:
-        parts.append(f"GPU {energy['gpu_j']:.0f} J")
-    elif energy.get("gpu_unavailable") and "no GPU" not in str(energy.get("gpu_unavailable")):
-        reasons.append(f"GPU: {energy['gpu_unavailable']}")
-    if energy.get("cpu_package_j") is not None:
-        parts.append(f"CPU {energy['cpu_package_j']:.0f} J")
+    if energy.gpu_j is not None:
+        parts.append(f"GPU {energy.gpu_j:.0f} J")
+    elif energy.gpu_unavailable and "no GPU" not in energy.gpu_unavailable:
+        reasons.append(f"GPU: {energy.gpu_unavailable}")
+    if energy.cpu_package_j is not None:
+        parts.append(f"CPU {energy.cpu_package_j:.0f} J")
     else:
-        reasons.append(f"CPU: {energy.get('cpu_unavailable')}")
+        reasons.append(f"CPU: {energy.cpu_unavailable}")
     if parts:
         return " + ".join(parts), ("; ".join(reasons) or None)
     return "unavailable", "; ".join(reasons) or None
 
 
-def _team_sizes(ranks: list[dict[str, Any]]) -> dict[int, int]:
-    sizes: dict[int, int] = {}
-    for row in ranks:
-        for b in row.get("blocks", []):
-            sizes[b] = sizes.get(b, 0) + 1
-    return sizes
+def predicted_per_batch(record: JobRecord) -> float:
+    """The plan's predicted seconds per batch of the slowest rank under the schedule the job ran."""
+    cached = bool(record.teacher_cache and record.teacher_cache.use)
+    return schedule_for(record.config["distill"]["schedule"], cached=cached).predicted_per_batch(record.plan)
 
 
-def _predicted_per_batch(report: dict[str, Any]) -> float | None:
-    plan = report.get("plan", {})
-    if report["config"]["distill"].get("schedule") != "sequential":
-        return plan.get("makespan")
-    costs = plan.get("costs") or []
-    if not costs:
-        return None
-    # one block at a time, each with its own teacher prefix: a rank pays the sum of both terms
-    return max((sum(costs[b]["teacher"] + costs[b]["student"] for b in owned)
-                for owned in plan.get("assignment", [])), default=None)
+def _block_images(record: JobRecord, steps: int) -> dict[int, float]:
+    """Images each block's student put through its train step (its epochs x steps x batch)."""
+    bs, epochs = record.config["data"]["batch_size"], record.config["distill"]["epochs"]
+    return {b.index: (b.epochs or epochs) * steps * bs for b in record.blocks}
 
 
-def pbkd_metrics(report: dict[str, Any], n_train: int) -> dict[str, Any]:
-    cfg = report["config"]
-    bs, epochs = cfg["data"]["batch_size"], cfg["distill"]["epochs"]
-    steps = max(1, n_train // bs)
-    distill_s = report["distill"]["makespan_s"]
-    per_batch = _predicted_per_batch(report)
-    predicted = per_batch * steps * epochs if per_batch is not None else None
-    blocks = {b["index"]: b for b in report.get("blocks", [])}
-    team = _team_sizes(report["ranks"])
-    per_rank = []
-    for row in report["ranks"]:
-        images = sum((blocks.get(b, {}).get("epochs") or epochs) * steps * bs / team[b] for b in row["blocks"])
-        per_rank.append({"rank": row["rank"], "blocks": row["blocks"], "busy_s": row["busy_s"],
-                         "idle_s": row["idle_s"], "threads": row.get("threads"),
-                         "block_images_per_s": images / row["busy_s"] if row["busy_s"] > 0 else None,
-                         "peak_mem_mb": row["peak_mem_mb"], "energy": row.get("energy")})
-    acc = report["accuracy"]
-    phases = report.get("phases_s", {})
-    # the student's validation accuracy over time (after data loading), one point per fine-tune epoch
-    clock = sum(phases.get(k, 0.0) for k in ("plan", "broadcast", "distill+gather", "assemble"))
+def _rank_rows(record: JobRecord, steps: int) -> list[dict[str, Any]]:
+    """Per rank: its blocks, busy and idle time, block-images per busy second, memory and energy (a
+    block trained by a team of m ranks counts 1/m of each batch on each member)."""
+    images = _block_images(record, steps)
+    team: dict[int, int] = {}
+    for row in record.ranks:
+        for b in row.blocks:
+            team[b] = team.get(b, 0) + 1
+    rows = []
+    for row in record.ranks:
+        mine = sum(images[b] / team[b] for b in row.blocks)
+        rows.append({"rank": row.rank, "blocks": row.blocks, "busy_s": row.busy_s, "idle_s": row.idle_s,
+                     "threads": row.threads, "block_images_per_s": mine / row.busy_s if row.busy_s > 0 else None,
+                     "peak_mem_mb": row.peak_mem_mb, "energy": to_plain(row.energy)})
+    return rows
+
+
+def _timeline(record: JobRecord) -> list[dict[str, Any]]:
+    """The student's validation accuracy over time (after data loading), one point per fine-tune
+    epoch: plan + broadcast + distill + assemble, then the fine-tune epochs up to that one."""
+    clock = sum(record.phases_s.get(k, 0.0) for k in ("plan", "broadcast", "distill+gather", "assemble"))
     timeline = []
-    for h in report.get("finetune", []):
-        clock += h["time_s"]
-        timeline.append({"epoch": h["epoch"], "time_s": clock, "val_acc": h["val_acc"]})
-    hit = first_reaching(timeline, acc["teacher_val"] - TARGETS["within_points"])
-    energy_text, energy_reason = _energy_text(report.get("energy"))
-    plan = report.get("plan", {})
+    for h in record.finetune:
+        clock += h.time_s
+        timeline.append({"epoch": h.epoch, "time_s": clock, "val_acc": h.val_acc})
+    return timeline
+
+
+def _plan_layout(record: JobRecord) -> dict[str, Any]:
+    plan = record.plan
+    return {"plan_method": plan.method, "plan_teams": plan.teams, "assignment": plan.assignment,
+            "costs": to_plain(plan.costs)}
+
+
+def _prediction(record: JobRecord, steps: int) -> dict[str, Any]:
+    """The plan's prediction of the distillation makespan, against the measured one."""
+    distill_s = record.distill.makespan_s
+    per_batch = predicted_per_batch(record)
+    predicted = per_batch * steps * record.config["distill"]["epochs"]
+    return {"predicted_s_per_batch": per_batch, "predicted_distill_s": predicted,
+            "prediction_error": (predicted - distill_s) / distill_s if distill_s > 0 else None,
+            "plan_predicted_speedup": record.plan.predicted_speedup, "plan_makespan": record.plan.makespan}
+
+
+def pbkd_metrics(record: JobRecord, n_train: int) -> dict[str, Any]:
+    """What the bench tabulates of one PBKD run (its own output: plain JSON, keys as in bench.json)."""
+    cfg = record.config
+    steps = max(1, n_train // cfg["data"]["batch_size"])
+    distill_s = record.distill.makespan_s
+    timeline = _timeline(record)
+    energy_text, energy_reason = _energy_text(record.energy)
     return {
-        "world_size": report["world_size"], "schedule": cfg["distill"].get("schedule", "parallel"),
-        "hybrid": cfg["plan"].get("hybrid"), "plan_method": plan.get("method"),
-        "plan_teams": plan.get("teams"), "assignment": plan.get("assignment"), "costs": plan.get("costs"),
-        "teacher_cache": (report.get("teacher_cache") or {}).get("use", False),
-        "phases_s": phases, "wall_s": report.get("wall_s"),
-        "distill_s": distill_s, "broadcast_s": report["distill"].get("broadcast_s"),
-        "gather_s": report["distill"].get("gather_s"),
-        "predicted_s_per_batch": per_batch, "predicted_distill_s": predicted,
-        "prediction_error": (predicted - distill_s) / distill_s if predicted is not None and distill_s > 0 else None,
-        "plan_predicted_speedup": plan.get("predicted_speedup"), "plan_makespan": plan.get("makespan"),
-        "steps_per_epoch": steps, "distill_epochs": epochs,
-        "block_images_per_s": sum(
-            (blocks.get(b, {}).get("epochs") or epochs) * steps * bs for b in blocks) / distill_s if distill_s else None,
-        "ranks": per_rank,
-        "accuracy": acc, "accepted_blocks": len(report.get("accepted_blocks", [])), "blocks": len(blocks),
-        "accepted": report.get("accepted_blocks", []),
-        "student_test_acc": acc.get("student_after_finetune"),
-        "time_to_within": hit, "timeline": timeline, "energy": report.get("energy"), "energy_text": energy_text,
-        "energy_reason": energy_reason, "finetune": report.get("finetune", []),
+        "world_size": record.world_size, "schedule": cfg["distill"]["schedule"], "hybrid": cfg["plan"]["hybrid"],
+        **_plan_layout(record), "teacher_cache": bool(record.teacher_cache and record.teacher_cache.use),
+        "phases_s": record.phases_s, "wall_s": record.wall_s,
+        "distill_s": distill_s, "broadcast_s": record.distill.broadcast_s, "gather_s": record.distill.gather_s,
+        **_prediction(record, steps),
+        "steps_per_epoch": steps, "distill_epochs": cfg["distill"]["epochs"],
+        "block_images_per_s": sum(_block_images(record, steps).values()) / distill_s if distill_s else None,
+        "ranks": _rank_rows(record, steps),
+        "accuracy": to_plain(record.accuracy), "accepted_blocks": len(record.accepted_blocks),
+        "blocks": len(record.blocks), "accepted": record.accepted_blocks,
+        "student_test_acc": record.accuracy.student_after_finetune,
+        "time_to_within": first_reaching(timeline, record.accuracy.teacher_val - TARGETS["within_points"]),
+        "timeline": timeline, "energy": to_plain(record.energy), "energy_text": energy_text,
+        "energy_reason": energy_reason, "finetune": to_plain(record.finetune),
     }
 
 
@@ -334,46 +359,60 @@ def first_reaching(timeline: list[dict[str, Any]], target: float) -> dict[str, A
     return None
 
 
-def kd_metrics(result: dict[str, Any]) -> dict[str, Any]:
-    energy_text, energy_reason = _energy_text(result.get("energy"))
-    rep = result.get("blocks_replaced") or []
-    rep = list(range(rep)) if isinstance(rep, int) else rep
+def kd_metrics(record: KDRecord) -> dict[str, Any]:
+    """What the bench tabulates of the end-to-end KD run, in the keys ``pbkd_metrics`` shares."""
+    energy_text, energy_reason = _energy_text(record.energy)
     return {
-        "world_size": 1, "schedule": "end-to-end KD", "epochs": result["epochs"], "lr": result["lr"],
-        "train_s": result["train_s"], "wall_s": result["wall_s"], "history": result["history"],
-        "timeline": [{"epoch": h["epoch"], "time_s": h["cumulative_s"], "val_acc": h["val_acc"]}
-                     for h in result["history"]],
-        "blocks_replaced": rep, "blocks_total": result.get("blocks", len(rep)),
-        "block_images_per_s": None, "images_per_s": result.get("images_per_s"),
-        "ranks": [{"rank": 0, "threads": result["threads"], "peak_mem_mb": result["peak_mem_mb"],
-                   "images_per_s": result.get("images_per_s"), "energy": result.get("energy")}],
-        "accuracy": {"teacher_test": result["teacher"]["test_acc"], "teacher_val": result["teacher"]["val_acc"],
-                     "student_after_finetune": result["final_test_acc"]},
-        "student_test_acc": result["final_test_acc"],
-        "time_to_within": result["time_to_within"]["val"], "time_to_within_test": result["time_to_within"]["test"],
-        "energy": result.get("energy"), "energy_text": energy_text, "energy_reason": energy_reason,
+        "world_size": 1, "schedule": "end-to-end KD", "epochs": record.epochs, "lr": record.lr,
+        "train_s": record.train_s, "wall_s": record.wall_s, "history": to_plain(record.history),
+        "timeline": [{"epoch": h.epoch, "time_s": h.cumulative_s, "val_acc": h.val_acc} for h in record.history],
+        "blocks_replaced": record.blocks_replaced, "blocks_total": record.blocks,
+        "block_images_per_s": None, "images_per_s": record.images_per_s,
+        "ranks": [{"rank": 0, "threads": record.threads, "peak_mem_mb": record.peak_mem_mb,
+                   "images_per_s": record.images_per_s, "energy": to_plain(record.energy)}],
+        "accuracy": {"teacher_test": record.teacher.test_acc, "teacher_val": record.teacher.val_acc,
+                     "student_after_finetune": record.final_test_acc},
+        "student_test_acc": record.final_test_acc,
+        "time_to_within": to_plain(record.time_to_within.val),
+        "time_to_within_test": to_plain(record.time_to_within.test),
+        "energy": to_plain(record.energy), "energy_text": energy_text, "energy_reason": energy_reason,
     }
+
+
+Metrics = dict[str, dict[str, Any]]  # run name -> pbkd_metrics / kd_metrics of the runs that succeeded
 
 
 def derive(runs: dict[str, dict[str, Any]], ranks: list[int]) -> dict[str, Any]:
     """Speedup, efficiency and the targets, from the runs that succeeded."""
     ok = {k: v["metrics"] for k, v in runs.items() if v.get("metrics")}
+    scaling = _scaling(ok, ranks)
+    targets = (_efficiency_targets(ok, ranks) + _sequential_targets(ok) + _prediction_targets(ok)
+               + _kd_targets(ok, max(ranks)))
+    return {"scaling": scaling, "targets": targets}
+
+
+def _scaling(ok: Metrics, ranks: list[int]) -> dict[str, list[dict[str, Any]]]:
+    """Measured and planned speedup per rank count, for the hybrid plan and the pure block split;
+    each multi-rank run's metrics gain its speedup and efficiency."""
     base = ok.get("pbkd-1")
     scaling: dict[str, list[dict[str, Any]]] = {"hybrid": [], "blocks": []}
-    if base:
-        for variant, suffix in (("hybrid", ""), ("blocks", "-blocks")):
-            scaling[variant].append({"ranks": 1, "speedup": 1.0, "efficiency": 1.0, "predicted_speedup": 1.0})
-            for n in ranks:
-                m = ok.get(f"pbkd-{n}{suffix}")
-                if n > 1 and m:
-                    s = base["distill_s"] / m["distill_s"]
-                    pred = base["plan_makespan"] / m["plan_makespan"] if m.get("plan_makespan") else None
-                    scaling[variant].append({"ranks": n, "speedup": s, "efficiency": s / n, "predicted_speedup": pred})
-                    m["speedup"], m["efficiency"], m["predicted_speedup_vs_1"] = s, s / n, pred
-        base["speedup"], base["efficiency"] = 1.0, 1.0
+    if not base:
+        return scaling
+    for variant, suffix in (("hybrid", ""), ("blocks", "-blocks")):
+        scaling[variant].append({"ranks": 1, "speedup": 1.0, "efficiency": 1.0, "predicted_speedup": 1.0})
+        for n in ranks:
+            m = ok.get(f"pbkd-{n}{suffix}")
+            if n > 1 and m:
+                s = base["distill_s"] / m["distill_s"]
+                pred = base["plan_makespan"] / m["plan_makespan"] if m.get("plan_makespan") else None
+                scaling[variant].append({"ranks": n, "speedup": s, "efficiency": s / n, "predicted_speedup": pred})
+                m["speedup"], m["efficiency"], m["predicted_speedup_vs_1"] = s, s / n, pred
+    base["speedup"], base["efficiency"] = 1.0, 1.0
+    return scaling
 
+
+def _efficiency_targets(ok: Metrics, ranks: list[int]) -> list[dict[str, Any]]:
     targets = []
-    n_top = max(ranks)
     for n in [n for n in ranks if n > 1]:
         for suffix, label in (("", "hybrid"), ("-blocks", "pure block split")):
             m = ok.get(f"pbkd-{n}{suffix}")
@@ -381,50 +420,66 @@ def derive(runs: dict[str, dict[str, Any]], ranks: list[int]) -> dict[str, Any]:
                 targets.append({"target": f"parallel efficiency, {n} ranks ({label}) >= {TARGETS['efficiency']:.2f}",
                                 "value": round(m["efficiency"], 3), "met": m["efficiency"] >= TARGETS["efficiency"],
                                 "primary": n == 2 and suffix == ""})
-    seq = ok.get("sequential-1")
-    if base and seq:
-        ratio = seq["distill_s"] / base["distill_s"]
-        targets.append({"target": f"1-rank PBKD vs sequential schedule (distill time) >= {TARGETS['seq_speedup']}x",
-                        "value": round(ratio, 3), "met": ratio >= TARGETS["seq_speedup"], "primary": True})
-        for key, label in (("student_after_finetune", "after fine-tuning"),
-                           ("student_before_finetune", "before fine-tuning")):
-            a, b = base["accuracy"].get(key), seq["accuracy"].get(key)
-            if a is not None and b is not None:
-                targets.append({"target": f"student test acc {label}, PBKD-1 vs sequential, within "
-                                          f"{TARGETS['seq_acc_points']} points",
-                                "value": round(a - b, 3), "met": abs(a - b) <= TARGETS["seq_acc_points"],
-                                "primary": key == "student_after_finetune"})
-    for name, m in ok.items():
-        if m.get("prediction_error") is not None:
-            targets.append({"target": f"{name}: predicted vs measured distill makespan within "
-                                      f"{TARGETS['prediction_error']:.0%}",
-                            "value": round(m["prediction_error"], 3),
-                            "met": abs(m["prediction_error"]) <= TARGETS["prediction_error"],
-                            "primary": m["schedule"] != "sequential"})
+    return targets
+
+
+def _sequential_targets(ok: Metrics) -> list[dict[str, Any]]:
+    base, seq = ok.get("pbkd-1"), ok.get("sequential-1")
+    if not (base and seq):
+        return []
+    ratio = seq["distill_s"] / base["distill_s"]
+    targets = [{"target": f"1-rank PBKD vs sequential schedule (distill time) >= {TARGETS['seq_speedup']}x",
+                "value": round(ratio, 3), "met": ratio >= TARGETS["seq_speedup"], "primary": True}]
+    for key, label in (("student_after_finetune", "after fine-tuning"),
+                       ("student_before_finetune", "before fine-tuning")):
+        a, b = base["accuracy"].get(key), seq["accuracy"].get(key)
+        if a is not None and b is not None:
+            targets.append({"target": f"student test acc {label}, PBKD-1 vs sequential, within "
+                                      f"{TARGETS['seq_acc_points']} points",
+                            "value": round(a - b, 3), "met": abs(a - b) <= TARGETS["seq_acc_points"],
+                            "primary": key == "student_after_finetune"})
+    return targets
+
+
+def _prediction_targets(ok: Metrics) -> list[dict[str, Any]]:
+    return [{"target": f"{name}: predicted vs measured distill makespan within {TARGETS['prediction_error']:.0%}",
+             "value": round(m["prediction_error"], 3), "met": abs(m["prediction_error"]) <= TARGETS["prediction_error"],
+             "primary": m["schedule"] != "sequential"}
+            for name, m in ok.items() if m.get("prediction_error") is not None]
+
+
+def _kd_targets(ok: Metrics, n_top: int) -> list[dict[str, Any]]:
+    """PBKD (1 rank and the most ranks) against end-to-end KD: time to a student within a point of
+    the teacher, and (for information) time to the best accuracy KD reached in its whole budget."""
     kd = ok.get("kd-e2e")
-    for name in ["pbkd-1"] + [f"pbkd-{n_top}"] * (n_top > 1):
+    if not kd:
+        return []
+    names = ["pbkd-1"] + [f"pbkd-{n_top}"] * (n_top > 1)
+    targets = []
+    for name in names:
         m = ok.get(name)
-        if m and kd:
+        if m:
             a, b = m.get("time_to_within"), kd.get("time_to_within")
             met = a is not None and (b is None or a["time_s"] < b["time_s"])
             targets.append({"target": f"time to a student within {TARGETS['within_points']:g} point of the teacher "
                                       f"(val): {name} faster than end-to-end KD",
                             "value": {"pbkd_s": a and round(a["time_s"], 2), "kd_s": b and round(b["time_s"], 2)},
                             "met": met, "primary": name == "pbkd-1"})
-    if kd and kd["timeline"]:
-        best = max(p["val_acc"] for p in kd["timeline"])
-        kd_hit = first_reaching(kd["timeline"], best)
-        for name in ["pbkd-1"] + [f"pbkd-{n_top}"] * (n_top > 1):
-            m = ok.get(name)
-            if m:
-                a = first_reaching(m["timeline"], best)
-                m["time_to_kd_best"] = a
-                targets.append({"target": f"(info) time to end-to-end KD's best val acc ({best:.2f}%): {name} "
-                                          f"faster than KD",
-                                "value": {"pbkd_s": a and round(a["time_s"], 2), "kd_s": round(kd_hit["time_s"], 2)},
-                                "met": a is not None and a["time_s"] < kd_hit["time_s"], "primary": False})
-        kd["time_to_kd_best"] = kd_hit
-    return {"scaling": scaling, "targets": targets}
+    if not kd["timeline"]:
+        return targets
+    best = max(p["val_acc"] for p in kd["timeline"])
+    kd_hit = first_reaching(kd["timeline"], best)
+    for name in names:
+        m = ok.get(name)
+        if m:
+            a = first_reaching(m["timeline"], best)
+            m["time_to_kd_best"] = a
+            targets.append({"target": f"(info) time to end-to-end KD's best val acc ({best:.2f}%): {name} "
+                                      f"faster than KD",
+                            "value": {"pbkd_s": a and round(a["time_s"], 2), "kd_s": round(kd_hit["time_s"], 2)},
+                            "met": a is not None and a["time_s"] < kd_hit["time_s"], "primary": False})
+    kd["time_to_kd_best"] = kd_hit
+    return targets
 
 
 def cost_model_notes(runs: dict[str, dict[str, Any]], hw: dict[str, Any]) -> list[str]:
@@ -564,12 +619,18 @@ def targets_text(targets: list[dict[str, Any]]) -> str:
 
 
 def plots(out: Path, derived: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Draw ``speedup.png`` and ``time_to_accuracy.png`` into ``out``; returns their names."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    sc = derived["scaling"]
+    _plot_scaling(plt, out / "speedup.png", derived["scaling"])
+    _plot_time_to_accuracy(plt, out / "time_to_accuracy.png", runs)
+    return ["speedup.png", "time_to_accuracy.png"]
+
+
+def _plot_scaling(plt: Any, path: Path, sc: dict[str, list[dict[str, Any]]]) -> None:
+    """Speedup and parallel efficiency vs ranks, measured and planned, for both plan variants."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     top = max([p["ranks"] for v in sc.values() for p in v] + [2])
     xs = list(range(1, top + 1))
@@ -596,11 +657,12 @@ def plots(out: Path, derived: dict[str, Any], runs: dict[str, dict[str, Any]]) -
     ax2.set_ylim(0, 1.15)
     ax2.legend(fontsize=8)
     fig.suptitle("PBKD strong scaling (equal threads per rank)")
-    checkpoint.savefig(fig, out / "speedup.png")
+    atomic_io.savefig(fig, path)
     plt.close(fig)
-    written.append("speedup.png")
 
-    # validation accuracy vs time: PBKD (after distillation, per fine-tune epoch) vs end-to-end KD
+
+def _plot_time_to_accuracy(plt: Any, path: Path, runs: dict[str, dict[str, Any]]) -> None:
+    """Validation accuracy vs time: PBKD (after distillation, per fine-tune epoch) vs end-to-end KD."""
     fig, ax = plt.subplots(figsize=(7, 4))
     teacher_val = None
     for name, r in runs.items():
@@ -620,10 +682,8 @@ def plots(out: Path, derived: dict[str, Any], runs: dict[str, dict[str, Any]]) -
     ax.set_ylabel("student validation accuracy (%)")
     ax.legend(fontsize=8)
     ax.set_title("time to a student close to the teacher")
-    checkpoint.savefig(fig, out / "time_to_accuracy.png")
+    atomic_io.savefig(fig, path)
     plt.close(fig)
-    written.append("time_to_accuracy.png")
-    return written
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -646,7 +706,7 @@ def _parse_ranks(text: str | None, cores: int) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hpc_bkd.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=(__doc__ or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", default=None, help="config name or YAML (default: digits-vgg16; tiny with --quick)")
     p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
@@ -674,159 +734,226 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .config import ConfigError, load_config
+@dataclass(frozen=True)
+class Setup:
+    """What every run of one bench shares: the job, the machine's split into ranks and threads, the
+    launcher, the environment and the command-line choices."""
 
-    config = args.config or ("tiny" if args.quick else "digits-vgg16")
-    kd_epochs = args.kd_epochs if args.kd_epochs is not None else (2 if args.quick else None)
-    cores = _cores()
+    config: str
+    out: Path
+    ranks: list[int]
+    cores: int
+    threads: int                 # per rank, for every run
+    sets: list[str]              # --set overrides for every run (with --device)
+    env: dict[str, str]
+    mpirun: str
+    kd_epochs: int | None
+    kd_lr: float
+    timeout: float
+    reuse: bool
+    rounds: int
+
+    @property
+    def teacher_pt(self) -> Path:
+        return self.out / "teacher" / "teacher.pt"
+
+    @property
+    def common(self) -> list[str]:
+        return ["-c", self.config] + sum((["--set", s] for s in self.sets), [])
+
+    @property
+    def shared(self) -> list[str]:
+        """The options every timed run gets: equal threads, the one shared teacher."""
+        return self.common + ["--set", f"run.threads={self.threads}", "--set", f"teacher.checkpoint={self.teacher_pt}"]
+
+    def settings(self, quick: bool, n_train: int) -> dict[str, Any]:
+        return {"config": self.config, "ranks": self.ranks, "threads": self.threads, "cores": self.cores,
+                "quick": quick, "kd_epochs": self.kd_epochs, "kd_lr": self.kd_lr, "overrides": self.sets,
+                "n_train": n_train, "mpirun": self.mpirun, "teacher_checkpoint": str(self.teacher_pt)}
+
+
+def _setup(args: argparse.Namespace) -> Setup:
+    cores = available_cores()
     ranks = _parse_ranks(args.ranks, cores)
     threads = max(1, cores // max(ranks))
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    sets = list(args.overrides) + ([f"run.device={args.device}"] if args.device else [])
-    try:
-        cfg = load_config(config, sets)
-    except ConfigError as exc:
-        print(f"hpc-bkd bench: config error: {exc}", file=sys.stderr)
-        return 2
-    env = _env(threads)
-    hw = hardware(env)
-    mpirun = _mpirun(args.mpirun)
+    return Setup(config=args.config or ("tiny" if args.quick else "digits-vgg16"), out=Path(args.out).resolve(),
+                 ranks=ranks, cores=cores, threads=threads,
+                 sets=list(args.overrides) + ([f"run.device={args.device}"] if args.device else []),
+                 env=_env(threads), mpirun=_mpirun(args.mpirun),
+                 kd_epochs=args.kd_epochs if args.kd_epochs is not None else (2 if args.quick else None),
+                 kd_lr=args.kd_lr, timeout=args.timeout, reuse=args.reuse, rounds=max(1, args.repeat))
+
+
+def _announce(setup: Setup, hw: dict[str, Any], device: str) -> str | None:
+    """Print the bench's plan and its warnings; returns the note on ranks sharing GPUs, if any."""
+    ranks, cores = setup.ranks, setup.cores
     if max(ranks) > cores:
         print(f"[bench] warning: {max(ranks)} ranks on {cores} cores: ranks will time-share cores", flush=True)
     gpu_note = None
-    if hw.get("gpus") and cfg.run.device != "cpu" and max(ranks) > len(hw["gpus"]):
+    if hw.get("gpus") and device != "cpu" and max(ranks) > len(hw["gpus"]):
         gpu_note = f"{max(ranks)} ranks share {len(hw['gpus'])} GPU(s): multi-rank runs time-share a GPU"
         print(f"[bench] warning: {gpu_note}", flush=True)
-    print(f"[bench] {config}: ranks {ranks}, {threads} thread(s) per rank on {cores} cores ({hw.get('cpu_model')}), "
-          f"torch {hw.get('torch')}, GPU {', '.join(hw.get('gpus') or []) or 'none'}; out {out}", flush=True)
+    print(f"[bench] {setup.config}: ranks {ranks}, {setup.threads} thread(s) per rank on {cores} cores "
+          f"({hw.get('cpu_model')}), torch {hw.get('torch')}, GPU {', '.join(hw.get('gpus') or []) or 'none'}; "
+          f"out {setup.out}", flush=True)
+    return gpu_note
 
-    from .data import load_data
-    n_train = len(load_data(cfg.data, cfg.run.seed).train)
 
-    started = time.time()
-    load_start = _loadavg()
-    base = [sys.executable, "-m", "hpc_bkd"]
-    common = ["-c", config] + sum((["--set", s] for s in sets), [])
-    # 1. the teacher, once, with every core (shared by all runs, never timed against anything)
-    teacher_dir = out / "teacher"
-    teacher_pt = teacher_dir / "teacher.pt"
-    rc, secs = _execute(base + ["train-teacher", *common, "--run-dir", str(teacher_dir), "--set",
-                                f"run.threads={cores}"], out / "logs" / "teacher.log", _env(cores), args.timeout)
+def _train_teacher(setup: Setup) -> bool:
+    """The teacher, once, with every core (shared by all runs, never timed against anything)."""
+    log = setup.out / "logs" / "teacher.log"
+    cmd = [sys.executable, "-m", "hpc_bkd", "train-teacher", *setup.common, "--run-dir", str(setup.teacher_pt.parent),
+           "--set", f"run.threads={setup.cores}"]
+    rc, secs = _execute(cmd, log, _env(setup.cores), setup.timeout)
     print(f"[bench] teacher: {'ok' if rc == 0 else f'FAILED (rc {rc})'} in {secs:.0f}s", flush=True)
-    if rc != 0 or not teacher_pt.is_file():
-        print(_tail(out / "logs" / "teacher.log"), file=sys.stderr)
-        return 1
-    shared = common + ["--set", f"run.threads={threads}", "--set", f"teacher.checkpoint={teacher_pt}"]
+    if rc != 0 or not setup.teacher_pt.is_file():
+        print(_tail(log), file=sys.stderr)
+        return False
+    return True
 
-    # 2. the runs: PBKD runs in `--repeat` interleaved rounds (the median makespan's round is kept),
-    #    the KD baseline once
-    def run_one(spec: dict[str, Any], round_: int) -> dict[str, Any]:
-        name = spec["name"]
-        tag = name if rounds == 1 else f"{name}-r{round_ + 1}"
-        run_dir = out / "runs" / tag
-        result_file = run_dir / ("kd_baseline.json" if spec["kind"] == "kd" else "report.json")
-        extra = sum((["--set", s] for s in spec["sets"]), [])
-        if spec["kind"] == "kd":
-            cmd = [sys.executable, "-m", "hpc_bkd.baseline", *shared, *extra, "--run-dir", str(run_dir),
-                   "--lr", str(args.kd_lr)]
-            if kd_epochs is not None:
-                cmd += ["--epochs", str(kd_epochs)]
-            accepted = (runs.get("pbkd-1", {}).get("metrics") or {}).get("accepted")
-            if accepted is not None:  # the very architecture PBKD-1 produced (rejected blocks stay teacher layers)
-                cmd += ["--blocks", ",".join(map(str, accepted))]
-        else:
-            cmd = base + ["run", *shared, *extra, "--run-dir", str(run_dir)]
-            if spec["ranks"] > 1:
-                cmd = [mpirun, "-np", str(spec["ranks"]), *cmd]
-        entry: dict[str, Any] = {**spec, "cmd": " ".join(cmd), "log": str(out / "logs" / f"{tag}.log"),
-                                 "result": str(result_file)}
-        if args.reuse and result_file.is_file():
-            rc, secs = 0, None
-            entry["reused"] = True
-            print(f"[bench] {tag}: reusing {result_file}", flush=True)
-        else:
-            if run_dir.exists():  # a stale run dir would be resumed (finished blocks skipped): start clean
-                shutil.rmtree(run_dir)
-            print(f"[bench] {tag} ({spec['what']}) ...", flush=True)
-            c0 = _cpu_counters()
-            rc, secs = _execute(cmd, Path(entry["log"]), env, args.timeout)
-            entry["contention"] = _contention(c0, _cpu_counters(), secs)
-        entry.update({"rc": rc, "process_s": secs})
-        entry.setdefault("contention", None)
-        if rc == 0 and result_file.is_file():
-            result = json.loads(result_file.read_text())
-            entry["metrics"] = kd_metrics(result) if spec["kind"] == "kd" else pbkd_metrics(result, n_train)
-            entry["metrics"]["contention"] = entry["contention"]
-            gantt = run_dir / "gantt.png"
-            if gantt.is_file():
-                entry["gantt_src"] = str(gantt)
-            if secs is not None:
-                print(f"[bench] {tag}: done in {secs:.0f}s", flush=True)
-        else:
-            entry["error"] = _tail(Path(entry["log"]))
-            print(f"[bench] {tag}: FAILED (rc {rc}); last lines of {entry['log']}:\n{entry['error']}", flush=True)
-        return entry
 
-    rounds = max(1, args.repeat)
-    specs = plan_runs(ranks, kd=not args.no_kd)
-    tries: dict[str, list[dict[str, Any]]] = {spec["name"]: [] for spec in specs}
+def _command(setup: Setup, spec: RunSpec, run_dir: Path, accepted: list[int] | None) -> list[str]:
+    extra = sum((["--set", s] for s in spec.sets), [])
+    if spec.kind == "kd":
+        cmd = [sys.executable, "-m", "benchmarks.baseline", *setup.shared, *extra, "--run-dir", str(run_dir),
+               "--lr", str(setup.kd_lr)]
+        if setup.kd_epochs is not None:
+            cmd += ["--epochs", str(setup.kd_epochs)]
+        if accepted is not None:  # the very architecture PBKD-1 produced (rejected blocks stay teacher layers)
+            cmd += ["--blocks", ",".join(map(str, accepted))]
+        return cmd
+    cmd = [sys.executable, "-m", "hpc_bkd", "run", *setup.shared, *extra, "--run-dir", str(run_dir)]
+    return [setup.mpirun, "-np", str(spec.ranks), *cmd] if spec.ranks > 1 else cmd
+
+
+def _run_one(setup: Setup, spec: RunSpec, round_: int, accepted: list[int] | None, n_train: int) -> dict[str, Any]:
+    """Run (or, with --reuse, re-read) one round of one configuration; its entry in bench.json."""
+    tag = spec.name if setup.rounds == 1 else f"{spec.name}-r{round_ + 1}"
+    run_dir = setup.out / "runs" / tag
+    result_file = run_dir / (KD_RESULT_FILE if spec.kind == "kd" else "report.json")
+    cmd = _command(setup, spec, run_dir, accepted)
+    entry: dict[str, Any] = {**asdict(spec), "cmd": " ".join(cmd), "log": str(setup.out / "logs" / f"{tag}.log"),
+                             "result": str(result_file)}
+    secs: float | None
+    if setup.reuse and result_file.is_file():
+        rc, secs = 0, None
+        entry["reused"] = True
+        print(f"[bench] {tag}: reusing {result_file}", flush=True)
+    else:
+        if run_dir.exists():  # a stale run dir would be resumed (finished blocks skipped): start clean
+            shutil.rmtree(run_dir)
+        print(f"[bench] {tag} ({spec.what}) ...", flush=True)
+        c0 = _cpu_counters()
+        rc, secs = _execute(cmd, Path(entry["log"]), setup.env, setup.timeout)
+        entry["contention"] = _contention(c0, _cpu_counters(), secs)
+    entry.update({"rc": rc, "process_s": secs})
+    entry.setdefault("contention", None)
+    if rc == 0 and result_file.is_file():
+        entry["metrics"] = (kd_metrics(KDRecord.load(result_file)) if spec.kind == "kd"
+                            else pbkd_metrics(JobRecord.load(result_file), n_train))
+        entry["metrics"]["contention"] = entry["contention"]
+        if (run_dir / "gantt.png").is_file():
+            entry["gantt_src"] = str(run_dir / "gantt.png")
+        if secs is not None:
+            print(f"[bench] {tag}: done in {secs:.0f}s", flush=True)
+    else:
+        entry["error"] = _tail(Path(entry["log"]))
+        print(f"[bench] {tag}: FAILED (rc {rc}); last lines of {entry['log']}:\n{entry['error']}", flush=True)
+    return entry
+
+
+def _run_all(setup: Setup, specs: list[RunSpec], n_train: int) -> dict[str, dict[str, Any]]:
+    """PBKD runs in interleaved rounds (the median makespan's round is kept), the KD baseline once,
+    after the last round's pbkd-1 (it trains the architecture PBKD-1 produced)."""
+    tries: dict[str, list[dict[str, Any]]] = {spec.name: [] for spec in specs}
     runs: dict[str, dict[str, Any]] = {}
-    for round_ in range(rounds):
+    for round_ in range(setup.rounds):
         for spec in specs:
-            if spec["kind"] == "kd" and round_ < rounds - 1:
-                continue  # once, after the last round's pbkd-1 (it needs PBKD-1's architecture)
-            tries[spec["name"]].append(run_one(spec, round_ if spec["kind"] != "kd" else 0))
-            runs[spec["name"]] = median_round(tries[spec["name"]])
+            if spec.kind == "kd" and round_ < setup.rounds - 1:
+                continue
+            accepted = (runs.get("pbkd-1", {}).get("metrics") or {}).get("accepted")
+            tries[spec.name].append(_run_one(setup, spec, round_ if spec.kind != "kd" else 0, accepted, n_train))
+            runs[spec.name] = median_round(tries[spec.name])
     for name, entry in runs.items():
         if entry.get("gantt_src"):
-            shutil.copyfile(entry["gantt_src"], out / f"gantt-{name}.png")
+            shutil.copyfile(entry["gantt_src"], setup.out / f"gantt-{name}.png")
             entry["gantt"] = f"gantt-{name}.png"
+    return runs
 
-    # 3. derive, print, write
-    ceiling = machine_ceiling(max(ranks), env) if max(ranks) > 1 else None
-    if ceiling:
-        print(f"[bench] machine ceiling: {ceiling['procs']} independent 1-thread processes ran at "
-              f"{ceiling['efficiency_ceiling']:.2f} efficiency ({ceiling['alone_s']:.2f}s alone, "
-              f"{max(ceiling['together_s']):.2f}s together)", flush=True)
-    derived = derive(runs, ranks)
-    settings = {"config": config, "ranks": ranks, "threads": threads, "cores": cores, "quick": args.quick,
-                "kd_epochs": kd_epochs, "kd_lr": args.kd_lr, "overrides": sets, "n_train": n_train, "mpirun": mpirun,
-                "teacher_checkpoint": str(teacher_pt)}
+
+def _ceiling(setup: Setup) -> tuple[dict[str, Any] | None, list[str]]:
+    """The machine ceiling (multi-rank benches only) and the note that explains it."""
+    if max(setup.ranks) <= 1:
+        return None, []
+    c = machine_ceiling(max(setup.ranks), setup.env)
+    print(f"[bench] machine ceiling: {c['procs']} independent 1-thread processes ran at "
+          f"{c['efficiency_ceiling']:.2f} efficiency ({c['alone_s']:.2f}s alone, "
+          f"{max(c['together_s']):.2f}s together)", flush=True)
+    return c, [f"Machine ceiling: the same fixed student-training work took {c['alone_s']:.2f}s in one "
+               f"process and {max(c['together_s']):.2f}s in each of {c['procs']} concurrent ones: "
+               f"independent single-thread processes scale at {c['efficiency_ceiling']:.2f} efficiency "
+               "on this machine, a bound for any parallel method here."]
+
+
+def _plots_or_none(out: Path, derived: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[str]:
+    try:
+        return plots(out, derived, runs)
+    except Exception as exc:  # plots must not cost the numbers
+        print(f"[bench] could not draw plots: {exc}", file=sys.stderr)
+        return []
+
+
+def _write(out: Path, report: dict[str, Any], text: str, ttext: str, notes: list[str], started: float) -> None:
+    atomic_io.write_json(out / "bench.json", report)
+    atomic_io.write_text(out / "bench.txt", text + "\n\n" + ttext + "\n\n" + "\n".join(notes) + "\n")
+    print("\n" + text + "\n\n" + ttext + "\n")
+    for n in notes:
+        print(n)
+    hw, runs = report["hardware"], report["runs"]
+    print(f"\n[bench] {len([r for r in runs.values() if r.get('metrics')])}/{len(runs)} runs ok in "
+          f"{time.time() - started:.0f}s (load average {hw['loadavg_start']} -> {hw['loadavg_end']}); wrote "
+          f"{out / 'bench.json'}, {out / 'bench.txt'}, {', '.join(report['plots'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hpc_bkd.config import ConfigError, load_config
+    from hpc_bkd.data import load_data
+
+    args = build_parser().parse_args(argv)
+    setup = _setup(args)
+    setup.out.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg = load_config(setup.config, setup.sets)
+    except ConfigError as exc:
+        print(f"hpc-bkd bench: config error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    hw = hardware(setup.env)
+    gpu_note = _announce(setup, hw, cfg.run.device)
+    n_train = len(load_data(cfg.data, cfg.run.seed).train)
+    started = time.time()
+    load_start = _loadavg()
+    if not _train_teacher(setup):
+        return EXIT_FAILED
+    runs = _run_all(setup, plan_runs(setup.ranks, kd=not args.no_kd), n_train)
+    ceiling, ceiling_notes = _ceiling(setup)
+    derived = derive(runs, setup.ranks)
+    settings = setup.settings(args.quick, n_train)
     text = table(runs, hw, settings)
     ttext = targets_text(derived["targets"])
     hw["loadavg_start"], hw["loadavg_end"] = load_start, _loadavg()
-    notes = cost_model_notes(runs, hw) + ([gpu_note] if gpu_note else [])
-    if ceiling:
-        notes.append(f"Machine ceiling: the same fixed student-training work took {ceiling['alone_s']:.2f}s in one "
-                     f"process and {max(ceiling['together_s']):.2f}s in each of {ceiling['procs']} concurrent ones: "
-                     f"independent single-thread processes scale at {ceiling['efficiency_ceiling']:.2f} efficiency "
-                     "on this machine, a bound for any parallel method here.")
-    try:
-        pngs = plots(out, derived, runs)
-    except Exception as exc:  # plots must not cost the numbers
-        pngs = []
-        print(f"[bench] could not draw plots: {exc}", file=sys.stderr)
+    notes = cost_model_notes(runs, hw) + ([gpu_note] if gpu_note else []) + ceiling_notes
+    pngs = _plots_or_none(setup.out, derived, runs)
     report = {
-        "command": " ".join([Path(sys.executable).name, "-m", "hpc_bkd.bench", *(argv if argv is not None
-                                                                                  else sys.argv[1:])]),
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.bench",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "bench_wall_s": time.time() - started,
-        "hardware": hw, "settings": settings, "definitions": __doc__.split("Definitions", 1)[-1].strip(),
+        "hardware": hw, "settings": settings, "definitions": (__doc__ or "").split("Definitions", 1)[-1].strip(),
         "runs": runs, "scaling": derived["scaling"], "targets": derived["targets"], "notes": notes,
         "machine_ceiling": ceiling,
         "plots": pngs + [r["gantt"] for r in runs.values() if r.get("gantt")], "table": text,
     }
-    checkpoint.write_json(out / "bench.json", report)
-    checkpoint.write_text(out / "bench.txt", text + "\n\n" + ttext + "\n\n" + "\n".join(notes) + "\n")
-    print("\n" + text + "\n\n" + ttext + "\n")
-    for n in notes:
-        print(n)
-    print(f"\n[bench] {len([r for r in runs.values() if r.get('metrics')])}/{len(runs)} runs ok in "
-          f"{time.time() - started:.0f}s (load average {hw['loadavg_start']} -> {hw['loadavg_end']}); wrote "
-          f"{out / 'bench.json'}, {out / 'bench.txt'}, {', '.join(report['plots'])}")
-    return 0 if all(r.get("metrics") for r in runs.values()) else 1
+    _write(setup.out, report, text, ttext, notes, started)
+    return EXIT_OK if all(r.get("metrics") for r in runs.values()) else EXIT_FAILED
 
 
 if __name__ == "__main__":
