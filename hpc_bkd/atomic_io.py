@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

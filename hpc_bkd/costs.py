@@ -12,9 +12,10 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -162,7 +163,7 @@ class Timer:
         self.taps = ([BlockTap(teacher, [b], TRAIN_FORMAT, self.now) for b in blocks] if tap_each_block
                      else [BlockTap(teacher, blocks, TRAIN_FORMAT, self.now)])
         self.layout = GhostLayout(bn_groups) if bn_groups > 1 else None
-        self.students = [prepare_student(copy.deepcopy(s).to(device, memory_format=TRAIN_FORMAT).train(), None,
+        self.students = [prepare_student(copy.deepcopy(s).to(device).to(memory_format=TRAIN_FORMAT).train(), None,
                                          self.layout) for s in students]
         self.optims = [torch.optim.RMSprop(s.parameters(), lr=1e-6) for s in self.students]
         self.matches = list(match_activation) if match_activation is not None else [False] * len(blocks)
@@ -220,7 +221,7 @@ class Timer:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for bn in ghost_batchnorms(student):
-            bn.apply_pending(bn.pending)
+            bn.apply_own()
         opt.step()
         t1 = self.now()
         student.eval()

@@ -9,9 +9,9 @@ fork under MPI) and no rank ever waits for data; CIFAR-10 takes 150 MB.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -16,9 +16,9 @@ import copy
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ class BlockResult:
         return {"state_dict": self.state_dict, "metrics": metrics}
 
     @classmethod
-    def from_dict(cls, saved: dict[str, Any], resumed_finished: bool = False) -> "BlockResult":
+    def from_dict(cls, saved: dict[str, Any], resumed_finished: bool = False) -> BlockResult:
         fields_ = set(cls.__dataclass_fields__) - {"state_dict", "resumed_finished"}
         metrics = {k: v for k, v in saved["metrics"].items() if k in fields_}
         return cls(state_dict=saved["state_dict"], resumed_finished=resumed_finished, **metrics)
@@ -179,7 +179,7 @@ class LocalDistiller:
     def _trainer(self, spec: BlockSpec) -> BlockTrainer:
         b, d = self.cfg.blocks, self.cfg.distill
         student = build_student(spec, b.student_depth, b.student_width, self.cfg.run.seed)
-        student = student.to(self.device, memory_format=TRAIN_FORMAT)
+        student = student.to(self.device).to(memory_format=TRAIN_FORMAT)
         prepare_student(student, self.team, self.layout)
         opt = _make_optimizer(student.parameters(), self.cfg)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=d.lr_decay)
@@ -269,7 +269,7 @@ class LocalDistiller:
         """
         if self.team is None:
             for bn in (bn for t in group for bn in ghost_batchnorms(t.student)):
-                bn.apply_pending(bn.pending)
+                bn.apply_own()
             return [float(loss) for loss in losses]
         summed, self._team_stop = self._bucket(group).allreduce(self.team, losses, stop_requested())
         return summed
@@ -322,7 +322,7 @@ class LocalDistiller:
         share = (time.perf_counter() - t0) / len(group)
         if self.team is not None:
             self._bucket(group).zero()
-        losses = []
+        losses: list[torch.Tensor] = []
         for t in group:
             if t.started_at is None:
                 t.started_at = time.time()
@@ -330,9 +330,9 @@ class LocalDistiller:
             losses.append(t.backward(*pairs[t.spec.index], weight=weight, zero=self.team is None))
             t.train_time += share + time.perf_counter() - t1
         t1 = time.perf_counter()
-        losses = self._sync_step(group, losses)
+        summed = self._sync_step(group, losses)
         share = (time.perf_counter() - t1) / len(group)
-        for t, loss in zip(group, losses):
+        for t, loss in zip(group, summed):
             t1 = time.perf_counter()
             t.update(loss)
             t.train_time += share + time.perf_counter() - t1
@@ -388,7 +388,7 @@ class LocalDistiller:
             t.train_time += time.perf_counter() - t1 + (share if id(t) in accs else 0.0)
             self._save_partial(t)
             if t.done:
-                t.spans.append((t.started_at, time.time()))
+                t.spans.append((t.started_at or time.time(), time.time()))
                 done.append(t)
         return done
 

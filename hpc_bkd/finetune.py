@@ -5,8 +5,9 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import nn
 from . import atomic_io
 from .config import Config, FinetuneConfig
 from .data import Data, steps_per_epoch, train_batch
+from .records import FinetuneEpoch
 from .runtime import Interrupted, stop_requested
 from .students import TRAIN_FORMAT
 from .teacher import accuracy
@@ -59,7 +61,7 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
     after every epoch and when a stop is requested (then ``Interrupted`` is raised); a later call
     with the same ``identity`` resumes at the same step.
     """
-    student.to(device, memory_format=TRAIN_FORMAT).train()  # see students.TRAIN_FORMAT
+    student.to(device).to(memory_format=TRAIN_FORMAT).train()  # see students.TRAIN_FORMAT
     teacher = teacher.to(device).eval()
     bs = cfg.data.batch_size
     steps = steps_per_epoch(len(data.train), bs)
@@ -137,7 +139,7 @@ def recalibrate_bn(model: nn.Module, data: Data, cfg: Config, batches: int, devi
 
 
 def finetune(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, device: torch.device,
-             partial: Path | None = None, identity: str = "") -> list[dict[str, float]]:
+             partial: Path | None = None, identity: str = "") -> list[FinetuneEpoch]:
     """Fine-tune the assembled student; keeps the teacher untouched. ``partial``: see ``kd_train``."""
     if cfg.finetune.epochs <= 0:
         return []
@@ -158,6 +160,5 @@ def finetune(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, de
     else:
         best.update(epoch=history[-1]["epoch"], acc=history[-1]["val_acc"])
     log.info("fine-tune: keeping epoch %d (val acc %.2f%%)", best["epoch"], best["acc"])
-    for entry in history:
-        entry["kept"] = entry["epoch"] == best["epoch"]
-    return history
+    return [FinetuneEpoch(int(h["epoch"]), h["loss"], h["val_acc"], h["time_s"], h["epoch"] == best["epoch"])
+            for h in history]

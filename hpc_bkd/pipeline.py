@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from torch import nn
 
@@ -216,16 +216,16 @@ def share_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, clock: 
             share = _prepare_teacher(cfg, rt, data, run_dir, clock)
         except Interrupted:  # stopped while training the teacher: its progress is saved
             share = TeacherShare(interrupted=True)
-    share = clock.collective("broadcast_s", lambda: rt.bcast(share))
-    assert isinstance(share, TeacherShare)
-    if share.interrupted:
+    shared = clock.collective("broadcast_s", lambda: rt.bcast(share))
+    assert isinstance(shared, TeacherShare)
+    if shared.interrupted or shared.state is None:
         raise Interrupted(str(run_dir))
     teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width)
-    teacher.load_state_dict(share.state)
+    teacher.load_state_dict(shared.state)
     if rt.is_root:
         clock.mark("broadcast")
-    return PreparedTeacher(teacher.eval(), share.info or {}, share.val_acc, share.test_acc, share.blocks,
-                           share.fingerprint)
+    return PreparedTeacher(teacher.eval(), shared.info or {}, shared.val_acc, shared.test_acc, shared.blocks,
+                           shared.fingerprint)
 
 
 def _prepare_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, clock: Clock) -> TeacherShare:
@@ -281,7 +281,7 @@ def measure_costs(cfg: Config, rt: Runtime, teacher: PreparedTeacher, data: Data
             log.info("every block is finished: no cost measurement (costs from %s)", run_dir.costs)
             return stored
         measured = [measure(1)]
-    if not rt.is_root:
+    if measured is None:  # not rank 0
         return None
     table = CostTable.combine(measured)
     atomic_io.write_json(run_dir.costs, table.to_json(
@@ -306,11 +306,11 @@ def share_plan(cfg: Config, rt: Runtime, teacher: PreparedTeacher, costs: CostTa
         for line in describe_plan(plan):
             log.info("%s", line)
         clock.mark("plan")
-    plan = clock.collective("broadcast_s", lambda: rt.bcast(plan))
-    assert isinstance(plan, Plan)
+    shared = clock.collective("broadcast_s", lambda: rt.bcast(plan))
+    assert isinstance(shared, Plan)
     if rt.is_root:
         clock.mark("broadcast")
-    return plan
+    return shared
 
 
 # ------------------------------------------------------------------------------ distillation
@@ -422,7 +422,7 @@ def make_student(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher:
     shape = data.input_shape
     return StudentResult(student, accepted,
                          Accuracy(teacher.test_acc, teacher.val_acc, before, recalibrated, after),
-                         [FinetuneEpoch(**h) for h in history],
+                         history,
                          ModelSizes(model_size(teacher.model, shape), model_size(student, shape)))
 
 

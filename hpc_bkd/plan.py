@@ -21,9 +21,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class TeamModel:
     member_share: dict[int, float] = field(default_factory=dict)
 
     @classmethod
-    def for_groups(cls, bn_groups: int, member_share: dict[int, float] | None = None) -> "TeamModel":
+    def for_groups(cls, bn_groups: int, member_share: dict[int, float] | None = None) -> TeamModel:
         return cls(TEAM_OVERHEAD_GHOST_BN if bn_groups > 1 else TEAM_OVERHEAD_SYNC_BN, bn_groups,
                    dict(member_share or {}))
 
@@ -140,7 +141,7 @@ class Plan:
     def predicted_speedup(self) -> float:
         return self.sequential / self.makespan if self.makespan > 0 else 1.0
 
-    def for_blocks(self, indices: Sequence[int], costs: Sequence[BlockCost]) -> "Plan":
+    def for_blocks(self, indices: Sequence[int], costs: Sequence[BlockCost]) -> Plan:
         """This plan of a subset of blocks (planned as 0..n-1) in the job's block numbering, with
         every block's costs (a resumed job plans only the blocks left to train)."""
         assignment = [[indices[i] for i in owned] for owned in self.assignment]
@@ -341,11 +342,14 @@ def make_plan(costs: Sequence[BlockCost], ranks: int, method: str = "auto", hybr
     # deterministic layout: biggest team first, then busiest bin first, so rank 0 (which also
     # fine-tunes) leads the heaviest work; teams take consecutive ranks (same node when possible)
     order = sorted(range(len(bins)), key=lambda t: (-sizes[t], -team_cost(bins[t], costs, sizes[t], tm), sorted(bins[t])))
-    teams, assignment, predicted, next_rank = [], [], [], 0
+    team_ranks: list[list[int]] = []
+    assignment: list[list[int]] = []
+    predicted: list[float] = []
+    next_rank = 0
     for t in order:
         members = list(range(next_rank, next_rank + sizes[t]))
         next_rank += sizes[t]
-        teams.append(members)
+        team_ranks.append(members)
         for _ in members:
             assignment.append(sorted(bins[t]))
             predicted.append(team_cost(bins[t], costs, sizes[t], tm))
@@ -355,7 +359,7 @@ def make_plan(costs: Sequence[BlockCost], ranks: int, method: str = "auto", hybr
         bound = min(bound, (max(c.teacher for c in costs) + sum(c.student for c in costs)) / tm.best_speedup(ranks))
     if math.isclose(makespan, bound, rel_tol=1e-9):
         optimal = True
-    return Plan(ranks, assignment, predicted, makespan, bound, sequential, used, optimal, costs, teams)
+    return Plan(ranks, assignment, predicted, makespan, bound, sequential, used, optimal, costs, team_ranks)
 
 
 # ------------------------------------------------------------------------------------ costs

@@ -14,7 +14,8 @@ Torch-free: trainers are anything with ``spec.index``, ``epoch``, ``step``, ``st
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
 
 from .plan import Plan
 

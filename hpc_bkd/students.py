@@ -7,7 +7,6 @@ from torch import nn
 
 from .surgery import BlockSpec
 
-
 # Students train in channels-last layout: on CPU (oneDNN) their depthwise and 1x1 convolutions and
 # BatchNorms run up to 2-3x faster that way than in NCHW (measured on the default job's block shapes).
 # Only the training copy uses it: checkpoints hold plain contiguous tensors.
@@ -83,7 +82,7 @@ class _BlockMSE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, target: torch.Tensor, relu: bool) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, out: torch.Tensor, target: torch.Tensor, relu: bool) -> torch.Tensor:
         diff = out.clamp_min(0).sub_(target) if relu else out - target
         ctx.relu = relu
         ctx.save_for_backward(out, diff)
@@ -91,7 +90,7 @@ class _BlockMSE(torch.autograd.Function):
         return torch.dot(flat, flat) / diff.numel()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         out, diff = ctx.saved_tensors
         scale = grad * (2.0 / diff.numel())
         if ctx.relu:

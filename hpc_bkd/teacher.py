@@ -14,9 +14,9 @@ from torch import nn
 
 from . import atomic_io
 from .config import Config
-from .rundir import RunDir
 from .data import Data, eval_batches, steps_per_epoch, train_batch
 from .models import build_model
+from .rundir import RunDir
 from .runtime import Interrupted, stop_requested
 
 log = logging.getLogger("hpc_bkd")

@@ -32,13 +32,15 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 TORCH_BACKENDS = ("nccl", "gloo")
+CPU = torch.device("cpu")
 
 
 def team_backend(setting: str, device: torch.device) -> str:
@@ -76,7 +78,7 @@ def init_torch_group(comm: Any, backend: str, device: torch.device, timeout_s: f
     port = comm.bcast(port, root=0)
     if store is None:
         store = dist.TCPStore(addr, port, comm.size, is_master=False, timeout=timeout)
-    kwargs = {"device_id": device} if backend == "nccl" else {}
+    kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(backend, store=store, rank=comm.rank, world_size=comm.size, timeout=timeout, **kwargs)
 
 
@@ -169,8 +171,7 @@ def make_transport(comm: Any, backend: str, device: torch.device) -> Transport:
 class Team:
     """The MPI communicator of one team, this rank's place in it, and its transport."""
 
-    def __init__(self, comm: Any, bn_groups: int = 1, backend: str = "mpi",
-                 device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, comm: Any, bn_groups: int = 1, backend: str = "mpi", device: torch.device = CPU) -> None:
         self.comm = comm
         self.rank = comm.rank
         self.size = comm.size
@@ -240,7 +241,7 @@ class StepBucket:
     gradients themselves: with every member reducing the same values, members stay identical.
     """
 
-    def __init__(self, params: Sequence[nn.Parameter], bns: Sequence["GroupBatchNorm2d"], n_losses: int) -> None:
+    def __init__(self, params: Sequence[nn.Parameter], bns: Sequence[GroupBatchNorm2d], n_losses: int) -> None:
         self.params, self.bns = list(params), list(bns)
         self.sizes = [p.numel() for p in self.params]
         self.n_grad = sum(self.sizes)
@@ -275,7 +276,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
     """Batch normalisation over the union of the team members' batches (forward and backward)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, team: Team, eps: float):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, team: Team, eps: float):
         c = x.shape[1]
         dims = (0, 2, 3)
         f64 = torch.float64  # accumulate as native BatchNorm does on CPU: float32 sums depend on the layout
@@ -293,7 +294,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
         return y, mean, var, count
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar, _dcount):  # type: ignore[override]
+    def backward(ctx, dy, _dmean, _dvar, _dcount):
         xhat, invstd, weight = ctx.saved_tensors
         c = dy.shape[1]
         dims = (0, 2, 3)
@@ -318,6 +319,7 @@ class TeamBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         y, mean, var, count = _SyncBatchNormFn.apply(x, self.weight, self.bias, self.team, self.eps)
         with torch.no_grad():
+            assert self.num_batches_tracked is not None and self.running_mean is not None and self.running_var is not None
             self.num_batches_tracked += 1
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
             unbiased = var * count / max(float(count) - 1, 1.0)
@@ -351,7 +353,7 @@ class _GhostBatchNormFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, sizes: list[int], eps: float):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, sizes: list[int], eps: float):
         y = torch.empty_like(x)
         means = x.new_empty(len(sizes), x.shape[1])
         invstds = x.new_empty(len(sizes), x.shape[1])
@@ -364,7 +366,7 @@ class _GhostBatchNormFn(torch.autograd.Function):
         return y, means, invstds
 
     @staticmethod
-    def backward(ctx, dy, _dmeans, _dinvstds):  # type: ignore[override]
+    def backward(ctx, dy, _dmeans, _dinvstds):
         x, weight, means, invstds = ctx.saved_tensors
         dy = dy.contiguous(memory_format=_layout(x))
         dx = torch.empty_like(x)
@@ -415,10 +417,16 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         self.pending = torch.cat([means.double().sum(0), torch.stack(variances).sum(0)])
         return y
 
+    def apply_own(self) -> None:
+        """Alone (no team to sum with): apply this rank's own pending statistics."""
+        assert self.pending is not None, "no pending statistics: no forward in train mode since the last step"
+        self.apply_pending(self.pending)
+
     @torch.no_grad()
     def apply_pending(self, summed: torch.Tensor) -> None:
         """Move the running statistics by the mean over all ghost batches of the team batch."""
         c, g = self.num_features, self.layout.groups
+        assert self.num_batches_tracked is not None and self.running_mean is not None and self.running_var is not None
         self.num_batches_tracked += 1
         m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         self.running_mean.mul_(1 - m).add_((summed[:c] / g).to(self.running_mean.dtype), alpha=m)
@@ -426,7 +434,7 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         self.pending = None
 
 
-def _swap_batchnorms(module: nn.Module, make) -> None:
+def _swap_batchnorms(module: nn.Module, make: Callable[[nn.BatchNorm2d], nn.BatchNorm2d]) -> None:
     for name, child in list(module.named_children()):
         if type(child) is nn.BatchNorm2d:
             bn = make(child)
@@ -442,12 +450,12 @@ def prepare_student(module: nn.Module, team: Team | None, layout: GhostLayout | 
     def make(child: nn.BatchNorm2d) -> nn.BatchNorm2d:
         args = (child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
         if layout is not None:
-            bn = GroupBatchNorm2d(*args)
-            bn.layout = layout
-        else:
-            bn = TeamBatchNorm2d(*args)
-            bn.team = team
-        return bn
+            ghost = GroupBatchNorm2d(*args)
+            ghost.layout = layout
+            return ghost
+        synced = TeamBatchNorm2d(*args)
+        synced.team = team
+        return synced
 
     if layout is not None or team is not None:
         _swap_batchnorms(module, make)

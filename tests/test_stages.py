@@ -120,8 +120,8 @@ def test_finetune_keeps_its_best_epoch_and_resumes_from_its_partial(tmp_path: Pa
     _, run_dir, data, teacher, *_ = _through_plan(cfg, rt)
     student = pipeline.build_model(cfg.model.arch, data.num_classes, cfg.model.width)
     student.load_state_dict(teacher.model.state_dict())
-    history = [FinetuneEpoch(**h) for h in finetune(student, teacher.model, data, cfg, rt.device,
-                                                    run_dir.finetune_partial, "id")]
+    history = finetune(student, teacher.model, data, cfg, rt.device, run_dir.finetune_partial, "id")
+    assert all(isinstance(h, FinetuneEpoch) for h in history)
     assert [h.epoch for h in history] == [1, 2] and sum(h.kept for h in history) == 1
     best = max(history, key=lambda h: h.val_acc)
     assert next(h for h in history if h.kept).val_acc == best.val_acc
