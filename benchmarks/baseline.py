@@ -24,9 +24,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -153,8 +154,8 @@ def build_baseline_student(cfg: Config, num_classes: int, blocks: Sequence[Block
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 17)
         model = build_model(cfg.model.arch, num_classes, cfg.model.width)
-    students = {s.index: build_student(s, b.student_depth, b.student_width, seed) for s in blocks
-                if replace is None or s.index in replace}
+    students: dict[int, nn.Module] = {s.index: build_student(s, b.student_depth, b.student_width, seed)
+                                      for s in blocks if replace is None or s.index in replace}
     return replace_blocks(model, students, blocks)
 
 
@@ -193,8 +194,8 @@ class _Prepared:
 
 def _prepare(cfg: Config, run_dir: Path, device: torch.device, replace: list[int] | None) -> _Prepared:
     from hpc_bkd.data import describe, load_data
-    from hpc_bkd.surgery import find_blocks
     from hpc_bkd.rundir import RunDir
+    from hpc_bkd.surgery import find_blocks
     from hpc_bkd.teacher import accuracy, get_teacher
 
     data = load_data(cfg.data, cfg.run.seed)
@@ -247,7 +248,7 @@ def _train(cfg: Config, prep: _Prepared, epochs: int, lr: float,
     rows, clock = [], 0.0
     for h, (test, _) in zip(history, tests):
         clock += h["time_s"]
-        rows.append(KDEpoch(epoch=h["epoch"], loss=h["loss"], val_acc=h["val_acc"], test_acc=test,
+        rows.append(KDEpoch(epoch=int(h["epoch"]), loss=h["loss"], val_acc=h["val_acc"], test_acc=test,
                             epoch_s=h["time_s"], cumulative_s=clock))
     return rows, train_wall, energy, sum(t for _, t in tests)
 

@@ -469,6 +469,7 @@ def _kd_targets(ok: Metrics, n_top: int) -> list[dict[str, Any]]:
         return targets
     best = max(p["val_acc"] for p in kd["timeline"])
     kd_hit = first_reaching(kd["timeline"], best)
+    assert kd_hit is not None  # its own best is reached, at the latest in the epoch that set it
     for name in names:
         m = ok.get(name)
         if m:
@@ -509,8 +510,8 @@ def cost_model_notes(runs: dict[str, dict[str, Any]], hw: dict[str, Any]) -> lis
                      f"{' once per run (teacher cache)' if cached else ''} + sum student steps) = "
                      f"({sum(t):.3f} + {sum(s):.3f}) / {one['predicted_s_per_batch']:.3f} = {bound:.2f}x per batch: "
                      f"{'the 2.5x target is within reach' if bound >= TARGETS['seq_speedup'] else 'student steps dominate, so the 2.5x target is out of reach for this job'}.")
-    busy = {name: (r.get("contention") or {}).get("other_processes_cores") for name, r in runs.items()}
-    busy = {k: v for k, v in busy.items() if v is not None}
+    busy = {name: v for name, r in runs.items()
+            if (v := (r.get("contention") or {}).get("other_processes_cores")) is not None}
     if busy and max(busy.values()) > 0.1 * hw.get("cores", 1):
         notes.append("The machine was not idle: other processes used "
                      + ", ".join(f"{v:.2f}" for v in busy.values()) + f" of {hw.get('cores')} cores on average "

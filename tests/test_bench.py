@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, cli_env
+
 from hpc_bkd.config import load_config
 from hpc_bkd.records import JobRecord
 
