@@ -26,6 +26,8 @@ setup(
         # Self-contained MPICH from PyPI: no system MPI needed. Omit on clusters with a site MPI.
         "mpi": ["mpich"],
         "test": ["pytest>=7", "pytest-timeout"],
+        # `hpc-bkd export`: ONNX files (onnxscript: torch.onnx's exporter), checked and timed with ONNX Runtime.
+        "export": ["onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={"console_scripts": ["hpc-bkd=hpc_bkd.cli:main"]},
 )

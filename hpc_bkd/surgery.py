@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -59,6 +59,7 @@ def _is_leaf(module: nn.Module) -> bool:
 
 
 def _module_macs(module: nn.Module, out: torch.Tensor) -> int:
+    """Multiply-accumulates of one call, per image (``out[0]``: one image of the traced batch)."""
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return out[0].numel() * (module.in_channels // module.groups) * kh * kw
@@ -196,8 +197,8 @@ def find_blocks(model: nn.Module, input_shape: Sequence[int], granularity: str =
         blocks.append(BlockSpec(
             index=len(blocks), name=members[0], members=members,
             in_shape=tuple(inp.shape[1:]), out_shape=tuple(out.shape[1:]), stride=stride,
-            params=params, macs=(cumulative[last + 1] - cumulative[first]) // 2,
-            prefix_macs=cumulative[last + 1] // 2, nonnegative_output=nonnegative, relu_after=relu_after,
+            params=params, macs=cumulative[last + 1] - cumulative[first],
+            prefix_macs=cumulative[last + 1], nonnegative_output=nonnegative, relu_after=relu_after,
         ))
     if not blocks:
         raise ValueError(f"found no replaceable blocks (granularity {granularity!r}) in {type(model).__name__}")
@@ -219,8 +220,8 @@ def _unit_output(model: nn.Module, unit: str, input_shape: Sequence[int]) -> tor
 
 
 def total_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Conv + linear multiply-accumulates per image."""
-    return sum(c.macs for c in _trace(model, input_shape)) // 2
+    """Conv + linear multiply-accumulates per image (each call's ``macs`` is already per image)."""
+    return sum(c.macs for c in _trace(model, input_shape))
 
 
 def conv_params(model: nn.Module) -> int:

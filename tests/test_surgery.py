@@ -7,8 +7,16 @@ from torch import nn
 
 from hpc_bkd.models import build_model
 from hpc_bkd.students import build_student
-from hpc_bkd.surgery import (BlockTap, SwappedForward, assemble, conv_params, find_blocks, replace_blocks,
-                             swapped)
+from hpc_bkd.surgery import (
+    BlockTap,
+    SwappedForward,
+    assemble,
+    conv_params,
+    find_blocks,
+    replace_blocks,
+    swapped,
+    total_macs,
+)
 
 SMALL = (3, 32, 32)
 
@@ -226,3 +234,63 @@ def test_swapped_forward_falls_back_to_whole_forwards():
         for i, student in students.items():
             with swapped(model, blocks[i], student):
                 assert torch.equal(got[i], model(x))
+
+
+# ------------------------------------------------------------------------------------ counts
+
+
+def _hook_macs(model: nn.Module, shape: tuple[int, int, int], batch: int = 3) -> int:
+    """Reference count, independent of surgery's trace: forward hooks on every Conv2d and Linear,
+    each output element costing (in_channels / groups) x kernel area (conv) or in_features
+    (linear) multiply-accumulates, divided by the batch actually run."""
+    total = [0]
+
+    def hook(module: nn.Module, args, out: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            per = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            per = module.in_features
+        total[0] += out.numel() * per
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(batch, *shape))
+    finally:
+        for h in handles:
+            h.remove()
+    assert total[0] % batch == 0
+    return total[0] // batch
+
+
+# Published figures (torchvision's model cards list MACs as "GFLOPS"): MACs at 224x224, parameters.
+PUBLISHED = {"resnet18": (1.814e9, 11.69e6), "vgg16": (15.47e9, 138.36e6), "resnet50": (4.09e9, 25.56e6),
+             "mobilenet_v2": (0.30e9, 3.50e6)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_macs_and_params_match_published_torchvision_figures(name):
+    model = build_model(f"torchvision:{name}", 1000)
+    shape = (3, 224, 224)
+    macs, params = total_macs(model, shape), sum(p.numel() for p in model.parameters())
+    assert macs == _hook_macs(model, shape), "per image, whatever batch is traced"
+    want_macs, want_params = PUBLISHED[name]
+    assert abs(macs / want_macs - 1) < 0.01, f"{name}: {macs / 1e9:.3f} GMACs, published {want_macs / 1e9}"
+    assert abs(params / want_params - 1) < 0.002, f"{name}: {params / 1e6:.2f} M params, published {want_params / 1e6}"
+
+
+def test_vgg16_at_32x32_by_hand():
+    """Full-width VGG16-BN for 32x32 inputs: 313.2 M MACs (each 3x3 conv: H x W x C_in x C_out x 9,
+    plus the 512 x 10 classifier); the blocks hold all the conv MACs."""
+    model = build_model("vgg16", 10, 1.0)
+    convs, size, c_in = 0, 32, 3
+    for item in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]:
+        if item == "M":
+            size //= 2
+        else:
+            convs += size * size * c_in * item * 9
+            c_in = item
+    assert convs + 512 * 10 == total_macs(model, SMALL) == _hook_macs(model, SMALL) == 313_201_664
+    blocks = find_blocks(model, SMALL)
+    assert sum(b.macs for b in blocks) == convs and blocks[-1].prefix_macs == convs
+    assert blocks[0].macs == 32 * 32 * 3 * 64 * 9

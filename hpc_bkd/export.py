@@ -1,0 +1,494 @@
+"""Standalone export of a finished run: files a deployer can load without hpc_bkd.
+
+``student.pt`` can only be rebuilt by hpc_bkd (architecture, block surgery, student builder). This
+module writes the student (and optionally the teacher, the user's baseline) in its deploy form
+(eval mode, BatchNorm folded, see ``deploy``) as
+
+* ``<run>/export/student.pt2``: a ``torch.export`` ExportedProgram (``torch.export.load(p).module()``),
+* ``<run>/export/student.onnx``: ONNX, checked with ``onnx.checker`` and run with ONNX Runtime,
+* ``<run>/export/model.json``: everything needed to feed it images and to judge it: input shape and
+  normalisation, classes, accepted blocks, test accuracy, params, MACs, measured latency (eager,
+  exported, ONNX Runtime), toolkit version and the teacher's fingerprint.
+
+Both model files take a float32 NCHW batch of any size, normalised as model.json says, and return
+logits. Every exported file is loaded back and run on the test split; its largest difference from
+the in-toolkit student is written to model.json.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import Config, config_from_dict
+from .deploy import (
+    InferenceMeasurement,
+    TimingPlan,
+    compare,
+    count_batchnorms,
+    deploy_form,
+    measure_callable,
+    measure_inference,
+)
+from .surgery import BlockSpec
+
+log = logging.getLogger("hpc_bkd")
+
+# Every file name this module reads or writes, in one place (a RunDir class may own them later).
+FILES: dict[str, str] = {
+    "config": "config.json",      # cfg.to_dict() of the job
+    "teacher": "teacher.pt",      # the toolkit-trained teacher cache: {"state_dict", "identity"}
+    "student": "student.pt",      # {"state_dict", "accepted_blocks", "config"}
+    "report": "report.json",
+    "export_dir": "export",       # under the run directory
+    "model_json": "model.json",   # under the export directory
+}
+FORMATS: dict[str, str] = {"pt2": "{role}.pt2", "onnx": "{role}.onnx"}  # format -> file name template
+EXTRA = "pip install -e '.[export]'"
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {"pt2": (), "onnx": ("onnx", "onnxruntime", "onnxscript")}
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
+
+
+class MissingExtraError(ImportError, ValueError):
+    """An export format needs a package that is not installed; the message names the extra.
+
+    Also a ValueError, so the CLI reports it as bad input (exit 2) and not as a crash."""
+
+
+@dataclass(frozen=True)
+class RunModels:
+    """A finished run rebuilt from its directory."""
+
+    config: Config
+    teacher: nn.Module
+    student: nn.Module
+    blocks: tuple[BlockSpec, ...]
+    accepted: tuple[int, ...]
+    input_shape: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``export_run`` wrote and how closely the files reproduce the in-toolkit models."""
+
+    run_dir: str
+    export_dir: str
+    files: dict[str, str]           # file name -> path
+    model_json: str
+    max_abs_diff: dict[str, float]  # file name -> largest |exported - in-toolkit| logit on the test split
+    line: str                       # the teacher/student speed sentence
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExportResult:
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+# ------------------------------------------------------------------------------------ rebuilding
+
+
+def require_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    """Validate ``formats`` and fail before any work when a package they need is missing."""
+    formats = tuple(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"unknown export format(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(FORMATS)}")
+    for fmt in formats:
+        missing = [m for m in EXTRA_MODULES[fmt] if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MissingExtraError(f"export format {fmt!r} needs {', '.join(missing)}, not installed: "
+                                    f"install the export extra with `{EXTRA}`")
+    return formats
+
+
+def _load_weights(path: Path) -> Any:
+    """Tensors and plain containers only (``weights_only``): a run directory is data, not code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _student_file(run_dir: Path) -> Path:
+    path = run_dir / FILES["student"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: no finished student in {run_dir}; run "
+                                f"`hpc-bkd run --run-dir {run_dir}` (or `hpc-bkd distill`) first")
+    return path
+
+
+def _config(run_dir: Path, saved: dict[str, Any] | None) -> Config:
+    """The job's config: the one saved with the student, else config.json. Keys this version
+    does not know (a run from another version) are dropped rather than refused."""
+    raw = saved.get("config") if saved else None
+    if raw is None:
+        path = run_dir / FILES["config"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run `hpc-bkd run --run-dir {run_dir}` first")
+        raw = json.loads(path.read_text())
+    known = Config().to_dict()
+    return config_from_dict({s: {k: v for k, v in (vals or {}).items() if k in known[s]}
+                             for s, vals in raw.items() if s in known})
+
+
+def _num_classes(cfg: Config, state: dict[str, torch.Tensor]) -> int:
+    """From the dataset, or (image folders) the classifier: the last 2-d weight of the state."""
+    if cfg.data.dataset in DATASET_CLASSES:
+        return DATASET_CLASSES[cfg.data.dataset]
+    return int([v for k, v in state.items() if k.endswith("weight") and v.dim() == 2][-1].shape[0])
+
+
+def _teacher_weights(run_dir: Path, cfg: Config) -> Path:
+    """The teacher this job distilled: ``teacher.checkpoint`` when set, else the run's cache."""
+    if cfg.teacher.checkpoint and Path(cfg.teacher.checkpoint).is_file():
+        return Path(cfg.teacher.checkpoint)
+    cache = run_dir / FILES["teacher"]
+    if cache.is_file():
+        return cache
+    where = f"teacher.checkpoint={cfg.teacher.checkpoint!r} nor {cache}" if cfg.teacher.checkpoint else str(cache)
+    raise FileNotFoundError(f"teacher weights not found ({where} exists): run "
+                            f"`hpc-bkd train-teacher --run-dir {run_dir}` or restore the teacher checkpoint")
+
+
+def _input_shape(cfg: Config) -> tuple[int, int, int]:
+    return (3, cfg.data.image_size, cfg.data.image_size)  # every loader yields RGB (digits: replicated)
+
+
+def load_run(run_dir: str | Path) -> RunModels:
+    """Rebuild a finished run's teacher and student (eval mode, on the CPU) from its directory.
+
+    The blocks are found on the loaded teacher, as the job found them: whether a student block
+    ends in a ReLU depends on the teacher's activations, not only its architecture.
+    """
+    from .models import build_model
+    from .students import build_student
+    from .surgery import find_blocks, replace_blocks
+    from .teacher import load_teacher_checkpoint
+
+    run_dir = Path(run_dir)
+    saved = _load_weights(_student_file(run_dir))
+    cfg = _config(run_dir, saved)
+    classes, shape = _num_classes(cfg, saved["state_dict"]), _input_shape(cfg)
+    teacher = load_teacher_checkpoint(_teacher_weights(run_dir, cfg), build_model(cfg.model.arch, classes, cfg.model.width))
+    blocks = find_blocks(teacher.eval(), shape, cfg.blocks.granularity)
+    student = build_model(cfg.model.arch, classes, cfg.model.width)
+    b = cfg.blocks
+    replace_blocks(student, {i: build_student(blocks[i], b.student_depth, b.student_width, cfg.run.seed)
+                             for i in saved["accepted_blocks"]}, blocks)
+    student.load_state_dict(saved["state_dict"])
+    return RunModels(cfg, teacher.eval(), student.eval(), tuple(blocks), tuple(saved["accepted_blocks"]), shape)
+
+
+def load_student(run_dir: str | Path) -> nn.Module:
+    """The run's final student as an eval-mode module (``deploy.deploy_form`` folds it for speed)."""
+    return load_run(run_dir).student
+
+
+def load_teacher(run_dir: str | Path) -> nn.Module:
+    """The run's teacher as an eval-mode module: the baseline the student is measured against."""
+    from .models import build_model
+    from .teacher import load_teacher_checkpoint
+
+    run_dir = Path(run_dir)
+    path = run_dir / FILES["student"]
+    cfg = _config(run_dir, _load_weights(path) if path.is_file() else None)
+    weights = _teacher_weights(run_dir, cfg)
+    state = _load_weights(weights)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    model = build_model(cfg.model.arch, _num_classes(cfg, state), cfg.model.width)
+    return load_teacher_checkpoint(weights, model).eval()
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def _example(shape: Sequence[int]) -> tuple[torch.Tensor]:
+    return (torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)),)  # batch 2: not specialised
+
+
+def _batch_dim() -> tuple[dict[int, Any]]:
+    return ({0: torch.export.Dim("batch", min=1)},)
+
+
+def _atomic(path: Path, write: Callable[[str], object]) -> None:
+    """Write through a temporary file in the same folder, then rename: a killed export never
+    leaves a half-written model behind. The temporary name keeps the suffix, which torch.export
+    and the ONNX exporter look at."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_pt2(model: nn.Module, shape: Sequence[int], path: Path) -> None:
+    """``torch.export`` with a dynamic batch, saved atomically with ``torch.export.save``."""
+    program = torch.export.export(model, _example(shape), dynamic_shapes=_batch_dim())
+    _atomic(path, lambda tmp: torch.export.save(program, tmp))
+
+
+def export_onnx(model: nn.Module, shape: Sequence[int], path: Path) -> None:
+    """ONNX through torch's exporter (torch.export based), one self-contained file, checked."""
+    import onnx
+
+    external = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8 * 2**30  # protobuf's 2 GB
+
+    def write(target: str | Path) -> None:
+        torch.onnx.export(model, _example(shape), target, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_shapes=_batch_dim(), dynamo=True, external_data=external, verbose=False)
+
+    if external:  # weights go to <name>.data next to the file: it must be written under its own name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    else:
+        _atomic(path, write)
+    onnx.checker.check_model(str(path))
+
+
+def ort_session(path: Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (torch's count by default)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def measure_onnxruntime(path: Path, shape: Sequence[int], plan: TimingPlan, name: str) -> InferenceMeasurement:
+    """Latency and throughput of an ONNX file under ONNX Runtime (NCHW, the graph's layout)."""
+    session = ort_session(path, plan.threads)
+
+    def make(batch: int) -> Any:
+        return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch)).numpy()
+
+    return measure_callable(lambda x: session.run(None, {INPUT_NAME: x}), make, shape, plan,
+                            name=name, runtime="onnxruntime")
+
+
+def _loaders(fmt: str, threads: int | None) -> Callable[[Path], Callable[[torch.Tensor], torch.Tensor]]:
+    """How to load a written file back and run it on a tensor batch (for checks and timing)."""
+    if fmt == "pt2":
+        def load_pt2(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+            module = torch.export.load(str(path)).module()
+            return lambda x: module(x)
+        return load_pt2
+
+    def load_onnx(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+        session = ort_session(path, threads)
+        return lambda x: torch.from_numpy(session.run(None, {INPUT_NAME: x.contiguous().numpy()})[0])
+    return load_onnx
+
+
+# ------------------------------------------------------------------------------------ checking
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """The run's test split, normalised as in training, with the in-toolkit reference logits."""
+
+    batches: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def load_eval_split(cfg: Config) -> EvalSplit:
+    from .data import eval_batches, load_data
+
+    data = load_data(cfg.data, cfg.run.seed)
+    return EvalSplit(tuple(eval_batches(data, data.test, cfg.data.eval_batch_size)),
+                     tuple(data.mean.tolist()), tuple(data.std.tolist()))
+
+
+@torch.inference_mode()
+def _evaluate(run: Callable[[torch.Tensor], torch.Tensor], split: EvalSplit) -> tuple[torch.Tensor, float]:
+    """Logits of the whole test split and top-1 accuracy in percent."""
+    logits = torch.cat([run(x) for x, _ in split.batches])
+    labels = torch.cat([y for _, y in split.batches])
+    return logits, 100.0 * int((logits.argmax(1) == labels).sum()) / max(len(labels), 1)
+
+
+def _class_names(cfg: Config) -> list[str] | None:
+    """Names for the logits, when the dataset gives them (else only the count is known)."""
+    if cfg.data.dataset == "digits":
+        return [str(i) for i in range(10)]
+    if cfg.data.dataset == "cifar10":
+        return list(CIFAR10_CLASSES)
+    root = Path(cfg.data.root or "")
+    if cfg.data.dataset == "imagefolder" and (root / "train").is_dir():
+        return sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    meta = root / "cifar-100-python" / "meta"
+    if cfg.data.dataset == "cifar100" and meta.is_file():
+        import pickle
+        with open(meta, "rb") as fh:  # the dataset's own file, read as torchvision reads it
+            return list(pickle.load(fh, encoding="latin1")["fine_label_names"])
+    return None
+
+
+def _size(model: nn.Module, shape: Sequence[int]) -> dict[str, int]:
+    from .surgery import conv_params, total_macs
+
+    return {"params": sum(p.numel() for p in model.parameters()), "conv_params": conv_params(model),
+            "macs": total_macs(model, shape)}
+
+
+# ------------------------------------------------------------------------------------ the export
+
+
+def _write_role(role: str, model: nn.Module, formats: Sequence[str], shape: Sequence[int],
+                out_dir: Path) -> dict[str, Path]:
+    """Write one model (``role``: student or teacher) in each format; returns file name -> path."""
+    deployed = deploy_form(model)
+    writers = {"pt2": export_pt2, "onnx": export_onnx}
+    written = {}
+    for fmt in formats:
+        path = out_dir / FORMATS[fmt].format(role=role)
+        t0 = time.perf_counter()
+        writers[fmt](deployed, shape, path)
+        log.info("export: wrote %s (%.1fs)", path, time.perf_counter() - t0)
+        written[path.name] = path
+    return written
+
+
+def _check_role(model: nn.Module, files: dict[str, Path], split: EvalSplit,
+                threads: int | None) -> tuple[float, dict[str, dict[str, float]]]:
+    """Test accuracy of the in-toolkit model and, per written file, its accuracy and its largest
+    logit difference from that model on the whole test split."""
+    reference, acc = _evaluate(model, split)
+    checks = {}
+    for name, path in files.items():
+        logits, file_acc = _evaluate(_loaders(path.suffix.lstrip("."), threads)(path), split)
+        checks[name] = {"max_abs_diff": float((logits - reference).abs().max()), "test_accuracy": file_acc}
+    return acc, checks
+
+
+def _measure_role(role: str, model: nn.Module, files: dict[str, Path], shape: Sequence[int],
+                  plan: TimingPlan) -> dict[str, InferenceMeasurement]:
+    """Eager deploy form, the loaded ExportedProgram, and ONNX Runtime, on the same CPU threads."""
+    out = {"eager": measure_inference(model, shape, plan, name=role)}
+    for path in files.values():
+        if path.suffix == ".pt2":
+            module = torch.export.load(str(path)).module()
+            out["torch.export"] = measure_inference(module, shape, plan, name=role, deploy=False,
+                                                    runtime="torch.export")
+        elif path.suffix == ".onnx":
+            out["onnxruntime"] = measure_onnxruntime(path, shape, plan, role)
+    return out
+
+
+def _fastest(measured: dict[str, InferenceMeasurement]) -> dict[str, Any]:
+    best = min(measured, key=lambda k: measured[k].latency_ms_median)
+    rest = [measured[k].latency_ms_median for k in measured if k != best]
+    return {"runtime": best, "latency_ms": measured[best].latency_ms_median,
+            "margin_vs_next": (min(rest) / measured[best].latency_ms_median) if rest else None}
+
+
+def _input_card(run: RunModels, split: EvalSplit) -> dict[str, Any]:
+    c = run.config.data
+    return {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "shape": ["batch", *run.input_shape],
+            "color": "RGB" + (" (the grey digit replicated in 3 channels)" if c.dataset == "digits" else ""),
+            "image_size": c.image_size, "mean": list(split.mean), "std": list(split.std),
+            "preprocessing": f"resize to {c.image_size}x{c.image_size}, scale pixels to [0, 1] (divide by 255), "
+                             "then per channel x = (x - mean) / std"}
+
+
+def _model_card(run: RunModels, split: EvalSplit, files: dict[str, dict[str, Path]],
+                checked: dict[str, tuple[float, dict]], latency: dict[str, dict[str, InferenceMeasurement]],
+                line: str) -> dict[str, Any]:
+    """model.json: everything a deployer needs to feed the files images and to judge them."""
+    from .teacher import state_fingerprint
+
+    cfg = run.config
+    classes = _class_names(cfg)
+    with torch.no_grad():
+        n_classes = int(run.student(_example(run.input_shape)[0]).shape[1])
+    return {
+        "toolkit": {"name": "hpc_bkd", "version": __version__},
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "files": {role: sorted(f) for role, f in files.items()},
+        "input": _input_card(run, split),
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", n_classes], "meaning": "logits (argmax = class)",
+                   "num_classes": n_classes, "class_names": classes},
+        "model": {"arch": cfg.model.arch, "width": cfg.model.width, "dataset": cfg.data.dataset,
+                  "granularity": cfg.blocks.granularity, "blocks": len(run.blocks),
+                  "accepted_blocks": list(run.accepted), "student_depth": cfg.blocks.student_depth,
+                  "student_width": cfg.blocks.student_width},
+        "test_accuracy": {"student": checked["student"][0], "teacher": checked["teacher"][0],
+                          "images": sum(len(y) for _, y in split.batches)},
+        "checks": {role: c[1] for role, c in checked.items()},
+        "size": {"student": _size(run.student, run.input_shape), "teacher": _size(run.teacher, run.input_shape)},
+        "deploy_form": {role: {"batchnorms": count_batchnorms(m), "batchnorms_after_folding":
+                               count_batchnorms(deploy_form(m))} for role, m in
+                        (("student", run.student), ("teacher", run.teacher))},
+        "latency": {role: {k: v.to_dict() for k, v in m.items()} for role, m in latency.items()},
+        "fastest": {role: _fastest(m) for role, m in latency.items()},
+        "speed": line,
+        "teacher_fingerprint": state_fingerprint(run.teacher.state_dict()),
+    }
+
+
+def export_run(run_dir: str | Path, formats: Sequence[str] = tuple(FORMATS), include_teacher: bool = False,
+               plan: TimingPlan | None = None, out_dir: str | Path | None = None) -> ExportResult:
+    """Export a finished run's student (and, with ``include_teacher``, its teacher) to
+    ``<run_dir>/export/``, check every file against the in-toolkit model on the test split,
+    measure latency, and write model.json."""
+    formats = require_formats(formats)
+    run_dir = Path(run_dir)
+    _student_file(run_dir)  # the clear error before anything is loaded
+    run = load_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / FILES["export_dir"]
+    plan = plan or TimingPlan(batch_size=run.config.data.eval_batch_size, threads=run.config.run.threads or None)
+    split = load_eval_split(run.config)
+    models = {"student": run.student, "teacher": run.teacher}
+    roles = ("student", "teacher") if include_teacher else ("student",)
+    files = {role: _write_role(role, models[role], formats, run.input_shape, out) for role in roles}
+    checked = {role: _check_role(models[role], files.get(role, {}), split, plan.threads) for role in models}
+    latency = {role: _measure_role(role, m, files.get(role, {}), run.input_shape, plan) for role, m in models.items()}
+    line = compare(latency["teacher"]["eager"], latency["student"]["eager"]).line
+    card = _model_card(run, split, files, checked, latency, line)
+    _atomic(out / FILES["model_json"], lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
+    written = {name: str(path) for f in files.values() for name, path in f.items()}
+    diffs = {name: c["max_abs_diff"] for _, per in checked.values() for name, c in per.items()}
+    return ExportResult(str(run_dir), str(out), written, str(out / FILES["model_json"]), diffs, line)
+
+
+def _describe(result: ExportResult) -> str:
+    """What ``hpc-bkd export`` prints: the files, their check, and the measured speed."""
+    card = json.loads(Path(result.model_json).read_text())
+    lines = [f"export: {result.export_dir}/ ({', '.join(sorted(Path(p).name for p in result.files))}, "
+             f"{FILES['model_json']})"]
+    for name, diff in sorted(result.max_abs_diff.items()):
+        role = name.split(".")[0]
+        acc = card["checks"][role][name]["test_accuracy"]
+        lines.append(f"  {name}: test accuracy {acc:.2f}%, max |logit - in-toolkit {role}| {diff:.2e}")
+    for role, runtimes in card["latency"].items():
+        figures = ", ".join(f"{k} {v['latency_ms_median']:.3f} ms" for k, v in runtimes.items())
+        fastest = card["fastest"][role]["runtime"]
+        lines.append(f"  {role} batch-1 latency: {figures} (fastest: {fastest})")
+    lines.append(f"  {result.line}")
+    return "\n".join(lines)
+
+
+def export_main(run_dir: Path, formats: Sequence[str], include_teacher: bool) -> ExportResult:
+    """``hpc-bkd export --run-dir DIR [--formats pt2,onnx] [--teacher]``: export and print a summary."""
+    result = export_run(run_dir, formats, include_teacher)
+    print(_describe(result), flush=True)
+    return result
