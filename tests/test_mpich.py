@@ -112,3 +112,18 @@ def test_srun_cleanup_command_quotes_the_interpreter():
     line = mpich.srun_cleanup_command("/path with space/python")
     assert line.startswith("srun --ntasks-per-node=1 ") and "--mpi=none" in line
     assert line.endswith("'/path with space/python' -m hpc_bkd.launch.mpich cleanup")
+
+
+def test_submitit_slurm_parameters_wrap_the_main_step_in_the_cleanup():
+    from hpc_bkd.launch.submitit_backend import _slurm_parameters
+
+    common = dict(job_name="j", nodes=2, tasks_per_node=4, gpus_per_task=0, cpus_per_task=None, partition=None,
+                  time_min=10, mpi="pmi2", signal_delay_s=120, setup=["module load x"], sbatch={"account": "p"},
+                  srun_args=())
+    params = _slurm_parameters(**common, shm_cleanup=True)
+    assert params["setup"][0] == "module load x" and "hpc_bkd.launch.mpich cleanup" in params["setup"][-1]
+    assert "hpc_bkd.launch.mpich cleanup" in params["teardown"][1]
+    assert "gpus_per_task" not in params and params["srun_args"] == ["--mpi=pmi2"]
+    assert params["additional_parameters"] == {"requeue": True, "account": "p"}
+    params = _slurm_parameters(**common, shm_cleanup=False)
+    assert params["setup"] == ["module load x"] and "teardown" not in params

@@ -20,6 +20,7 @@ from .submitit_backend import EXECUTORS, LaunchError, report, submit
 
 
 def _kv(text: str) -> tuple[str, str]:
+    """``--sbatch account=proj`` -> ("account", "proj"); dashes become underscores as submitit wants."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. account=myproj")
     key, value = text.split("=", 1)
@@ -27,6 +28,7 @@ def _kv(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``submit`` command: the job options every hpc_bkd CLI shares, then the scheduler's."""
     parser = argparse.ArgumentParser(prog="python -m hpc_bkd.launch",
                                      description="Submit hpc_bkd jobs through submitit (SLURM or local).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Submit, print where to look, and with --wait the outcome; exit codes as in hpc_bkd.cli_args."""
     args = build_parser().parse_args(argv)
     from ..config import ConfigError
 

@@ -27,8 +27,8 @@ import argparse
 import os
 import shlex
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 SHM_DIR = Path("/dev/shm")
 PREFIXES = ("mpich_shm_", "mpich_vci_")

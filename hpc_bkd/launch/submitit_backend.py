@@ -64,8 +64,9 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import Any, NoReturn
 
 from ..cli_args import EXIT_FAILED, EXIT_INTERRUPTED
 from . import submitit_compat as compat
@@ -205,6 +206,37 @@ def _abort_with_result(env: Any, comm: Any) -> NoReturn:
 # ------------------------------------------------------------------------------- submission
 
 
+def _slurm_parameters(*, job_name: str, nodes: int, tasks_per_node: int, gpus_per_task: int,
+                      cpus_per_task: int | None, partition: str | None, time_min: float, mpi: str | None,
+                      signal_delay_s: int, setup: Sequence[str], sbatch: Mapping[str, Any] | None,
+                      srun_args: Sequence[str], shm_cleanup: bool) -> dict[str, Any]:
+    """``SlurmExecutor.update_parameters`` keywords for :func:`make_executor` (same meanings).
+
+    Options left at "none" are left out rather than sent empty: a CPU-only partition rejects any
+    GPU request, even of zero GPUs.
+    """
+    params: dict[str, Any] = {
+        "job_name": job_name, "nodes": nodes, "ntasks_per_node": tasks_per_node,
+        "time": max(1, math.ceil(time_min)), "signal_delay_s": signal_delay_s,
+        "srun_args": [*([f"--mpi={mpi}"] if mpi else []), *srun_args],
+        # scontrol requeue needs a requeueable job; keep one log across requeues
+        "additional_parameters": {"requeue": True, **dict(sbatch or {})},
+    }
+    if partition:
+        params["partition"] = partition
+    if gpus_per_task:
+        params["gpus_per_task"] = gpus_per_task
+    if cpus_per_task:
+        params["cpus_per_task"] = cpus_per_task
+    before, after = shm_cleanup_lines() if shm_cleanup else ([], [])
+    lines = [*setup, *before]
+    if lines:
+        params["setup"] = lines
+    if after:
+        params["teardown"] = after
+    return params
+
+
 def make_executor(executor: str = "auto", folder: str | os.PathLike = "submitit/%j", *, nodes: int = 1,
                   tasks_per_node: int = 1, gpus_per_task: int = 0, cpus_per_task: int | None = None,
                   partition: str | None = None, time_min: float = 60, job_name: str = "hpc_bkd",
@@ -235,27 +267,11 @@ def make_executor(executor: str = "auto", folder: str | os.PathLike = "submitit/
     if min(nodes, tasks_per_node) < 1 or gpus_per_task < 0 or time_min <= 0:
         raise LaunchError("nodes and tasks_per_node must be >= 1, gpus_per_task >= 0, time_min > 0")
     if executor == "slurm":
-        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
-        params: dict[str, Any] = {
-            "job_name": job_name, "nodes": nodes, "ntasks_per_node": tasks_per_node,
-            "time": max(1, math.ceil(time_min)), "signal_delay_s": signal_delay_s,
-            "srun_args": [*([f"--mpi={mpi}"] if mpi else []), *srun_args],
-            # scontrol requeue needs a requeueable job; keep one log across requeues
-            "additional_parameters": {"requeue": True, **dict(sbatch or {})},
-        }
-        if partition:
-            params["partition"] = partition
-        if gpus_per_task:
-            params["gpus_per_task"] = gpus_per_task
-        if cpus_per_task:
-            params["cpus_per_task"] = cpus_per_task
-        before, after = shm_cleanup_lines() if shm_cleanup else ([], [])
-        lines = [*setup, *before]
-        if lines:
-            params["setup"] = lines
-        if after:
-            params["teardown"] = after
-        ex.update_parameters(**params)
+        ex: Any = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=max_requeues)
+        ex.update_parameters(**_slurm_parameters(
+            job_name=job_name, nodes=nodes, tasks_per_node=tasks_per_node, gpus_per_task=gpus_per_task,
+            cpus_per_task=cpus_per_task, partition=partition, time_min=time_min, mpi=mpi,
+            signal_delay_s=signal_delay_s, setup=setup, sbatch=sbatch, srun_args=srun_args, shm_cleanup=shm_cleanup))
         return ex
     if nodes != 1 or tasks_per_node != 1:
         raise LaunchError(
@@ -264,8 +280,8 @@ def make_executor(executor: str = "auto", folder: str | os.PathLike = "submitit/
             "here, `mpirun -np N python -m hpc_bkd run ...` for several ranks on this machine, or "
             "executor='slurm' (srun gives the tasks one MPI world).")
     if executor == "debug":
-        return submitit.DebugExecutor(folder=folder)
-    ex = submitit.LocalExecutor(folder=folder, max_num_timeout=max_requeues)
+        return submitit.DebugExecutor(folder=str(folder))
+    ex = submitit.LocalExecutor(folder=str(folder), max_num_timeout=max_requeues)
     ex.update_parameters(timeout_min=time_min, nodes=1, tasks_per_node=1, gpus_per_node=gpus_per_task,
                          signal_delay_s=signal_delay_s, **({"setup": list(setup)} if setup else {}))
     return ex

@@ -220,7 +220,9 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 JobRequeue=1
 MinJobAge=300
-KillWait=5
+# SIGTERM to SIGKILL: SLURM's default. Ranks save and exit within seconds, but on a loaded
+# 2-core machine that can exceed 5 s, and a SIGKILLed batch script loses its last log lines
+KillWait=30
 MailProg=/bin/true
 NodeName=$H NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
 PartitionName=$PART Nodes=$H Default=YES DefaultTime=30 MaxTime=INFINITE OverSubscribe=YES State=UP
