@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import TeamModel, costs_from_json, make_plan
+    from .plan import TeamModel, costs_from_json, describe_plan, make_plan
 
     if args.costs:
         costs = costs_from_json(args.costs)
@@ -63,31 +63,27 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = job_config(args)
     ranks = args.ranks or MPI.COMM_WORLD.size
-    out = plan_only(cfg, ranks)
+    preview = plan_only(cfg, ranks)
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(preview.to_json(), indent=2))
         return EXIT_OK
-    plan = out["plan"]
-    print(f"{out['arch']}: {len(out['blocks'])} blocks ({out['granularity']} granularity), costs from {out['cost_model']}")
+    print(f"{preview.arch}: {len(preview.blocks)} blocks ({preview.granularity} granularity), "
+          f"costs from {preview.costs.cost_model}")
     print(f"{'block':>5} {'name':<28} {'in':>14} {'out':>14} {'params':>10} {'MMACs':>9} {'teacher s':>9} {'student s':>9}")
-    for b, c in zip(out["blocks"], plan["costs"]):
-        print(f"{b['index']:>5} {b['name'][:28]:<28} {'x'.join(map(str, b['in_shape'])):>14} "
-              f"{'x'.join(map(str, b['out_shape'])):>14} {b['params']:>10,} {b['macs'] / 1e6:>9.2f} "
-              f"{c['teacher']:>9.4f} {c['student']:>9.4f}")
-    print(f"\nassignment for {ranks} rank(s) ({plan['method']}{', optimal' if plan['optimal'] else ''}):")
-    for members in plan["teams"]:
-        blocks, load = plan["assignment"][members[0]], plan["predicted"][members[0]]
-        who = f"rank {members[0]}" if len(members) == 1 else f"ranks {members[0]}-{members[-1]} (team, batch split)"
-        print(f"  {who}: predicted {load:.4f}s/batch  blocks {','.join(map(str, blocks)) or '(idle)'}")
-    print(f"makespan {plan['makespan']:.4f}s/batch, lower bound {plan['lower_bound']:.4f}, one rank "
-          f"{plan['sequential']:.4f}: predicted speedup {plan['predicted_speedup']:.2f}x")
-    for members, share in sorted(out["member_share"].items()):
+    for b, c in zip(preview.blocks, preview.plan.costs):
+        print(f"{b.index:>5} {b.name[:28]:<28} {'x'.join(map(str, b.in_shape)):>14} "
+              f"{'x'.join(map(str, b.out_shape)):>14} {b.params:>10,} {b.macs / 1e6:>9.2f} "
+              f"{c.teacher:>9.4f} {c.student:>9.4f}")
+    print(f"\nassignment for {ranks} rank(s):")
+    print("\n".join(describe_plan(preview.plan)))
+    for members, share in sorted(preview.costs.member_share.items()):
         print(f"a member of a {members}-rank team measured at {share:.2f} of one rank's time (before communication)")
     return EXIT_OK
 
 
 def _cmd_train_teacher(args: argparse.Namespace) -> int:
     from .data import load_data
+    from .rundir import RunDir
     from .runtime import Interrupted, init_runtime, install_stop_handlers, setup_logging
     from .teacher import accuracy, get_teacher
 
@@ -98,12 +94,12 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
     status = 0
     if rt.is_root:
         data = load_data(cfg.data, cfg.run.seed)
-        run_dir = Path(cfg.run.dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = RunDir(cfg.run.dir)
+        run_dir.create()
         try:
             teacher, info = get_teacher(cfg, data, run_dir, rt.device)
             print(f"teacher {cfg.model.arch} ({info['source']}): test acc "
-                  f"{accuracy(teacher, data, 'test', cfg.data.eval_batch_size):.2f}%, cached at {run_dir / 'teacher.pt'}")
+                  f"{accuracy(teacher, data, 'test', cfg.data.eval_batch_size):.2f}%, cached at {run_dir.teacher}")
         except Interrupted:
             status = EXIT_INTERRUPTED
     return rt.bcast(status)
@@ -112,9 +108,10 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from . import checkpoint
+    from . import atomic_io
     from .data import load_data
     from .models import build_model
+    from .rundir import RunDir
     from .students import build_student
     from .surgery import find_blocks, replace_blocks
     from .teacher import accuracy, get_teacher
@@ -124,9 +121,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     path = run_dir / "student.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `hpc-bkd run --run-dir {run_dir}` first")
-    saved = checkpoint.load(path)
+    saved = atomic_io.load(path)
     data = load_data(cfg.data, cfg.run.seed)
-    teacher, _ = get_teacher(cfg, data, run_dir, torch.device("cpu"))
+    teacher, _ = get_teacher(cfg, data, RunDir(run_dir), torch.device("cpu"))
     blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
     b = cfg.blocks
     student = build_model(cfg.model.arch, data.num_classes, cfg.model.width)
@@ -225,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except Exception as exc:
         from .data import DataError
-        from .distill import RunDirConflict
+        from .rundir import RunDirConflict
         from .teacher import TeacherMismatchError
 
         clear = isinstance(exc, (DataError, TeacherMismatchError, RunDirConflict, FileNotFoundError, ValueError))
