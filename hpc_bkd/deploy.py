@@ -92,6 +92,7 @@ class TimingPlan:
     throughput_runs: int = 6   # timed large-batch forwards
     throughput_warmup: int = 2
     probe_runs: int = 10       # batch-1 forwards per layout when choosing the layout
+    throughput_probe_runs: int = 2  # large-batch forwards per layout when choosing its layout
     threads: int | None = None  # CPU threads (None: torch's current setting)
 
 
@@ -105,8 +106,10 @@ class InferenceMeasurement:
     device_name: str              # CPU model or GPU name
     threads: int                  # CPU threads used
     timer: str                    # perf_counter | cuda events
-    layout: str                   # contiguous | channels_last (the faster, when probed)
+    layout: str                   # batch 1: contiguous | channels_last (the faster, when probed)
     layout_probe_ms: dict[str, float]  # batch-1 median per layout tried
+    throughput_layout: str        # the same choice at the throughput batch (it can differ)
+    throughput_layout_probe_ms: dict[str, float]
     input_shape: tuple[int, ...]  # C, H, W
     latency_runs: int
     latency_ms_median: float      # batch 1
@@ -269,38 +272,48 @@ def _as_layout(model: nn.Module, x: torch.Tensor, layout: str) -> tuple[nn.Modul
     return model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
 
 
-def _probe_layouts(model: nn.Module, x1: torch.Tensor, plan: TimingPlan, device: torch.device,
-                   layouts: Sequence[str]) -> tuple[str, dict[str, float]]:
-    """The layout with the lowest batch-1 median among ``layouts`` (a short run each)."""
+def _probe_layouts(model: nn.Module, x: torch.Tensor, runs: int, warmup: int,
+                   device: torch.device) -> tuple[str, dict[str, float]]:
+    """The layout in which ``model`` runs batch ``x`` fastest (median of a short run per layout)."""
     def timed(layout: str) -> float:
-        m, x = _as_layout(model, x1, layout)
-        with torch.inference_mode():
-            return statistics.median(forward_times(lambda: m(x), plan.probe_runs, 3, device))
+        m, xl = _as_layout(model, x, layout)
+        return statistics.median(forward_times(lambda: m(xl), runs, warmup, device))
 
-    probe = {layout: timed(layout) for layout in layouts}
+    probe = {layout: timed(layout) for layout in LAYOUTS}
     return min(probe, key=probe.__getitem__), probe
 
 
-def measure_callable(run: Callable[[Any], object], make_input: Callable[[int], Any], input_shape: Sequence[int],
-                     plan: TimingPlan, *, name: str, runtime: str, device: torch.device | str = "cpu",
-                     layout: str = "contiguous", layout_probe_ms: dict[str, float] | None = None
-                     ) -> InferenceMeasurement:
-    """Time ``run(make_input(batch))`` at batch 1 and at ``plan.batch_size``; any runtime (eager
-    PyTorch, an exported program, an ONNX Runtime session) goes through this one path."""
+@dataclass(frozen=True)
+class Layouts:
+    """The memory layout used at batch 1 and at the throughput batch, and the probes behind them."""
+
+    latency: str = "contiguous"
+    throughput: str = "contiguous"
+    latency_probe_ms: dict[str, float] = field(default_factory=dict)
+    throughput_probe_ms: dict[str, float] = field(default_factory=dict)
+
+
+def measure_callable(latency_run: Callable[[], object], throughput_run: Callable[[], object],
+                     input_shape: Sequence[int], plan: TimingPlan, *, name: str, runtime: str,
+                     device: torch.device | str = "cpu", layouts: Layouts = Layouts()) -> InferenceMeasurement:
+    """Time ``latency_run`` (one batch-1 forward) and ``throughput_run`` (one forward of
+    ``plan.batch_size`` images); every runtime (eager PyTorch, an exported program, an ONNX Runtime
+    session) goes through this one path, so their figures mean the same thing."""
     device = torch.device(device)
     with cpu_threads(plan.threads) as threads:
-        x1, xb = make_input(1), make_input(plan.batch_size)
-        lat = forward_times(lambda: run(x1), plan.runs, plan.warmup, device)
-        thr_ms = forward_times(lambda: run(xb), plan.throughput_runs, plan.throughput_warmup, device)
+        lat = forward_times(latency_run, plan.runs, plan.warmup, device)
+        thr_ms = forward_times(throughput_run, plan.throughput_runs, plan.throughput_warmup, device)
     ips = [plan.batch_size * 1e3 / t for t in thr_ms]
     lat_halves, ips_halves = _halves(lat), _halves(ips)
     return InferenceMeasurement(
         name=name, runtime=runtime, device=str(device), device_name=device_name(device), threads=threads,
-        timer="cuda events" if device.type == "cuda" else "perf_counter", layout=layout,
-        layout_probe_ms=dict(layout_probe_ms or {}), input_shape=tuple(input_shape), latency_runs=len(lat),
-        latency_ms_median=statistics.median(lat), latency_ms_p90=_p90(lat), latency_halves_ms=lat_halves,
-        throughput_batch=plan.batch_size, throughput_runs=len(ips), throughput_ips=statistics.median(ips),
-        throughput_halves_ips=ips_halves, noisy=_disagree(lat_halves) or _disagree(ips_halves))
+        timer="cuda events" if device.type == "cuda" else "perf_counter", layout=layouts.latency,
+        layout_probe_ms=dict(layouts.latency_probe_ms), throughput_layout=layouts.throughput,
+        throughput_layout_probe_ms=dict(layouts.throughput_probe_ms), input_shape=tuple(input_shape),
+        latency_runs=len(lat), latency_ms_median=statistics.median(lat), latency_ms_p90=_p90(lat),
+        latency_halves_ms=lat_halves, throughput_batch=plan.batch_size, throughput_runs=len(ips),
+        throughput_ips=statistics.median(ips), throughput_halves_ips=ips_halves,
+        noisy=_disagree(lat_halves) or _disagree(ips_halves))
 
 
 def random_input(input_shape: Sequence[int], batch: int, device: torch.device | str = "cpu",
@@ -310,24 +323,34 @@ def random_input(input_shape: Sequence[int], batch: int, device: torch.device | 
     return x.to(device).contiguous(memory_format=LAYOUTS[layout])
 
 
+def choose_layouts(model: nn.Module, input_shape: Sequence[int], plan: TimingPlan,
+                   device: torch.device) -> Layouts:
+    """The faster layout at batch 1 and at the throughput batch, each by a short measurement
+    (depthwise and 1x1 convolutions, for one, favour channels-last on CPU at some sizes only)."""
+    with cpu_threads(plan.threads), torch.inference_mode():
+        lat, lat_probe = _probe_layouts(model, random_input(input_shape, 1, device), plan.probe_runs, 3, device)
+        thr, thr_probe = _probe_layouts(model, random_input(input_shape, plan.batch_size, device),
+                                        plan.throughput_probe_runs, 1, device)
+    return Layouts(lat, thr, lat_probe, thr_probe)
+
+
 def measure_inference(model: nn.Module, input_shape: Sequence[int], plan: TimingPlan = TimingPlan(), *,
                       name: str = "model", device: torch.device | str = "cpu", layout: str = "auto",
                       deploy: bool = True, runtime: str = "eager") -> InferenceMeasurement:
     """Batch-1 latency and large-batch throughput of ``model`` (its deploy form unless
-    ``deploy=False``) on ``device``, in ``layout`` or, with ``"auto"``, the faster of the two
-    layouts at batch 1 on this device."""
+    ``deploy=False``; ``model`` itself is never changed) on ``device``, in ``layout`` or, with
+    ``"auto"``, in the faster of the two layouts for each batch size on this device."""
     device = torch.device(device)
-    model = (deploy_form(model) if deploy else copy.deepcopy(model)).to(device)  # layouts change the copy only
     if layout not in (*LAYOUTS, "auto"):
         raise ValueError(f"unknown layout {layout!r}; valid: auto, {', '.join(LAYOUTS)}")
-    probe: dict[str, float] = {}
-    if layout == "auto":
-        with cpu_threads(plan.threads):
-            layout, probe = _probe_layouts(model, random_input(input_shape, 1, device), plan, device, list(LAYOUTS))
-    model, _ = _as_layout(model, random_input(input_shape, 1, device), layout)
+    model = (deploy_form(model) if deploy else copy.deepcopy(model)).to(device)  # layouts change the copy only
+    chosen = choose_layouts(model, input_shape, plan, device) if layout == "auto" else Layouts(layout, layout)
+    m1, x1 = _as_layout(model, random_input(input_shape, 1, device), chosen.latency)
+    mb = m1 if chosen.throughput == chosen.latency else copy.deepcopy(m1)
+    mb, xb = _as_layout(mb, random_input(input_shape, plan.batch_size, device), chosen.throughput)
     with torch.inference_mode():  # entered once: no per-forward context cost in the figures
-        return measure_callable(model, lambda b: random_input(input_shape, b, device, layout), input_shape, plan,
-                                name=name, runtime=runtime, device=device, layout=layout, layout_probe_ms=probe)
+        return measure_callable(lambda: m1(x1), lambda: mb(xb), input_shape, plan, name=name, runtime=runtime,
+                                device=device, layouts=chosen)
 
 
 # ------------------------------------------------------------------------------------ comparison

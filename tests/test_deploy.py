@@ -3,7 +3,6 @@
 No assertion here depends on how fast anything ran: timings vary from machine to machine and run
 to run; only what is measured, and how it is reported, is checked.
 """
-import dataclasses
 import json
 
 import pytest
@@ -105,6 +104,8 @@ def test_measure_inference_reports_every_field():
     assert m.device_name and m.device_name == deploy.cpu_model()
     assert m.layout in LAYOUTS and set(m.layout_probe_ms) == set(LAYOUTS)
     assert m.layout == min(m.layout_probe_ms, key=m.layout_probe_ms.get), "the faster layout is chosen"
+    assert set(m.throughput_layout_probe_ms) == set(LAYOUTS)
+    assert m.throughput_layout == min(m.throughput_layout_probe_ms, key=m.throughput_layout_probe_ms.get)
     assert m.latency_runs >= 50 and m.throughput_batch == 8 and m.throughput_runs == 4
     assert 0 < m.latency_ms_median <= m.latency_ms_p90 and m.throughput_ips > 0
     assert len(m.latency_halves_ms) == 2 and len(m.throughput_halves_ips) == 2 and isinstance(m.noisy, bool)
@@ -112,7 +113,7 @@ def test_measure_inference_reports_every_field():
     again = InferenceMeasurement.from_dict(json.loads(json.dumps(m.to_dict())))
     assert again == m
     fixed = measure_inference(model, SHAPE, QUICK, layout="channels_last")
-    assert fixed.layout == "channels_last" and fixed.layout_probe_ms == {}
+    assert fixed.layout == fixed.throughput_layout == "channels_last" and fixed.layout_probe_ms == {}
     with pytest.raises(ValueError, match="valid: auto"):
         measure_inference(model, SHAPE, QUICK, layout="nhwc")
 
@@ -122,18 +123,18 @@ def test_noisy_when_halves_disagree():
     calls = iter(range(10_000))
     second_half = QUICK.warmup + QUICK.runs // 2  # the index of the first call of the second half
 
-    def slow_second_half(x: object) -> int:
+    def slow_second_half() -> int:
         return sum(range(200_000 if next(calls) >= second_half else 1))
 
-    m = measure_callable(slow_second_half, lambda b: None, SHAPE, dataclasses.replace(QUICK, throughput_runs=2),
-                         name="fake", runtime="eager")
+    m = measure_callable(slow_second_half, lambda: None, SHAPE, QUICK, name="fake", runtime="eager")
     assert m.noisy and m.latency_halves_ms[1] > 1.1 * m.latency_halves_ms[0]
     assert deploy._disagree((1.0, 1.11)) and not deploy._disagree((1.0, 1.09))
 
 
 def _fake(latency_ms: float, ips: float, noisy: bool = False) -> InferenceMeasurement:
-    return InferenceMeasurement("m", "eager", "cpu", "Some CPU", 1, "perf_counter", "contiguous", {}, SHAPE, 50,
-                                latency_ms, latency_ms * 1.2, (latency_ms, latency_ms), 256, 6, ips, (ips, ips), noisy)
+    return InferenceMeasurement("m", "eager", "cpu", "Some CPU", 1, "perf_counter", "contiguous", {}, "contiguous", {},
+                                SHAPE, 50, latency_ms, latency_ms * 1.2, (latency_ms, latency_ms), 256, 6, ips,
+                                (ips, ips), noisy)
 
 
 def test_speed_line_says_slower_and_faster_honestly():

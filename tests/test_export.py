@@ -111,6 +111,7 @@ def test_model_json_has_what_a_deployer_needs(tiny_run: Path, exported):
     assert set(card["latency"]["teacher"]) == {"eager", "torch.export", "onnxruntime"}
     assert card["latency"]["student"]["eager"]["latency_runs"] >= 50
     assert card["speed"] == exported.line and exported.line.startswith("student is ")
+    assert set(card["speed_by_runtime"]) == {"eager", "torch.export", "onnxruntime"}
     for role in ("student", "teacher"):
         acc = card["test_accuracy"][role]
         for name, check in card["checks"][role].items():
