@@ -14,10 +14,14 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
+def write_atomically(path: str | Path, write: Callable[[str], object], keep_suffix: bool = False) -> None:
+    """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it over ``path``.
+    ``keep_suffix``: the temporary name ends like ``path`` (writers that pick a format by suffix:
+    matplotlib, torch.export, the ONNX exporter)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    suffix = path.suffix if keep_suffix else ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared like any file
     try:
@@ -33,7 +37,7 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
 
 def save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temp file in the same directory, then rename over ``path``."""
-    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load(path: str | Path) -> Any:
@@ -68,7 +72,7 @@ def write_text(path: str | Path, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
-    _atomic(Path(path), write)
+    write_atomically(path, write)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -77,5 +81,5 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def savefig(fig: Any, path: str | Path) -> None:
     """Save a matplotlib figure atomically (the temp file keeps the .png suffix for the backend)."""
-    _atomic(Path(path), lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120,
-                                                bbox_inches="tight"))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120,
+                                                   bbox_inches="tight"))

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "need no BatchNorm communication)")
     p = sub.add_parser("distill", help="distill and assemble the student, without end-to-end fine-tuning")
     add_job_arguments(p)
-    p = sub.add_parser("evaluate", help="test accuracy of the teacher and the saved student of a run directory")
+    p = sub.add_parser("evaluate", help="test accuracy and deploy-form inference speed of a run's teacher and student (JSON)")
     add_job_arguments(p)
     p = sub.add_parser("export", help="write a finished run's student (and teacher) as torch.export / ONNX files "
                                       "under <run dir>/export, for use without hpc_bkd")
@@ -106,32 +106,25 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import atomic_io
+    """Test accuracy and deploy-form inference speed of a run's teacher and student (JSON)."""
     from .data import load_data
-    from .models import build_model
-    from .rundir import RunDir
-    from .students import build_student
-    from .surgery import find_blocks, replace_blocks
-    from .teacher import accuracy, get_teacher
+    from .deploy import TimingPlan, measure_models
+    from .export import load_run
+    from .runtime import init_runtime
+    from .teacher import accuracy
 
     cfg = job_config(args)
-    run_dir = Path(cfg.run.dir)
-    path = run_dir / "student.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `hpc-bkd run --run-dir {run_dir}` first")
-    saved = atomic_io.load(path)
-    data = load_data(cfg.data, cfg.run.seed)
-    teacher, _ = get_teacher(cfg, data, RunDir(run_dir), torch.device("cpu"))
-    blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
-    b = cfg.blocks
-    student = build_model(cfg.model.arch, data.num_classes, cfg.model.width)
-    replace_blocks(student, {i: build_student(blocks[i], b.student_depth, b.student_width)
-                             for i in saved["accepted_blocks"]}, blocks)
-    student.load_state_dict(saved["state_dict"])
-    result = {"teacher_test_acc": accuracy(teacher, data, "test"), "student_test_acc": accuracy(student, data, "test"),
-              "accepted_blocks": saved["accepted_blocks"]}
+    run = load_run(cfg.run.dir)
+    rt = init_runtime("cpu", cfg.run.threads)
+    data = load_data(run.config.data, run.config.run.seed)
+    speed = measure_models(run.teacher, run.student, run.input_shape,
+                           TimingPlan(batch_size=run.config.data.eval_batch_size, threads=rt.threads))
+    c = speed.models
+    result = {"teacher_test_acc": accuracy(run.teacher, data, "test"),
+              "student_test_acc": accuracy(run.student, data, "test"), "accepted_blocks": list(run.accepted),
+              "teacher_latency_ms": c.teacher.latency_ms_median, "student_latency_ms": c.student.latency_ms_median,
+              "teacher_images_per_s": c.teacher.throughput_ips, "student_images_per_s": c.student.throughput_ips,
+              "speed": c.line}
     print(json.dumps(result, indent=2))
     return EXIT_OK
 

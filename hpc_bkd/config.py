@@ -174,6 +174,14 @@ class RunConfig:
     threads: int = 0
     # Seconds between progress lines per rank (a tqdm bar is shown instead on a terminal).
     log_interval_s: float = 10.0
+    # Measure the teacher's and the student's inference speed (and each replaced block's) in deploy
+    # form (BatchNorm folded, the faster memory layout) at the end of a run, on the run's device.
+    measure_inference: bool = True
+    # Export the student at the end of a run into <run.dir>/export/ (as `hpc-bkd export` does).
+    export: bool = True
+    # Formats of that export: pt2 (torch.export program), onnx (checked with ONNX Runtime; needs the
+    # export extra: pip install -e '.[export]').
+    export_formats: list[str] = field(default_factory=lambda: ["pt2", "onnx"])
 
 
 @dataclass
@@ -193,6 +201,7 @@ class Config:
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
 DEFAULT_CONFIG = "digits-vgg16"
+EXPORT_FORMATS = ("pt2", "onnx")
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -220,6 +229,11 @@ def _coerce(section: str, key: str, hint: Any, value: Any) -> Any:
     """Check ``value`` against the field's type hint; convert ints to floats where expected."""
     where = f"{section}.{key}"
     origin, args = get_origin(hint), get_args(hint)
+    if origin is list:  # of strings: a YAML list, or "a,b" from --set
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return [v.strip() for v in items if v.strip()]
     if origin is Literal:
         if isinstance(value, bool) and "off" in args:  # YAML reads an unquoted off (and on) as a bool
             value = "on" if value else "off"
@@ -277,6 +291,9 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
     if not 0.0 < cfg.distill.lr_decay <= 1.0:
         raise ConfigError(f"distill.lr_decay: must be in (0, 1], got {cfg.distill.lr_decay}")
+    unknown = sorted(set(cfg.run.export_formats) - set(EXPORT_FORMATS))
+    if unknown:
+        raise ConfigError(f"run.export_formats: unknown {', '.join(unknown)}; valid: {', '.join(EXPORT_FORMATS)}")
     if cfg.data.dataset in ("cifar10", "cifar100", "imagefolder") and not cfg.data.root:
         raise ConfigError(f"data.root: required for dataset {cfg.data.dataset!r} (a local directory)")
 
@@ -355,8 +372,9 @@ def describe_keys() -> str:
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
         comments = _field_comments(cls)
+        defaults = cls()
         for f in fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
             lines += [f"  # {c}" for c in comments.get(f.name, [])]
-            lines.append(f"  {f.name}: {yaml.safe_dump(default).splitlines()[0]}")
+            value = yaml.safe_dump(getattr(defaults, f.name), default_flow_style=True).splitlines()[0]
+            lines.append(f"  {f.name}: {value}")
     return "\n".join(lines)

@@ -21,12 +21,12 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .records import BlockInference, Comparison, InferenceMeasurement, InferenceReport
 from .surgery import BlockSpec
 
 log = logging.getLogger("hpc_bkd")
@@ -94,99 +94,6 @@ class TimingPlan:
     probe_runs: int = 10       # batch-1 forwards per layout when choosing the layout
     throughput_probe_runs: int = 2  # large-batch forwards per layout when choosing its layout
     threads: int | None = None  # CPU threads (None: torch's current setting)
-
-
-@dataclass(frozen=True)
-class InferenceMeasurement:
-    """One model's measured speed on one device and runtime."""
-
-    name: str
-    runtime: str                  # eager | torch.export | onnxruntime
-    device: str                   # cpu, cuda:0, ...
-    device_name: str              # CPU model or GPU name
-    threads: int                  # CPU threads used
-    timer: str                    # perf_counter | cuda events
-    layout: str                   # batch 1: contiguous | channels_last (the faster, when probed)
-    layout_probe_ms: dict[str, float]  # batch-1 median per layout tried
-    throughput_layout: str        # the same choice at the throughput batch (it can differ)
-    throughput_layout_probe_ms: dict[str, float]
-    input_shape: tuple[int, ...]  # C, H, W
-    latency_runs: int
-    latency_ms_median: float      # batch 1
-    latency_ms_p90: float
-    latency_halves_ms: tuple[float, float]  # median of each half of the samples
-    throughput_batch: int
-    throughput_runs: int
-    throughput_ips: float         # images per second at throughput_batch (median forward)
-    throughput_halves_ips: tuple[float, float]
-    noisy: bool                   # some pair of halves differs by more than NOISE_TOLERANCE
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> InferenceMeasurement:
-        tuples = {"input_shape", "latency_halves_ms", "throughput_halves_ips"}  # JSON gives lists
-        values: dict[str, Any] = {f.name: tuple(d[f.name]) if f.name in tuples else d[f.name] for f in fields(cls)}
-        return cls(**values)
-
-    def where(self) -> str:
-        """``cpu (AMD EPYC, 1 thread)``: the device as a summary line names it."""
-        if self.device.startswith("cuda"):
-            return f"{self.device} ({self.device_name})"
-        return f"{self.device} ({self.device_name}, {self.threads} thread{'s' if self.threads != 1 else ''})"
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """Teacher against student on the same device: the ratios and one honest sentence."""
-
-    teacher: InferenceMeasurement
-    student: InferenceMeasurement
-    speedup_batch1: float      # teacher latency / student latency (> 1: the student is faster)
-    speedup_throughput: float  # student images/s / teacher images/s
-    noisy: bool
-    line: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Comparison:
-        return cls(**{**d, "teacher": InferenceMeasurement.from_dict(d["teacher"]),
-                      "student": InferenceMeasurement.from_dict(d["student"])})
-
-
-@dataclass(frozen=True)
-class BlockInference:
-    """One block: the teacher's members against the student block, on the block's real input."""
-
-    index: int
-    name: str
-    in_shape: tuple[int, ...]
-    comparison: Comparison
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BlockInference:
-        return cls(d["index"], d["name"], tuple(d["in_shape"]), Comparison.from_dict(d["comparison"]))
-
-
-@dataclass(frozen=True)
-class InferenceReport:
-    """What a run reports about speed: the whole models and each replaced block."""
-
-    models: Comparison
-    blocks: tuple[BlockInference, ...] = field(default_factory=tuple)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"models": self.models.to_dict(), "blocks": [b.to_dict() for b in self.blocks]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> InferenceReport:
-        return cls(Comparison.from_dict(d["models"]), tuple(BlockInference.from_dict(b) for b in d["blocks"]))
 
 
 # ------------------------------------------------------------------------------------ timing

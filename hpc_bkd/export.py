@@ -19,18 +19,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, atomic_io
 from .config import Config, config_from_dict
 from .deploy import (
     InferenceMeasurement,
@@ -42,18 +40,13 @@ from .deploy import (
     measure_inference,
     random_input,
 )
-from .surgery import BlockSpec
+from .records import ExportResult
+from .rundir import RunDir
+from .surgery import BlockSpec, model_size
 
 log = logging.getLogger("hpc_bkd")
 
-# Every file name this module reads or writes, in one place (a RunDir class may own them later).
-FILES: dict[str, str] = {
-    "config": "config.json",      # cfg.to_dict() of the job
-    "teacher": "teacher.pt",      # the toolkit-trained teacher cache: {"state_dict", "identity"}
-    "student": "student.pt",      # {"state_dict", "accepted_blocks", "config"}
-    "export_dir": "export",       # under the run directory
-    "model_json": "model.json",   # under the export directory
-}
+MODEL_JSON = "model.json"  # under the export directory (``RunDir.export_dir``)
 FORMATS: dict[str, str] = {"pt2": "{role}.pt2", "onnx": "{role}.onnx"}  # format -> file name template
 EXTRA = "pip install -e '.[export]'"
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {"pt2": (), "onnx": ("onnx", "onnxruntime", "onnxscript")}
@@ -80,25 +73,6 @@ class RunModels:
     input_shape: tuple[int, int, int]
 
 
-@dataclass(frozen=True)
-class ExportResult:
-    """What ``export_run`` wrote and how closely the files reproduce the in-toolkit models."""
-
-    run_dir: str
-    export_dir: str
-    files: dict[str, str]           # file name -> path
-    model_json: str
-    max_abs_diff: dict[str, float]  # file name -> largest |exported - in-toolkit| logit on the test split
-    line: str                       # the teacher/student speed sentence
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ExportResult:
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
-
-
 # ------------------------------------------------------------------------------------ rebuilding
 
 
@@ -109,32 +83,34 @@ def require_formats(formats: Sequence[str]) -> tuple[str, ...]:
     if unknown or not formats:
         raise ValueError(f"unknown export format(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(FORMATS)}")
     for fmt in formats:
-        missing = [m for m in EXTRA_MODULES[fmt] if importlib.util.find_spec(m) is None]
-        if missing:
-            raise MissingExtraError(f"export format {fmt!r} needs {', '.join(missing)}, not installed: "
-                                    f"install the export extra with `{EXTRA}`")
+        why = missing_extra(fmt)
+        if why:
+            raise MissingExtraError(why)
     return formats
 
 
-def _load_weights(path: Path) -> Any:
-    """Tensors and plain containers only (``weights_only``): a run directory is data, not code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def missing_extra(fmt: str) -> str | None:
+    """Why ``fmt`` cannot be exported here (a package of the export extra is missing), or None."""
+    missing = [m for m in EXTRA_MODULES[fmt] if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return f"export format {fmt!r} needs {', '.join(missing)}, not installed: install the export extra with `{EXTRA}`"
 
 
-def _student_file(run_dir: Path) -> Path:
-    path = run_dir / FILES["student"]
+def _student_file(run_dir: RunDir) -> Path:
+    path = run_dir.student
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: no finished student in {run_dir}; run "
                                 f"`hpc-bkd run --run-dir {run_dir}` (or `hpc-bkd distill`) first")
     return path
 
 
-def _config(run_dir: Path, saved: dict[str, Any] | None) -> Config:
+def _config(run_dir: RunDir, saved: dict[str, Any] | None) -> Config:
     """The job's config: the one saved with the student, else config.json. Keys this version
     does not know (a run from another version) are dropped rather than refused."""
     raw = saved.get("config") if saved else None
     if raw is None:
-        path = run_dir / FILES["config"]
+        path = run_dir.config
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run `hpc-bkd run --run-dir {run_dir}` first")
         raw = json.loads(path.read_text())
@@ -150,11 +126,11 @@ def _num_classes(cfg: Config, state: dict[str, torch.Tensor]) -> int:
     return int([v for k, v in state.items() if k.endswith("weight") and v.dim() == 2][-1].shape[0])
 
 
-def _teacher_weights(run_dir: Path, cfg: Config) -> Path:
+def _teacher_weights(run_dir: RunDir, cfg: Config) -> Path:
     """The teacher this job distilled: ``teacher.checkpoint`` when set, else the run's cache."""
     if cfg.teacher.checkpoint and Path(cfg.teacher.checkpoint).is_file():
         return Path(cfg.teacher.checkpoint)
-    cache = run_dir / FILES["teacher"]
+    cache = run_dir.teacher
     if cache.is_file():
         return cache
     where = f"teacher.checkpoint={cfg.teacher.checkpoint!r} nor {cache}" if cfg.teacher.checkpoint else str(cache)
@@ -177,11 +153,11 @@ def load_run(run_dir: str | Path) -> RunModels:
     from .surgery import find_blocks, replace_blocks
     from .teacher import load_teacher_checkpoint
 
-    run_dir = Path(run_dir)
-    saved = _load_weights(_student_file(run_dir))
-    cfg = _config(run_dir, saved)
+    paths = RunDir(run_dir)
+    saved = atomic_io.load(_student_file(paths))
+    cfg = _config(paths, saved)
     classes, shape = _num_classes(cfg, saved["state_dict"]), _input_shape(cfg)
-    teacher = load_teacher_checkpoint(_teacher_weights(run_dir, cfg), build_model(cfg.model.arch, classes, cfg.model.width))
+    teacher = load_teacher_checkpoint(_teacher_weights(paths, cfg), build_model(cfg.model.arch, classes, cfg.model.width))
     blocks = find_blocks(teacher.eval(), shape, cfg.blocks.granularity)
     student = build_model(cfg.model.arch, classes, cfg.model.width)
     b = cfg.blocks
@@ -201,11 +177,10 @@ def load_teacher(run_dir: str | Path) -> nn.Module:
     from .models import build_model
     from .teacher import load_teacher_checkpoint
 
-    run_dir = Path(run_dir)
-    path = run_dir / FILES["student"]
-    cfg = _config(run_dir, _load_weights(path) if path.is_file() else None)
-    weights = _teacher_weights(run_dir, cfg)
-    state = _load_weights(weights)
+    paths = RunDir(run_dir)
+    cfg = _config(paths, atomic_io.load(paths.student) if paths.student.is_file() else None)
+    weights = _teacher_weights(paths, cfg)
+    state = atomic_io.load(weights)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     model = build_model(cfg.model.arch, _num_classes(cfg, state), cfg.model.width)
     return load_teacher_checkpoint(weights, model).eval()
@@ -222,26 +197,10 @@ def _batch_dim() -> tuple[dict[int, Any]]:
     return ({0: torch.export.Dim("batch", min=1)},)
 
 
-def _atomic(path: Path, write: Callable[[str], object]) -> None:
-    """Write through a temporary file in the same folder, then rename: a killed export never
-    leaves a half-written model behind. The temporary name keeps the suffix, which torch.export
-    and the ONNX exporter look at."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_pt2(model: nn.Module, shape: Sequence[int], path: Path) -> None:
     """``torch.export`` with a dynamic batch, saved atomically with ``torch.export.save``."""
     program = torch.export.export(model, _example(shape), dynamic_shapes=_batch_dim())
-    _atomic(path, lambda tmp: torch.export.save(program, tmp))
+    atomic_io.write_atomically(path, lambda tmp: torch.export.save(program, tmp), keep_suffix=True)
 
 
 def export_onnx(model: nn.Module, shape: Sequence[int], path: Path) -> None:
@@ -258,7 +217,7 @@ def export_onnx(model: nn.Module, shape: Sequence[int], path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(path)
     else:
-        _atomic(path, write)
+        atomic_io.write_atomically(path, write, keep_suffix=True)
     onnx.checker.check_model(str(path))
 
 
@@ -340,13 +299,6 @@ def _class_names(cfg: Config) -> list[str] | None:
         with open(meta, "rb") as fh:  # the dataset's own file, read as torchvision reads it
             return list(pickle.load(fh, encoding="latin1")["fine_label_names"])
     return None
-
-
-def _size(model: nn.Module, shape: Sequence[int]) -> dict[str, int]:
-    from .surgery import conv_params, total_macs
-
-    return {"params": sum(p.numel() for p in model.parameters()), "conv_params": conv_params(model),
-            "macs": total_macs(model, shape)}
 
 
 # ------------------------------------------------------------------------------------ the export
@@ -433,7 +385,8 @@ def _model_card(run: RunModels, split: EvalSplit, files: dict[str, dict[str, Pat
         "test_accuracy": {"student": checked["student"][0], "teacher": checked["teacher"][0],
                           "images": sum(len(y) for _, y in split.batches)},
         "checks": {role: c[1] for role, c in checked.items()},
-        "size": {"student": _size(run.student, run.input_shape), "teacher": _size(run.teacher, run.input_shape)},
+        "size": {role: vars(model_size(m, run.input_shape)) for role, m in (("student", run.student),
+                                                                              ("teacher", run.teacher))},
         "deploy_form": {role: {"batchnorms": count_batchnorms(m), "batchnorms_after_folding":
                                count_batchnorms(deploy_form(m))} for role, m in
                         (("student", run.student), ("teacher", run.teacher))},
@@ -452,10 +405,10 @@ def export_run(run_dir: str | Path, formats: Sequence[str] = tuple(FORMATS), inc
     ``<run_dir>/export/``, check every file against the in-toolkit model on the test split,
     measure latency, and write model.json."""
     formats = require_formats(formats)
-    run_dir = Path(run_dir)
-    _student_file(run_dir)  # the clear error before anything is loaded
-    run = load_run(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir / FILES["export_dir"]
+    paths = RunDir(run_dir)
+    _student_file(paths)  # the clear error before anything is loaded
+    run = load_run(paths.root)
+    out = Path(out_dir) if out_dir is not None else paths.export_dir
     plan = plan or TimingPlan(batch_size=run.config.data.eval_batch_size, threads=run.config.run.threads or None)
     split = load_eval_split(run.config)
     models = {"student": run.student, "teacher": run.teacher}
@@ -465,17 +418,17 @@ def export_run(run_dir: str | Path, formats: Sequence[str] = tuple(FORMATS), inc
     latency = {role: _measure_role(role, m, files.get(role, {}), run.input_shape, plan) for role, m in models.items()}
     line = compare(latency["teacher"]["eager"], latency["student"]["eager"]).line
     card = _model_card(run, split, files, checked, latency, line)
-    _atomic(out / FILES["model_json"], lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
+    atomic_io.write_json(out / MODEL_JSON, card)
     written = {name: str(path) for f in files.values() for name, path in f.items()}
     diffs = {name: c["max_abs_diff"] for _, per in checked.values() for name, c in per.items()}
-    return ExportResult(str(run_dir), str(out), written, str(out / FILES["model_json"]), diffs, line)
+    return ExportResult(str(run_dir), str(out), written, str(out / MODEL_JSON), diffs, line)
 
 
 def _describe(result: ExportResult) -> str:
     """What ``hpc-bkd export`` prints: the files, their check, and the measured speed."""
     card = json.loads(Path(result.model_json).read_text())
     lines = [f"export: {result.export_dir}/ ({', '.join(sorted(Path(p).name for p in result.files))}, "
-             f"{FILES['model_json']})"]
+             f"{MODEL_JSON})"]
     for name, diff in sorted(result.max_abs_diff.items()):
         role = name.split(".")[0]
         acc = card["checks"][role][name]["test_accuracy"]

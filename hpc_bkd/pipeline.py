@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import nn
 
@@ -32,18 +33,30 @@ from . import atomic_io
 from .config import Config, ConfigError
 from .costs import CostTable, block_costs
 from .data import Data, describe, load_data
+from .deploy import TimingPlan, measure_models
 from .distill import BlockResult, LocalDistiller
 from .energy import EnergyMeter
+from .export import export_run, missing_extra
 from .finetune import accept_blocks, finetune, recalibrate_bn
 from .models import build_model
 from .plan import Plan, TeamModel, describe_plan, make_plan
-from .records import Accuracy, CacheReport, CacheUse, Energy, FinetuneEpoch, JobRecord, ModelSize, ModelSizes
+from .records import (
+    Accuracy,
+    CacheReport,
+    CacheUse,
+    Energy,
+    ExportResult,
+    FinetuneEpoch,
+    InferenceReport,
+    JobRecord,
+    ModelSizes,
+)
 from .report import build_record, write_report
 from .rundir import BlockStore, RunDir, job_fingerprint
 from .runtime import Interrupted, Runtime, init_runtime, peak_memory_mb, setup_logging
 from .schedule import Schedule, schedule_for
 from .students import build_student
-from .surgery import BlockSpec, assemble, conv_params, find_blocks, total_macs
+from .surgery import BlockSpec, assemble, find_blocks, model_size
 from .teacher import accuracy, get_teacher, state_fingerprint
 from .teacher_cache import decide, memory_budget
 from .teams import Team, team_backend
@@ -197,6 +210,8 @@ def open_run_dir(cfg: Config, rt: Runtime) -> RunDir:
         atomic_io.write_json(run_dir.config, cfg.to_dict())
         log.info("hpc_bkd: %d rank(s), run dir %s, device %s, %d thread(s) per rank", rt.size, run_dir,
                  rt.device, rt.threads)
+        if cfg.run.export:
+            usable_export_formats(cfg, warn=True)
     return run_dir
 
 
@@ -426,22 +441,61 @@ def make_student(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher:
                          ModelSizes(model_size(teacher.model, shape), model_size(student, shape)))
 
 
-def model_size(model: nn.Module, input_shape: tuple[int, ...]) -> ModelSize:
-    return ModelSize(sum(p.numel() for p in model.parameters()), conv_params(model), total_macs(model, input_shape))
-
-
 def report_job(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher: PreparedTeacher,
                choice: ScheduleChoice, costs: CostTable | None, plan: Plan, outcomes: list[RankOutcome],
                resume: Resume, clock: Clock) -> JobRecord:
-    """Rank 0's last stages: the student from the gathered blocks, then the job record."""
+    """Rank 0's last stages: the student from the gathered blocks, its measured speed and its
+    standalone export, then the job record."""
     assert costs is not None
     results = collect_results(outcomes, resume, run_dir)
     student = make_student(cfg, rt, data, run_dir, teacher, results, clock)
-    clock.mark("report")
+    inference = measure_deployed(cfg, rt, data, teacher, student) if cfg.run.measure_inference else None
+    clock.mark("inference")
+    exported = export_student(cfg, run_dir) if cfg.run.export else None
+    clock.mark("export")
     record = build_record(cfg, rt.size, run_dir, teacher.info, choice.cache, costs, plan, teacher.blocks, results,
-                          outcomes, student, clock)
+                          outcomes, student, clock, inference, exported)
     write_report(record, run_dir)
     return record
+
+
+def measure_deployed(cfg: Config, rt: Runtime, data: Data, teacher: PreparedTeacher,
+                     student: StudentResult) -> InferenceReport:
+    """The teacher's and the student's inference speed in deploy form on this rank's device, whole
+    and block by block: compression is for a faster model, so its speed is measured, not assumed."""
+    plan = TimingPlan(batch_size=cfg.data.eval_batch_size, threads=rt.threads)
+    report = measure_models(teacher.model, student.model, data.input_shape, plan, rt.device, teacher.blocks,
+                            student.accepted)
+    log.info("inference: %s", report.models.line)
+    return report
+
+
+def usable_export_formats(cfg: Config, warn: bool = False) -> list[str]:
+    """The export formats of ``run.export_formats`` whose packages are installed (``warn``: say
+    which are not, and how to install them, before the job starts rather than at its end)."""
+    usable = []
+    for fmt in cfg.run.export_formats:
+        why = missing_extra(fmt)
+        if why and warn:
+            log.warning("%s; this job exports %s", why, "without it" if len(cfg.run.export_formats) > 1 else "nothing")
+        usable += [] if why else [fmt]
+    return usable
+
+
+def export_student(cfg: Config, run_dir: RunDir) -> ExportResult | None:
+    """The standalone export of the student (``run.export``): files, not results, so a failure is
+    logged and the job still reports (``hpc-bkd export`` retries it alone)."""
+    formats = usable_export_formats(cfg)
+    if not formats:
+        return None
+    try:
+        result = export_run(run_dir.root, formats)
+    except Exception as exc:
+        log.warning("export failed (the student is saved in %s; retry with `hpc-bkd export --run-dir %s`): %r",
+                    run_dir.student, run_dir, exc)
+        return None
+    log.info("export: %s (%s)", result.export_dir, ", ".join(sorted(Path(p).name for p in result.files)))
+    return result
 
 
 # ------------------------------------------------------------------------------ `hpc-bkd plan`

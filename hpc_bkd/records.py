@@ -53,6 +53,11 @@ def _convert(tp: Any, data: Any) -> Any:
     if origin is list:
         (item,) = typing.get_args(tp)
         return [_convert(item, v) for v in data]
+    if origin is tuple:  # tuple[X, ...] or a fixed tuple[X, Y]; JSON gives lists
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v) for v in data)
+        return tuple(_convert(a, v) for a, v in zip(args, data))
     if origin is dict:
         key, value = typing.get_args(tp)
         return {(int(k) if key is int else k): _convert(value, v) for k, v in data.items()}
@@ -181,6 +186,121 @@ class FinetuneEpoch:
     kept: bool = False  # the epoch whose weights the student keeps (best validation accuracy)
 
 
+# ----------------------------------------------------------------------- inference (``deploy``)
+
+
+@dataclass(frozen=True)
+class InferenceMeasurement:
+    """One model's measured speed on one device and runtime."""
+
+    name: str
+    runtime: str                  # eager | torch.export | onnxruntime
+    device: str                   # cpu, cuda:0, ...
+    device_name: str              # CPU model or GPU name
+    threads: int                  # CPU threads used
+    timer: str                    # perf_counter | cuda events
+    layout: str                   # batch 1: contiguous | channels_last (the faster, when probed)
+    layout_probe_ms: dict[str, float]  # batch-1 median per layout tried
+    throughput_layout: str        # the same choice at the throughput batch (it can differ)
+    throughput_layout_probe_ms: dict[str, float]
+    input_shape: tuple[int, ...]  # C, H, W
+    latency_runs: int
+    latency_ms_median: float      # batch 1
+    latency_ms_p90: float
+    latency_halves_ms: tuple[float, float]  # median of each half of the samples
+    throughput_batch: int
+    throughput_runs: int
+    throughput_ips: float         # images per second at throughput_batch (median forward)
+    throughput_halves_ips: tuple[float, float]
+    noisy: bool                   # some pair of halves differs by more than NOISE_TOLERANCE
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InferenceMeasurement:
+        return from_plain(cls, d)
+
+    def where(self) -> str:
+        """``cpu (AMD EPYC, 1 thread)``: the device as a summary line names it."""
+        if self.device.startswith("cuda"):
+            return f"{self.device} ({self.device_name})"
+        return f"{self.device} ({self.device_name}, {self.threads} thread{'s' if self.threads != 1 else ''})"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Teacher against student on the same device: the ratios and one honest sentence."""
+
+    teacher: InferenceMeasurement
+    student: InferenceMeasurement
+    speedup_batch1: float      # teacher latency / student latency (> 1: the student is faster)
+    speedup_throughput: float  # student images/s / teacher images/s
+    noisy: bool
+    line: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Comparison:
+        return from_plain(cls, d)
+
+
+@dataclass(frozen=True)
+class BlockInference:
+    """One block: the teacher's members against the student block, on the block's real input."""
+
+    index: int
+    name: str
+    in_shape: tuple[int, ...]
+    comparison: Comparison
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BlockInference:
+        return from_plain(cls, d)
+
+
+@dataclass(frozen=True)
+class InferenceReport:
+    """What a run reports about speed: the whole models and each replaced block."""
+
+    models: Comparison
+    blocks: tuple[BlockInference, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InferenceReport:
+        return from_plain(cls, d)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``export_run`` wrote and how closely the files reproduce the in-toolkit models."""
+
+    run_dir: str
+    export_dir: str
+    files: dict[str, str]           # file name -> path
+    model_json: str
+    max_abs_diff: dict[str, float]  # file name -> largest |exported - in-toolkit| logit on the test split
+    line: str                       # the teacher/student speed sentence
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExportResult:
+        return from_plain(cls, d)
+
+
+# ----------------------------------------------------------------------- the job
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """Everything a finished job reports; ``report.json`` is ``to_json`` of it."""
@@ -205,7 +325,8 @@ class JobRecord:
     energy: Energy
     phases_s: dict[str, float]
     wall_s: float
-    inference: dict[str, Any] | None = field(default=None)  # deploy-form speed (``deploy``), if measured
+    inference: InferenceReport | None = None  # deploy-form speed (``deploy.measure_models``), if measured
+    export: ExportResult | None = None        # the standalone files (``export.export_run``), if exported
 
     def to_json(self) -> dict[str, Any]:
         return to_plain(self)

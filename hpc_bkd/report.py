@@ -10,7 +10,16 @@ from typing import TYPE_CHECKING
 from . import atomic_io
 from .costs import CostTable
 from .plan import Plan
-from .records import BlockRecord, CacheReport, DistillTimes, Energy, JobRecord, RankRecord
+from .records import (
+    BlockRecord,
+    CacheReport,
+    DistillTimes,
+    Energy,
+    ExportResult,
+    InferenceReport,
+    JobRecord,
+    RankRecord,
+)
 from .rundir import RunDir
 
 if TYPE_CHECKING:
@@ -60,7 +69,8 @@ def _block_record(spec: BlockSpec, result: BlockResult | None, accepted: bool, c
 
 def build_record(cfg: Config, world_size: int, run_dir: RunDir, teacher_info: dict, cache: CacheReport,
                  costs: CostTable, plan: Plan, blocks: list[BlockSpec], results: dict[int, BlockResult],
-                 outcomes: list[RankOutcome], student: StudentResult, clock: Clock) -> JobRecord:
+                 outcomes: list[RankOutcome], student: StudentResult, clock: Clock,
+                 inference: InferenceReport | None = None, exported: ExportResult | None = None) -> JobRecord:
     """The job record of a finished job, from the records its stages returned."""
     ranks, t0, t1 = _rank_records(outcomes, plan)
     block_rows = [_block_record(b, results.get(b.index), b.index in student.accepted, costs) for b in blocks]
@@ -73,7 +83,7 @@ def build_record(cfg: Config, world_size: int, run_dir: RunDir, teacher_info: di
                              clock.comm["broadcast_s"], clock.comm["gather_s"]),
         accepted_blocks=student.accepted, accuracy=student.accuracy, models=student.sizes,
         finetune=student.finetune, energy=_energy_total(outcomes), phases_s=dict(clock.phases),
-        wall_s=time.time() - clock.started)
+        wall_s=time.time() - clock.started, inference=inference, export=exported)
 
 
 def gantt(record: JobRecord, path: Path) -> None:
@@ -142,6 +152,11 @@ def _outcome_lines(r: JobRecord) -> list[str]:
                  f"{m.teacher.conv_params:,} -> {m.student.conv_params:,} "
                  f"({100 * m.student.conv_params / max(m.teacher.conv_params, 1):.1f}%), MACs "
                  f"{m.teacher.macs / 1e6:.1f}M -> {m.student.macs / 1e6:.1f}M")
+    if r.inference is not None:
+        lines.append(f"inference (deploy form): {r.inference.models.line}")
+    if r.export is not None:
+        lines.append(f"export: {r.export.export_dir}/ ({', '.join(sorted(Path(p).name for p in r.export.files))}, "
+                     f"model.json; max |logit diff| {max(r.export.max_abs_diff.values(), default=0.0):.1e})")
     gpu, cpu = r.energy.describe()
     lines.append(f"energy (distillation): GPU {gpu}; CPU package {cpu}")
     lines.append("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.phases_s.items())
@@ -149,11 +164,25 @@ def _outcome_lines(r: JobRecord) -> list[str]:
     return lines
 
 
+def _speed_lines(r: JobRecord) -> list[str]:
+    """Per replaced block, deploy form: where the student's time goes (batch 1 and throughput)."""
+    if r.inference is None or not r.inference.blocks:
+        return []
+    lines = [f"{'block':>5} {'name':<22} {'in':>12} {'teacher ms':>10} {'student ms':>10} {'b1 x':>6} {'thru x':>6}"]
+    for b in r.inference.blocks:
+        c = b.comparison
+        lines.append(f"{b.index:>5} {b.name[:22]:<22} {'x'.join(map(str, b.in_shape)):>12} "
+                     f"{c.teacher.latency_ms_median:>10.3f} {c.student.latency_ms_median:>10.3f} "
+                     f"{c.speedup_batch1:>6.2f} {c.speedup_throughput:>6.2f}{' noisy' if c.noisy else ''}")
+    return lines + [""]
+
+
 def summary_text(r: JobRecord) -> str:
-    """The report for people: blocks, ranks, then plan, accuracy, size, energy and time."""
+    """The report for people: blocks, ranks, block speeds, then plan, accuracy, size, speed,
+    energy and time."""
     head = [f"hpc_bkd report: {r.config['model']['arch']} on {r.config['data']['dataset']}, "
             f"{r.world_size} rank(s), run dir {r.run_dir}", ""]
-    return "\n".join(head + _block_lines(r) + [""] + _rank_lines(r) + [""] + _outcome_lines(r))
+    return "\n".join(head + _block_lines(r) + [""] + _rank_lines(r) + [""] + _speed_lines(r) + _outcome_lines(r))
 
 
 def write_report(record: JobRecord, run_dir: RunDir) -> None:

@@ -19,6 +19,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from .records import ModelSize
+
 POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
@@ -118,13 +120,18 @@ def _conv_blocks(calls: list[_Call]) -> list[list[int]]:
     return groups
 
 
+def _chw(t: torch.Tensor) -> tuple[int, int, int]:
+    c, h, w = t.shape[1:]
+    return (int(c), int(h), int(w))
+
+
 def _parent(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
 def _residual_units(model: nn.Module) -> list[str]:
     """Composite modules held directly in an nn.Sequential that contain a 3x3 dense conv."""
-    units = []
+    units: list[str] = []
     for name, module in model.named_modules():
         if not name or _is_leaf(module) or isinstance(module, (nn.Sequential, nn.ModuleList)):
             continue
@@ -192,11 +199,12 @@ def find_blocks(model: nn.Module, input_shape: Sequence[int], granularity: str =
         params = sum(p.numel() for m in members for p in model.get_submodule(m).parameters())
         stride = max(1, inp.shape[-1] // out.shape[-1])
         nxt = calls[last + 1] if last + 1 < len(calls) and out is calls[last].out else None
+        out_value = calls[last].out_value
         relu_after = (nxt is not None and isinstance(nxt.module, nn.ReLU) and nxt.inp is out
-                      and nxt.inp_value is not None and torch.equal(nxt.inp_value, calls[last].out_value))
+                      and nxt.inp_value is not None and out_value is not None and torch.equal(nxt.inp_value, out_value))
         blocks.append(BlockSpec(
             index=len(blocks), name=members[0], members=members,
-            in_shape=tuple(inp.shape[1:]), out_shape=tuple(out.shape[1:]), stride=stride,
+            in_shape=_chw(inp), out_shape=_chw(out), stride=stride,
             params=params, macs=cumulative[last + 1] - cumulative[first],
             prefix_macs=cumulative[last + 1], nonnegative_output=nonnegative, relu_after=relu_after,
         ))
@@ -227,6 +235,11 @@ def total_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
 def conv_params(model: nn.Module) -> int:
     """Parameters in convolutions (the paper's compression measure)."""
     return sum(p.numel() for m in model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters())
+
+
+def model_size(model: nn.Module, input_shape: Sequence[int]) -> ModelSize:
+    """Parameters, convolution parameters and MACs per image: what the report compares."""
+    return ModelSize(sum(p.numel() for p in model.parameters()), conv_params(model), total_macs(model, input_shape))
 
 
 class _StopForward(Exception):
@@ -360,15 +373,17 @@ class SwappedForward:
     def _run(self, node: torch.fx.Node, env: dict) -> object:
         args = torch.fx.node.map_arg(node.args, env.__getitem__)
         kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
+        target = node.target
+        if node.op == "call_function" and callable(target):
+            return target(*args, **kwargs)
+        assert isinstance(target, str)  # modules, methods and attributes are named
         if node.op == "call_module":
-            return self.model.get_submodule(node.target)(*args, **kwargs)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
+            return self.model.get_submodule(target)(*args, **kwargs)
         if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return getattr(args[0], target)(*args[1:], **kwargs)
         if node.op == "get_attr":
-            obj = self.model
-            for part in node.target.split("."):
+            obj: object = self.model
+            for part in target.split("."):
                 obj = getattr(obj, part)
             return obj
         raise RuntimeError(f"unexpected node {node.op} in the traced teacher")

@@ -16,7 +16,6 @@ import hpc_bkd
 from hpc_bkd.deploy import TimingPlan
 from hpc_bkd.export import (
     EXTRA,
-    FILES,
     MissingExtraError,
     export_main,
     export_run,
@@ -24,6 +23,7 @@ from hpc_bkd.export import (
     load_run,
     require_formats,
 )
+from hpc_bkd.rundir import RunDir
 from hpc_bkd.surgery import total_macs
 from hpc_bkd.teacher import state_fingerprint
 
@@ -95,7 +95,7 @@ def test_files_run_without_hpc_bkd_and_match_the_student(tiny_run: Path, exporte
 @pytest.mark.slow  # a tiny job (teacher + distill) and an export: 20-60 s
 def test_model_json_has_what_a_deployer_needs(tiny_run: Path, exported):
     card = json.loads(Path(exported.model_json).read_text())
-    saved = torch.load(tiny_run / FILES["student"], weights_only=True)
+    saved = torch.load(RunDir(tiny_run).student, weights_only=True)
     run = load_run(tiny_run)
     assert sorted(Path(p).name for p in exported.files.values()) == \
         ["student.onnx", "student.pt2", "teacher.onnx", "teacher.pt2"]
@@ -126,7 +126,7 @@ def test_model_json_has_what_a_deployer_needs(tiny_run: Path, exported):
 def test_load_student_and_teacher_through_the_package(tiny_run: Path):
     student, teacher = hpc_bkd.load_student(tiny_run), hpc_bkd.load_teacher(tiny_run)
     assert not student.training and not teacher.training
-    saved = torch.load(tiny_run / FILES["student"], weights_only=True)["state_dict"]
+    saved = torch.load(RunDir(tiny_run).student, weights_only=True)["state_dict"]
     assert all(torch.equal(v, saved[k]) for k, v in student.state_dict().items())
     proc = subprocess.run([sys.executable, "-c", "import sys, hpc_bkd; assert 'torch' not in sys.modules; "
                            "print(callable(hpc_bkd.load_student), 'torch' in sys.modules)"],
@@ -137,7 +137,7 @@ def test_load_student_and_teacher_through_the_package(tiny_run: Path):
 @pytest.mark.slow  # a tiny job (teacher + distill) and an export: 20-60 s
 def test_export_only_pt2_and_cli_entry(tiny_run: Path, tmp_path: Path, capsys):
     copy = tmp_path / "run"
-    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns(FILES["export_dir"]))
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns(RunDir(tiny_run).export_dir.name))
     result = export_main(copy, ["pt2"], include_teacher=False)
     assert sorted(Path(p).name for p in result.files.values()) == ["student.pt2"]
     out = capsys.readouterr().out
@@ -145,7 +145,7 @@ def test_export_only_pt2_and_cli_entry(tiny_run: Path, tmp_path: Path, capsys):
 
 
 def test_export_without_student_says_what_to_run(tmp_path: Path):
-    (tmp_path / FILES["config"]).write_text("{}")
+    RunDir(tmp_path).config.write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"student\.pt not found.*hpc-bkd run --run-dir"):
         export_main(tmp_path, ["pt2"], include_teacher=False)
 

@@ -10,7 +10,8 @@ from hpc_bkd import atomic_io
 
 def test_tiny_job_end_to_end(tmp_path: Path, tiny_teacher: Path):
     run = tmp_path / "run"
-    proc = hpc("run", "-c", "tiny", "--run-dir", str(run), "--set", f"teacher.checkpoint={tiny_teacher}")
+    proc = hpc("run", "-c", "tiny", "--run-dir", str(run), "--set", f"teacher.checkpoint={tiny_teacher}",
+               "--set", "run.measure_inference=true", "--set", "run.export=true")
     assert "hpc_bkd report" in proc.stdout and "[rank 0/1]" in proc.stderr
     assert "teacher cache on" in proc.stderr and "teacher cache on" in proc.stdout  # log and summary
     report = json.loads((run / "report.json").read_text())
@@ -22,7 +23,14 @@ def test_tiny_job_end_to_end(tmp_path: Path, tiny_teacher: Path):
     assert report["models"]["student"]["conv_params"] < report["models"]["teacher"]["conv_params"]
     assert set(report["phases_s"]) >= {"data", "plan", "distill+gather", "finetune"}
     assert (run / "gantt.png").read_bytes()[:4] == b"\x89PNG"
-    assert "accuracy (test)" in (run / "summary.txt").read_text()
+    summary = (run / "summary.txt").read_text()
+    assert "accuracy (test)" in summary
+    speed = report["inference"]["models"]
+    assert speed["line"] in summary and ("faster than the teacher" in speed["line"]) == (speed["speedup_batch1"] >= 1)
+    assert speed["teacher"]["latency_runs"] >= 50 and speed["student"]["layout"] in ("contiguous", "channels_last")
+    assert [b["index"] for b in report["inference"]["blocks"]] == report["accepted_blocks"]
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["model.json", "student.onnx", "student.pt2"]
+    assert max(report["export"]["max_abs_diff"].values()) < 1e-4
     saved = atomic_io.load(run / "student.pt")  # weights_only
     assert saved["accepted_blocks"] == report["accepted_blocks"]
     block = atomic_io.load(run / "blocks" / "block-001.pt")["state_dict"]
@@ -31,6 +39,7 @@ def test_tiny_job_end_to_end(tmp_path: Path, tiny_teacher: Path):
     out = json.loads(hpc("evaluate", "-c", "tiny", "--run-dir", str(run),
                          "--set", f"teacher.checkpoint={tiny_teacher}").stdout)
     assert abs(out["student_test_acc"] - report["accuracy"]["student_after_finetune"]) < 1e-6
+    assert out["student_latency_ms"] > 0 and out["teacher_latency_ms"] > 0 and "at batch 1" in out["speed"]
 
 
 def test_blocks_are_seeded_by_index_not_schedule(tmp_path: Path, tiny_teacher: Path):
