@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 NP     ?= 2
 RUN_DIR ?= runs/default
 
-.PHONY: install run run-mpi test test-fast bench bench-paper-scale slurm-up slurm-down clean
+.PHONY: install run run-mpi lint test test-fast bench bench-paper-scale slurm-up slurm-down clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +21,19 @@ run: install  ## install, then run the default job (VGG16 teacher on bundled dig
 run-mpi: install  ## the default job across NP ranks with the bundled MPICH
 	$(VENV)/bin/mpirun -np $(NP) $(PY) -m hpc_bkd run --run-dir $(RUN_DIR)-np$(NP)
 
-test: install  ## the whole suite (starts and stops a local SLURM when run as root)
+lint: install  ## ruff (lint + import order) on the code, tools and tests; mypy on the library and tools
+	$(VENV)/bin/ruff check hpc_bkd benchmarks tests
+	$(VENV)/bin/mypy hpc_bkd benchmarks
+
+test: lint  ## lint, then the whole suite (starts and stops a local SLURM when run as root)
 	$(PY) -m pytest -q tests
 
 test-fast: install  ## skip the slow tier
 	$(PY) -m pytest -q -m "not slow" tests
 
-bench: install  ## benchmark: 1 vs 2 ranks, paper schedule, end-to-end KD; table + JSON + PNG
+bench: install  ## benchmark: 1 vs 2 ranks, paper schedule, end-to-end KD, then inference speed; tables + JSON + PNG
 	$(PY) -m benchmarks.bench --out bench/results --repeat 3
+	$(PY) -m benchmarks.inference --out bench/results/inference --run-dir bench/results/runs/pbkd-1-r1
 
 # The schedule comparison on the workload the paper and issue #4 describe: a full-width VGG16-BN
 # (64-512 channels) at 32x32, batch 64; 2 distillation epochs, no fine-tuning, no KD baseline.

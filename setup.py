@@ -25,7 +25,8 @@ setup(
     extras_require={
         # Self-contained MPICH from PyPI: no system MPI needed. Omit on clusters with a site MPI.
         "mpi": ["mpich"],
-        "test": ["pytest>=7", "pytest-timeout"],
+        # the suite, and the guardrails `make lint` runs before it (ruff: lint + import order; mypy)
+        "test": ["pytest>=7", "pytest-timeout", "ruff", "mypy", "types-PyYAML"],
         # `hpc-bkd export`: ONNX files (onnxscript: torch.onnx's exporter), checked and timed with ONNX Runtime.
         "export": ["onnx", "onnxruntime", "onnxscript"],
     },

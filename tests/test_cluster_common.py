@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import hpc
+
 from hpc_bkd import atomic_io
 from hpc_bkd.launch.mpich import step_segments
 

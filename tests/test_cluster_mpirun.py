@@ -10,13 +10,19 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import MPIRUN, REPO, cli_env, hpc
-from hpc_bkd.launch.mpich import unused_segments
 from slurm_cluster import hard_timeout
-from test_cluster_common import long_reference  # noqa: F401  (session fixture)
-from test_cluster_common import (as_set_args, assert_resumed_like_reference, assert_stopped_mid_distillation,
-                                 long_overrides, wait_first_finished_block, wait_for)
+from test_cluster_common import (
+    as_set_args,
+    assert_resumed_like_reference,
+    assert_stopped_mid_distillation,
+    long_overrides,
+    long_reference,  # noqa: F401  (session fixture)
+    wait_first_finished_block,
+    wait_for,
+)
+
+from hpc_bkd.launch.mpich import unused_segments
 
 pytestmark = pytest.mark.mpi
 

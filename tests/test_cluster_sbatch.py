@@ -10,12 +10,21 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from slurm_cluster import hard_timeout
-from test_cluster_common import long_reference  # noqa: F401  (session fixture)
-from test_cluster_common import (REPO, assert_resumed_like_reference, assert_stopped_mid_distillation,
-                                 finished_blocks, long_overrides, release, restarts, stepd_alive,
-                                 wait_first_finished_block, wait_for, wait_requeued)
+from test_cluster_common import (
+    REPO,
+    assert_resumed_like_reference,
+    assert_stopped_mid_distillation,
+    finished_blocks,
+    long_overrides,
+    long_reference,  # noqa: F401  (session fixture)
+    release,
+    restarts,
+    stepd_alive,
+    wait_first_finished_block,
+    wait_for,
+    wait_requeued,
+)
 
 pytestmark = pytest.mark.slurm
 

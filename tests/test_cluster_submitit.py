@@ -11,13 +11,22 @@ from pathlib import Path
 
 import pytest
 import submitit
+from slurm_cluster import hard_timeout
+from test_cluster_common import (
+    assert_resumed_like_reference,
+    assert_stopped_mid_distillation,
+    finished_blocks,
+    long_overrides,
+    long_reference,  # noqa: F401  (session fixture)
+    mpich_shm_segments,
+    release,
+    restarts,
+    wait_first_finished_block,
+    wait_for,
+    wait_requeued,
+)
 
 from hpc_bkd import launch
-from slurm_cluster import hard_timeout
-from test_cluster_common import long_reference  # noqa: F401  (session fixture)
-from test_cluster_common import (assert_resumed_like_reference, assert_stopped_mid_distillation, finished_blocks,
-                                 long_overrides, mpich_shm_segments, release, restarts, wait_first_finished_block,
-                                 wait_for, wait_requeued)
 
 _FOREIGN = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "PMI_", "PMIX_", "HYDRA_", "OMPI_")
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import hpc
+
 from hpc_bkd import atomic_io
 
 pytestmark = pytest.mark.mpi

@@ -3,8 +3,8 @@ import json
 from pathlib import Path
 
 import torch
-
 from conftest import hpc
+
 from hpc_bkd import atomic_io
 
 

@@ -5,8 +5,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import hpc
+
 from hpc_bkd.plan import BlockCost, costs_from_json, lower_bound, make_plan, rank_cost
 
 

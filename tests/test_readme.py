@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import MPIRUN, REPO, cli_env
 
 README = (REPO / "README.md").read_text()

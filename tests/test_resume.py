@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from conftest import REPO, cli_env, hpc
+
 from hpc_bkd import atomic_io
 
 

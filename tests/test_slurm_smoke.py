@@ -4,7 +4,6 @@ import sys
 import time
 
 import pytest
-
 from slurm_cluster import SlurmJobTimeout, hard_timeout
 
 pytestmark = pytest.mark.slurm

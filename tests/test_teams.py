@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpc_bkd.teams import (GhostLayout, GroupBatchNorm2d, ghost_batchnorms, group_bounds, prepare_student,
-                           team_backend)
+from hpc_bkd.teams import GhostLayout, GroupBatchNorm2d, ghost_batchnorms, group_bounds, prepare_student, team_backend
 
 
 def _bn(groups: int) -> tuple[GroupBatchNorm2d, GhostLayout]:
@@ -92,8 +91,11 @@ def test_a_step_bucket_holds_the_gradients_and_sums_everything_at_once():
 
     torch.manual_seed(0)
     layout = GhostLayout(2)
-    make = lambda: prepare_student(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)),
-                                   None, layout)
+
+    def make() -> nn.Module:
+        return prepare_student(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)),
+                               None, layout)
+
     bucketed, plain = make(), make()
     plain.load_state_dict(bucketed.state_dict())
     x = torch.randn(8, 3, 5, 5)
