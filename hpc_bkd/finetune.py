@@ -50,6 +50,20 @@ def _kd_optimizer(student: nn.Module, lr: float, steps: int, epochs: int
     return opt, sched
 
 
+def _kd_step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer,
+             sched: torch.optim.lr_scheduler.LRScheduler, x: torch.Tensor, y: torch.Tensor,
+             cfg: FinetuneConfig) -> float:
+    """One KD step against the frozen teacher's logits; returns the loss."""
+    with torch.no_grad():
+        target = teacher(x)
+    loss = kd_loss(student(x.contiguous(memory_format=TRAIN_FORMAT)), target, y, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, epochs: int, lr: float,
              device: torch.device, label: str = "fine-tune", seed_offset: int = 2,
              on_epoch: Callable[[nn.Module, dict[str, float]], None] | None = None,
@@ -92,15 +106,7 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
                 log.warning("stop requested: %s saved at epoch %d step %d", label, epoch + 1, step)
                 raise Interrupted(str(partial))
             x, y = train_batch(data, bs, cfg.run.seed + seed_offset, epoch, step, cfg.data.augment)
-            x, y = x.to(device), y.to(device)
-            with torch.no_grad():
-                target = teacher(x)
-            loss = kd_loss(student(x.contiguous(memory_format=TRAIN_FORMAT)), target, y, cfg.finetune)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item()
+            loss_sum += _kd_step(student, teacher, opt, sched, x.to(device), y.to(device), cfg.finetune)
         if recalibrate_batches:  # running statistics lag weights that moved a lot this epoch
             recalibrate_bn(student, data, cfg, recalibrate_batches, device)
         val = accuracy(student, data, "val", cfg.data.eval_batch_size, device)
