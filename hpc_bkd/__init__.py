@@ -1,9 +1,22 @@
 """hpc_bkd: parallel blockwise knowledge distillation (PBKD) of deep CNNs over MPI.
 
-Data flows one way: config -> plan -> per-rank distill -> gather -> assemble/fine-tune -> report.
-Modules: config (YAML), data, models (teachers), surgery (blocks), students, plan (cost model and
-assignment), runtime (MPI roles), distill (per-rank loop), finetune, report, energy, pipeline (the
-job), cli; launchers live in hpc_bkd.launch.
+Data flows one way, one stage after the other in ``pipeline.run_job``: config -> teacher -> blocks
+-> costs -> plan -> per-rank distill -> gather -> assemble/fine-tune -> measure and export -> report.
+
+Modules, each with one job:
+
+* config (the YAML config), data (datasets from local files, seeded batches), models (teachers);
+* surgery (blocks of a teacher, taps, swapping and assembling, MACs), students (student blocks and
+  their loss);
+* schedule (step orders and their predicted makespan), plan (the torch-free planner), costs (the
+  cost measurement and ``costs.json``);
+* teacher (train or load the teacher), teacher_cache (its activations, cached), teams (data-parallel
+  teams and their transports), distill (the per-rank distiller), finetune (acceptance, KD);
+* deploy (folded BatchNorm, inference measurement), export (standalone files, ``load_student``);
+* rundir (every file of a run directory), atomic_io (atomic writes, safe loads), records (the job
+  record: the one report schema), report (summary and plots), pipeline (the stages);
+* runtime (MPI, device, threads, logging, signals), energy, cli_args and cli (the command line);
+  launchers live in ``hpc_bkd.launch`` (submitit), the sbatch scripts in ``slurm/``.
 """
 __version__ = "0.1.0"
 
