@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MPIRUN, REPO, cli_env
+from conftest import MPIRUN, REPO, cli_env, hpc
 
 README = (REPO / "README.md").read_text()
 SHRINK = ["--set", "teacher.epochs=1", "--set", "distill.epochs=1", "--set", "finetune.epochs=1",
@@ -61,3 +61,23 @@ def test_default_job_meets_targets(tmp_path: Path):
     gap = acc["teacher_test"] - acc["student_after_finetune"]
     # measured 0.56 with the shipped seed; -0.27 to 0.84 over fine-tuning seeds 0-3 (1 image = 0.28)
     assert gap <= 1.0, f"student is {gap:.2f} points below the teacher; the target is <= 1.0 ({acc})"
+
+
+def readme_python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+@pytest.mark.slow
+def test_readme_python_examples_run(tmp_path: Path, tiny_teacher: Path):
+    """The deploy section's Python: the standalone one where hpc_bkd cannot be imported, the API one
+    with it, both on a tiny run that exported at its end."""
+    run = tmp_path / "run"
+    hpc("distill", "-c", "tiny", "--run-dir", str(run), "--set", f"teacher.checkpoint={tiny_teacher}",
+        "--set", "run.threads=1", "--set", "run.export=true")
+    standalone, api = readme_python_blocks()
+    blocked = "import sys\nsys.modules['hpc_bkd'] = None  # as where it is not installed\n"
+    for code in (blocked + standalone, api):
+        proc = subprocess.run([sys.executable, "-c", code.replace("runs/default", str(run))], cwd=tmp_path,
+                              env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"README example failed:\n{code}\n{proc.stderr[-3000:]}"
+        assert "tensor(" in proc.stdout
