@@ -63,9 +63,9 @@ class TeamModel:
 
     ``member_share[m]`` is the measured time of the busiest member of an m-rank team as a fraction
     of one rank's time for the same blocks (``measure_costs(..., members=m)``). It is above its share
-    of the batch when steps are short, because per-op overheads do not shrink with the batch: a
-    member's half batch took 0.53-0.56 of the full one on the default (quarter-width) job and
-    0.51-0.52 at full width. Without a measurement (costs from a file or from MACs) the member's
+    of the batch when steps are short, because per-op overheads do not shrink with the batch (a
+    member's half batch takes more than half the full one's time, most so on narrow networks).
+    Without a measurement (costs from a file or from MACs) the member's
     share of the batch is used, which is optimistic.
     """
 

@@ -148,8 +148,7 @@ def keep_freed_memory() -> bool:
 
     PyTorch's CPU allocator is plain malloc/free. With glibc's defaults every activation of more than
     a few MiB is a fresh mmap, so each train step page-faults its activations in again (thousands of
-    faults and megabytes of kernel page zeroing per step; measured on a student block of the default
-    job: ~1500-4000 minor faults per step, 0-50 with this). Raising the mmap threshold (to 1 GiB, or
+    faults and megabytes of kernel page zeroing per step). Raising the mmap threshold (to 1 GiB, or
     32 MiB where glibc caps it) and the trim threshold keeps such blocks in the heap; raising only
     the trim threshold would be worse than nothing (it turns off glibc's adaptive mmap threshold).
     A no-op (returns False) where the C library is not glibc, or when a different allocator

@@ -345,10 +345,9 @@ class _GhostBatchNormFn(torch.autograd.Function):
     """Batch normalisation of each slice of the batch with its own statistics, in one output tensor.
 
     Normalising the slices separately and concatenating costs a copy of the activation forward and
-    another backward (measured: 20 ms of a 147 ms train step of the largest full-width VGG16
-    student). Here each slice's native kernel writes straight into its part of the output. The
-    backward's ``.out`` variant still copies each slice's input gradient into place (ATen computes
-    it, then copies; about 1 ms per 8 MB slice), which is no worse than the concatenation was.
+    another backward, a sizeable share of a large student's step. Here each slice's native kernel
+    writes straight into its part of the output. The backward's ``.out`` variant still copies each
+    slice's input gradient into place (ATen computes it, then copies), no worse than a concatenation.
     Returns the output and the slices' means and inverse standard deviations.
     """
 
