@@ -214,14 +214,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hpc-bkd: config error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except Exception as exc:
+        from .atomic_io import DamagedFile, DiskFull
         from .data import DataError
         from .rundir import RunDirConflict
         from .teacher import TeacherMismatchError
 
-        clear = isinstance(exc, (DataError, TeacherMismatchError, RunDirConflict, FileNotFoundError, ValueError))
+        clear = isinstance(exc, (DataError, TeacherMismatchError, RunDirConflict, FileNotFoundError, ValueError,
+                                 DamagedFile, DiskFull))
         prefix = f"[rank {comm.rank}/{comm.size}] " if comm.size > 1 else ""
         if clear:
-            print(f"hpc-bkd: {prefix}error: {exc}", file=sys.stderr, flush=True)
+            advice = "; move it aside or delete it: running the job again rebuilds it" * isinstance(exc, DamagedFile)
+            print(f"hpc-bkd: {prefix}error: {exc}{advice}", file=sys.stderr, flush=True)
         else:
             print(f"hpc-bkd: {prefix}unexpected error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         code = EXIT_BAD_INPUT if clear else EXIT_FAILED

@@ -8,7 +8,7 @@ timed with their contention) and the format of ``costs.json``.
 from __future__ import annotations
 
 import copy
-import json
+import logging
 import math
 import statistics
 import time
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import atomic_io
 from .config import Config
 from .data import Data, steps_per_epoch, train_batch
 from .plan import BlockCost, TeamModel, member_rows, rank_cost, team_layouts
@@ -27,6 +28,8 @@ from .schedule import Schedule
 from .students import TRAIN_FORMAT, block_loss, build_student, matches_activation
 from .surgery import BlockSpec, BlockTap, SwappedForward, total_macs
 from .teams import GhostLayout, ghost_batchnorms, prepare_student
+
+log = logging.getLogger("hpc_bkd")
 
 _FIELDS = ("teacher", "student", "forward")
 
@@ -59,15 +62,20 @@ class CostTable:
 
     @classmethod
     def read(cls, path: Path, blocks: Sequence[BlockSpec]) -> CostTable | None:
-        """The table an earlier run of this job stored at ``path``, if it covers these blocks."""
+        """The table an earlier run of this job stored at ``path``, if it covers these blocks; a
+        damaged file is named in the log and None returned (the costs are measured again)."""
         try:
-            stored = json.loads(Path(path).read_text())
+            stored = atomic_io.load_json(path)
             if stored["blocks"] != [b.name for b in blocks]:
                 return None
             return cls([BlockCost(**c) for c in stored["costs"]],
                        {int(m): v for m, v in stored["member_share"].items()}, stored["cost_model"],
                        [[BlockCost(**c) for c in r] for r in stored.get("per_rank", [])])
-        except (OSError, ValueError, KeyError, TypeError):
+        except FileNotFoundError:
+            return None
+        except (atomic_io.DamagedFile, OSError, ValueError, KeyError, TypeError) as exc:
+            damaged = exc if isinstance(exc, atomic_io.DamagedFile) else atomic_io.DamagedFile(path, repr(exc))
+            log.warning("%s: measuring the costs again", damaged)
             return None
 
 

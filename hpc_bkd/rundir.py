@@ -3,7 +3,8 @@
 Like submitit's ``JobPaths``: code asks a ``RunDir`` for a path instead of spelling file names,
 so the layout below is written down once. The run directory also decides what may be resumed: a
 finished block is reused only when the same job (the fingerprint of config, teacher and blocks)
-wrote it.
+wrote it; a finished block, checkpoint or cached teacher that cannot be read back is moved aside
+(``NAME.damaged-<time>``, logged) and rebuilt, so that one bad file never fails every re-run.
 
     config.json            the resolved config of the last start
     teacher.pt             the trained (or loaded) teacher; teacher.partial.pt while it trains
@@ -28,6 +29,9 @@ from .config import Config
 
 if TYPE_CHECKING:
     from .surgery import BlockSpec
+
+
+_BLOCK_KEYS = ("fingerprint", "state_dict")
 
 
 class RunDirConflict(RuntimeError):
@@ -67,17 +71,26 @@ class RunDir:
 
     def finished_blocks(self, fingerprint: str, count: int) -> list[int]:
         """Indices of blocks already finished here by this same job; a block of another job is a
-        conflict (its results are never overwritten)."""
+        conflict (its results are never overwritten); a damaged one is moved aside (trained again)."""
         done = []
         for index in range(count):
-            if self.block(index).is_file():
-                self._check(self.load_block(index), fingerprint, self.block(index))
+            path = self.block(index)
+            if not path.is_file():
+                continue
+            saved = atomic_io.load_or_move_aside(path, f"block {index} is trained again", _BLOCK_KEYS)
+            if saved is not None:
+                self._check(saved, fingerprint, path)
                 done.append(index)
         return done
 
     def load_block(self, index: int) -> dict[str, Any]:
         """A finished block's record: ``fingerprint``, ``state_dict`` and ``metrics``."""
-        return atomic_io.load(self.block(index))
+        return atomic_io.load(self.block(index), _BLOCK_KEYS)
+
+    def load_teacher_cache(self) -> dict[str, Any] | None:
+        """The cached teacher's record (``state_dict``, ``identity``), or None when there is none
+        or it is damaged (moved aside: the teacher is trained again)."""
+        return atomic_io.load_or_move_aside(self.teacher, "the teacher is trained again", ("state_dict", "identity"))
 
     def save_block(self, index: int, result: dict[str, Any]) -> None:
         """Write a finished block and drop its unfinished checkpoint (in that order: a crash in
@@ -93,7 +106,9 @@ class RunDir:
         path = self.block(index, partial=True)
         if not path.is_file():
             return None
-        saved = atomic_io.load(path)
+        saved = atomic_io.load_or_move_aside(path, f"block {index} starts from its beginning", ("fingerprint", "trainer"))
+        if saved is None:
+            return None
         self._check(saved, fingerprint, path)
         return saved["trainer"]
 

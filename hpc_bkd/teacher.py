@@ -149,7 +149,7 @@ def get_teacher(cfg: Config, data: Data, run_dir: RunDir, device: torch.device) 
     else:
         cache = run_dir.teacher
         identity = _teacher_identity(cfg, data.num_classes)
-        cached = atomic_io.load(cache) if cfg.teacher.cache and cache.is_file() else None
+        cached = run_dir.load_teacher_cache() if cfg.teacher.cache and cache.is_file() else None
         if cached is not None and cached.get("identity") == identity:
             model.load_state_dict(cached["state_dict"])
             source = f"cache {cache}"
