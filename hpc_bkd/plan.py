@@ -164,7 +164,7 @@ def describe_plan(plan: Plan) -> list[str]:
              f"speedup {plan.predicted_speedup:.2f}x"]
     for members in plan.teams:
         owned, load = plan.assignment[members[0]], plan.predicted[members[0]]
-        who = f"rank {members[0]}" if len(members) == 1 else f"ranks {members[0]}-{members[-1]} (team, batch split)"
+        who = f"rank {members[0]}" if len(members) == 1 else f"ranks {members[0]}-{members[-1]} (team)"
         lines.append(f"  {who}: {load:.4f}s/batch  blocks {','.join(map(str, owned)) or '(idle)'}")
     return lines
 
