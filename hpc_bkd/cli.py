@@ -7,12 +7,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli_args import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_job_arguments, job_config
+from .cli_args import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PEER_LOST,
+    add_job_arguments,
+    job_config,
+)
 from .config import ConfigError, describe_keys, shipped_configs
 
 log = logging.getLogger("hpc_bkd")
@@ -83,6 +92,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_train_teacher(args: argparse.Namespace) -> int:
     from .data import load_data
+    from .peers import watching_peers
     from .rundir import RunDir
     from .runtime import Interrupted, init_runtime, install_stop_handlers, setup_logging
     from .teacher import accuracy, get_teacher
@@ -92,17 +102,18 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
     setup_logging(rt.rank, rt.size)
     install_stop_handlers()
     status = 0
-    if rt.is_root:
-        data = load_data(cfg.data, cfg.run.seed)
-        run_dir = RunDir(cfg.run.dir)
-        run_dir.create()
-        try:
-            teacher, info = get_teacher(cfg, data, run_dir, rt.device)
-            print(f"teacher {cfg.model.arch} ({info['source']}): test acc "
-                  f"{accuracy(teacher, data, 'test', cfg.data.eval_batch_size):.2f}%, cached at {run_dir.teacher}")
-        except Interrupted:
-            status = EXIT_INTERRUPTED
-    return rt.bcast(status)
+    with watching_peers(rt, cfg.run.peer_timeout_s):
+        if rt.is_root:
+            data = load_data(cfg.data, cfg.run.seed)
+            run_dir = RunDir(cfg.run.dir)
+            run_dir.create()
+            try:
+                teacher, info = get_teacher(cfg, data, run_dir, rt.device)
+                print(f"teacher {cfg.model.arch} ({info['source']}): test acc "
+                      f"{accuracy(teacher, data, 'test', cfg.data.eval_batch_size):.2f}%, cached at {run_dir.teacher}")
+            except Interrupted:
+                status = EXIT_INTERRUPTED
+        return rt.bcast(status)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -198,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     from mpi4py import MPI
 
+    from .peers import PeerLost
+
     comm = MPI.COMM_WORLD
     try:
         if command == "plan":
@@ -209,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "export":
             return _cmd_export(args)
         return _cmd_run(args, distill_only=command == "distill")
+    except PeerLost as exc:  # every rank left says it (which is lost may differ), then leaves alone
+        return _leave_without_peers(exc, comm.rank, comm.size)
     except ConfigError as exc:  # same on every rank: rank 0 says it, all leave
         if comm.rank == 0:
             print(f"hpc-bkd: config error: {exc}", file=sys.stderr, flush=True)
@@ -234,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
             # the delay lets the launcher forward the message: MPI_Abort tears its stdio down
             abort_all(comm, code, f"hpc-bkd: {prefix}aborting all {comm.size} ranks", delay_s=1.0)
         return code
+
+
+def _leave_without_peers(exc: Exception, rank: int, size: int) -> int:
+    """Say which peers were lost, then end this process at once: MPI_Finalize (at a normal exit)
+    may wait for the lost rank, and MPI_Abort could kill a peer that is still saving."""
+    print(f"hpc-bkd: [rank {rank}/{size}] error: {exc}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_PEER_LOST)
 
 
 if __name__ == "__main__":

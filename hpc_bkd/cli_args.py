@@ -19,6 +19,9 @@ EXIT_BAD_INPUT = 2
 """The input is wrong (config, data, run directory, arguments): fix it and run again."""
 EXIT_INTERRUPTED = 3
 """Stopped (preemption, time limit, Ctrl-C) after saving: the same command again resumes."""
+EXIT_PEER_LOST = 4
+"""Another rank died or its node failed (no heartbeat within ``run.peer_timeout_s``): this rank
+saved what it had and stopped; the same command again resumes."""
 
 
 def add_job_arguments(parser: argparse.ArgumentParser, *, run_dir_help: str | None = None) -> None:
@@ -56,5 +59,5 @@ def job_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, job_overrides(args))
 
 
-__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "add_job_arguments", "job_config",
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_PEER_LOST", "add_job_arguments", "job_config",
            "job_overrides"]

@@ -174,6 +174,11 @@ class RunConfig:
     threads: int = 0
     # Seconds between progress lines per rank (a tqdm bar is shown instead on a terminal).
     log_interval_s: float = 10.0
+    # With several ranks: a rank not heard from for this many seconds (its process died or its node
+    # failed) is lost; the others save their blocks and exit (code 4) naming it, instead of waiting
+    # until the time limit. Every rank sends a heartbeat from a thread of its own, so long work
+    # (rank 0 training the teacher or fine-tuning) is not mistaken for a loss. 0 = never.
+    peer_timeout_s: float = 300.0
     # Measure the teacher's and the student's inference speed (and each replaced block's) in deploy
     # form (BatchNorm folded, the faster memory layout) at the end of a run, on the run's device.
     measure_inference: bool = True
@@ -277,7 +282,7 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be > 0, got {value}")
     for key, value in {"teacher.epochs": cfg.teacher.epochs, "finetune.epochs": cfg.finetune.epochs,
                        "finetune.recalibrate_bn_batches": cfg.finetune.recalibrate_bn_batches,
-                       "run.threads": cfg.run.threads}.items():
+                       "run.threads": cfg.run.threads, "run.peer_timeout_s": cfg.run.peer_timeout_s}.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if cfg.distill.teacher_cache_gb is not None and cfg.distill.teacher_cache_gb < 0:

@@ -39,6 +39,7 @@ from .energy import EnergyMeter
 from .export import export_run, missing_extra
 from .finetune import accept_blocks, finetune, recalibrate_bn
 from .models import build_model
+from .peers import watching_peers
 from .plan import Plan, TeamModel, describe_plan, make_plan
 from .records import (
     Accuracy,
@@ -168,10 +169,17 @@ class StudentResult:
 def run_job(cfg: Config, rt: Runtime | None = None) -> JobRecord | None:
     """Run the whole job on this rank. Returns the job record on rank 0, None on the others.
 
-    Raises ``Interrupted`` on every rank if a stop was requested (everything finished is saved).
+    Raises ``Interrupted`` on every rank if a stop was requested (everything finished is saved),
+    and ``PeerLost`` on the ranks left when one stops answering (``run.peer_timeout_s``).
     """
     rt = rt or init_runtime(cfg.run.device, cfg.run.threads)
     setup_logging(rt.rank, rt.size)
+    with watching_peers(rt, cfg.run.peer_timeout_s):
+        return _run_stages(cfg, rt)
+
+
+def _run_stages(cfg: Config, rt: Runtime) -> JobRecord | None:
+    """The stages of ``run_job`` in order, one collective each (see the module's docstring)."""
     backend = check_team_backend(cfg, rt)
     clock = Clock()
     run_dir = open_run_dir(cfg, rt)

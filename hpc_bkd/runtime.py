@@ -14,9 +14,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
+
+if TYPE_CHECKING:
+    from .peers import Heartbeat
 
 log = logging.getLogger("hpc_bkd")
 
@@ -31,6 +34,7 @@ class Runtime:
     host: str
     device: torch.device
     threads: int
+    peers: Heartbeat | None = None  # set while a job runs on several ranks (peers.watching_peers)
 
     @property
     def is_root(self) -> bool:
@@ -40,12 +44,15 @@ class Runtime:
         """A barrier that sleeps instead of spinning.
 
         MPICH busy-polls inside blocking collectives; a rank that waits for rank 0 (training the
-        teacher) or for a slower rank would steal a core from the rank doing the work.
+        teacher) or for a slower rank would steal a core from the rank doing the work. While it
+        waits, a peer lost (``peers.Heartbeat``) raises ``peers.PeerLost`` instead of a hang.
         """
         if self.size == 1:
             return
         request = self.comm.Ibarrier()
         while not request.Test():
+            if self.peers is not None:
+                self.peers.check()
             time.sleep(poll_s)
 
     def bcast(self, obj: Any) -> Any:
