@@ -53,9 +53,14 @@ class PeerLost(RuntimeError):
         self.lost, self.timeout_s = lost, timeout_s
 
     def __str__(self) -> str:
-        return (f"lost {', '.join(p.describe() for p in self.lost)}: no heartbeat within "
-                f"run.peer_timeout_s={self.timeout_s:g}s (the process died or its node failed); this rank "
-                "saved its finished blocks and checkpoints and stops; run the same command again to resume")
+        return (f"{lost_line(self.lost, self.timeout_s)}; this rank saved its finished blocks and checkpoints "
+                "and stops; run the same command again to resume")
+
+
+def lost_line(lost: tuple[LostPeer, ...], timeout_s: float) -> str:
+    """Which peers were lost, and by which rule: the start of every message about them."""
+    return (f"lost {', '.join(p.describe() for p in lost)}: no heartbeat within run.peer_timeout_s={timeout_s:g}s "
+            "(the process died, hangs, or its node failed)")
 
 
 def heartbeat_period(timeout_s: float) -> float:
@@ -140,13 +145,14 @@ class Heartbeat:
 
     def _declare(self, lost: tuple[LostPeer, ...]) -> None:
         self.lost, self._lost_at = lost, time.monotonic()
-        log.error("lost %s: no heartbeat within run.peer_timeout_s=%gs; saving what this rank has and stopping",
-                  ", ".join(p.describe() for p in lost), self.timeout_s)
+        log.error("%s; saving what this rank has and stopping", lost_line(lost, self.timeout_s))
         request_stop()  # the training loop saves at its next step, then waits for peers and raises
 
     def _exit_stuck(self) -> None:
-        print(f"hpc-bkd: [rank {self.rank}/{self.comm.size}] error: {PeerLost(self.lost, self.timeout_s)} "
-              f"(the rank did not reach a wait within {self.grace_s:.0f}s: ending it now)", file=sys.stderr, flush=True)
+        print(f"hpc-bkd: [rank {self.rank}/{self.comm.size}] error: {lost_line(self.lost, self.timeout_s)}; this "
+              f"rank still waited on it {self.grace_s:.0f}s later (in a team's collective) and ends without saving "
+              "its current step (finished blocks and earlier checkpoints are kept); run the same command again "
+              "to resume", file=sys.stderr, flush=True)
         os._exit(EXIT_PEER_LOST)
 
 
