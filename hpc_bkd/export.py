@@ -113,7 +113,7 @@ def _config(run_dir: RunDir, saved: dict[str, Any] | None) -> Config:
         path = run_dir.config
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run `hpc-bkd run --run-dir {run_dir}` first")
-        raw = json.loads(path.read_text())
+        raw = atomic_io.load_json(path)
     known = Config().to_dict()
     return config_from_dict({s: {k: v for k, v in (vals or {}).items() if k in known[s]}
                              for s, vals in raw.items() if s in known})
