@@ -20,7 +20,6 @@ or null.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -36,7 +35,7 @@ from hpc_bkd import atomic_io
 from hpc_bkd.cli_args import EXIT_BAD_INPUT, EXIT_OK, add_job_arguments, job_config
 from hpc_bkd.config import Config, ConfigError
 from hpc_bkd.data import Data
-from hpc_bkd.records import Energy, ModelSize, ModelSizes, from_plain, to_plain
+from hpc_bkd.records import Energy, JsonRecord, ModelSize, ModelSizes, from_plain
 from hpc_bkd.runtime import available_cores, keep_freed_memory, peak_memory_mb, pick_device, setup_logging
 from hpc_bkd.surgery import BlockSpec
 
@@ -91,7 +90,7 @@ class TimeToWithin:
 
 
 @dataclass(frozen=True)
-class KDRecord:
+class KDRecord(JsonRecord):
     """Everything one baseline run reports; ``kd_baseline.json`` is ``to_json`` of it."""
 
     method: str
@@ -121,18 +120,11 @@ class KDRecord:
     energy: Energy
     wall_s: float
 
-    def to_json(self) -> dict[str, Any]:
-        return to_plain(self)
-
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> KDRecord:
         if isinstance(data.get("blocks_replaced"), int):  # early results counted the blocks only
             data = {**data, "blocks_replaced": list(range(data["blocks_replaced"]))}
         return from_plain(cls, data)
-
-    @classmethod
-    def load(cls, path: str | Path) -> KDRecord:
-        return cls.from_json(json.loads(Path(path).read_text()))
 
 
 # ------------------------------------------------------------------------------------------ model

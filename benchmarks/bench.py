@@ -50,7 +50,7 @@ from typing import Any
 from hpc_bkd import atomic_io
 from hpc_bkd.cli_args import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from hpc_bkd.records import Energy, JobRecord, to_plain
-from hpc_bkd.runtime import available_cores, keep_freed_memory, mem_total_bytes
+from hpc_bkd.runtime import available_cores, cpu_model, keep_freed_memory, mem_total_bytes
 from hpc_bkd.schedule import schedule_for
 
 from .baseline import RESULT_FILE as KD_RESULT_FILE
@@ -64,16 +64,6 @@ TARGETS = {"efficiency": 0.90, "seq_speedup": 2.5, "seq_acc_points": 0.3, "predi
 
 
 # ------------------------------------------------------------------------------------------ hardware
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _mem_gb() -> float | None:
@@ -128,7 +118,7 @@ print(json.dumps(out))
 
 def hardware(env: dict[str, str]) -> dict[str, Any]:
     """CPU model, cores, memory, torch, MPI library and GPUs (probed in a child: CUDA stays out of here)."""
-    info: dict[str, Any] = {"host": platform.node(), "cpu_model": _cpu_model(), "cores": available_cores(),
+    info: dict[str, Any] = {"host": platform.node(), "cpu_model": cpu_model(), "cores": available_cores(),
                             "logical_cpus": os.cpu_count(), "mem_gb": _mem_gb(), "python": platform.python_version(),
                             "os": f"{platform.system()} {platform.release()}"}
     try:

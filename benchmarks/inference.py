@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from hpc_bkd import atomic_io
-from hpc_bkd.deploy import InferenceMeasurement, TimingPlan, cpu_model, deploy_form, measure_inference
+from hpc_bkd.deploy import InferenceMeasurement, TimingPlan, deploy_form, measure_inference
+from hpc_bkd.runtime import cpu_model
 
 SHAPE = (3, 32, 32)
 RUNTIMES = ("eager", "torch.export", "onnxruntime")
@@ -55,7 +56,7 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: v for k, v in asdict(self).items() if k != "measurement"},
-                "measurement": self.measurement.to_dict()}
+                "measurement": self.measurement.to_json()}
 
 
 def random_subject(arch: str) -> Subject:

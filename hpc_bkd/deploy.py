@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from .records import BlockInference, Comparison, InferenceMeasurement, InferenceReport
+from .runtime import cpu_model
 from .surgery import BlockSpec
 
 log = logging.getLogger("hpc_bkd")
@@ -97,18 +97,6 @@ class TimingPlan:
 
 
 # ------------------------------------------------------------------------------------ timing
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), so figures say which hardware produced them."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def device_name(device: torch.device) -> str:

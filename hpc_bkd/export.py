@@ -40,7 +40,7 @@ from .deploy import (
     measure_inference,
     random_input,
 )
-from .records import ExportResult
+from .records import Comparison, ExportResult
 from .rundir import RunDir
 from .surgery import BlockSpec, model_size
 
@@ -332,9 +332,10 @@ def _check_role(model: nn.Module, files: dict[str, Path], split: EvalSplit,
 
 
 def _measure_role(role: str, model: nn.Module, files: dict[str, Path], shape: Sequence[int],
-                  plan: TimingPlan) -> dict[str, InferenceMeasurement]:
-    """Eager deploy form, the loaded ExportedProgram, and ONNX Runtime, on the same CPU threads."""
-    out = {"eager": measure_inference(model, shape, plan, name=role)}
+                  plan: TimingPlan, eager: InferenceMeasurement | None) -> dict[str, InferenceMeasurement]:
+    """Eager deploy form (``eager`` when already measured), the loaded ExportedProgram, and ONNX
+    Runtime, on the same CPU threads."""
+    out = {"eager": eager or measure_inference(model, shape, plan, name=role)}
     for path in files.values():
         if path.suffix == ".pt2":
             module = torch.export.load(str(path)).module()
@@ -390,7 +391,7 @@ def _model_card(run: RunModels, split: EvalSplit, files: dict[str, dict[str, Pat
         "deploy_form": {role: {"batchnorms": count_batchnorms(m), "batchnorms_after_folding":
                                count_batchnorms(deploy_form(m))} for role, m in
                         (("student", run.student), ("teacher", run.teacher))},
-        "latency": {role: {k: v.to_dict() for k, v in m.items()} for role, m in latency.items()},
+        "latency": {role: {k: v.to_json() for k, v in m.items()} for role, m in latency.items()},
         "fastest": {role: _fastest(m) for role, m in latency.items()},
         "speed": line,  # eager against eager: what the toolkit's own report states
         "speed_by_runtime": {rt: compare(latency["teacher"][rt], m).line for rt, m in latency["student"].items()
@@ -400,10 +401,12 @@ def _model_card(run: RunModels, split: EvalSplit, files: dict[str, dict[str, Pat
 
 
 def export_run(run_dir: str | Path, formats: Sequence[str] = tuple(FORMATS), include_teacher: bool = False,
-               plan: TimingPlan | None = None, out_dir: str | Path | None = None) -> ExportResult:
+               plan: TimingPlan | None = None, out_dir: str | Path | None = None,
+               eager: Comparison | None = None) -> ExportResult:
     """Export a finished run's student (and, with ``include_teacher``, its teacher) to
     ``<run_dir>/export/``, check every file against the in-toolkit model on the test split,
-    measure latency, and write model.json."""
+    measure latency, and write model.json. ``eager``: the deploy form's CPU measurement of this
+    run's teacher and student with ``plan``, when the caller has just taken it."""
     formats = require_formats(formats)
     paths = RunDir(run_dir)
     _student_file(paths)  # the clear error before anything is loaded
@@ -415,7 +418,9 @@ def export_run(run_dir: str | Path, formats: Sequence[str] = tuple(FORMATS), inc
     roles = ("student", "teacher") if include_teacher else ("student",)
     files = {role: _write_role(role, models[role], formats, run.input_shape, out) for role in roles}
     checked = {role: _check_role(models[role], files.get(role, {}), split, plan.threads) for role in models}
-    latency = {role: _measure_role(role, m, files.get(role, {}), run.input_shape, plan) for role, m in models.items()}
+    latency = {role: _measure_role(role, m, files.get(role, {}), run.input_shape, plan,
+                                   getattr(eager, role) if eager is not None else None)
+               for role, m in models.items()}
     line = compare(latency["teacher"]["eager"], latency["student"]["eager"]).line
     card = _model_card(run, split, files, checked, latency, line)
     atomic_io.write_json(out / MODEL_JSON, card)

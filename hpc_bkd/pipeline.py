@@ -24,9 +24,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
+import torch
 from torch import nn
 
 from . import atomic_io
@@ -45,6 +47,7 @@ from .records import (
     Accuracy,
     CacheReport,
     CacheUse,
+    Comparison,
     Energy,
     ExportResult,
     FinetuneEpoch,
@@ -59,10 +62,11 @@ from .schedule import Schedule, schedule_for
 from .students import build_student
 from .surgery import BlockSpec, assemble, find_blocks, model_size
 from .teacher import accuracy, get_teacher, state_fingerprint
-from .teacher_cache import decide, memory_budget
+from .teacher_cache import CacheDecision, decide, memory_budget
 from .teams import Team, team_backend
 
 log = logging.getLogger("hpc_bkd")
+T = TypeVar("T")
 
 
 @dataclass
@@ -80,7 +84,7 @@ class Clock:
         self.phases[name] = self.phases.get(name, 0.0) + now - self._t
         self._t = now
 
-    def collective(self, kind: str, call: Callable[[], object]) -> object:
+    def collective(self, kind: str, call: Callable[[], T]) -> T:
         t0 = time.perf_counter()
         out = call()
         self.comm[kind] += time.perf_counter() - t0
@@ -266,14 +270,19 @@ def _prepare_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, cloc
 
 def agree_schedule(cfg: Config, rt: Runtime, teacher: PreparedTeacher, data: Data) -> ScheduleChoice:
     """The teacher cache is used only if every rank can hold every block's activations."""
-    base = schedule_for(cfg.distill.schedule)
-    budget = memory_budget(rt.device, rt.local_size, cfg.distill.teacher_cache_gb)
-    mine = decide(cfg.distill.teacher_cache, cfg.data.augment, base, teacher.blocks, len(data.train), budget)
-    decisions = rt.allgather(mine)
+    decisions = rt.allgather(cache_decision(cfg, teacher.blocks, data, rt.device, rt.local_size))
     cache = next((d for d in decisions if not d.use), decisions[0])
     if rt.is_root:
         log.info("teacher cache %s", cache.reason)
     return ScheduleChoice(schedule_for(cfg.distill.schedule, cache.use), cache.to_record())
+
+
+def cache_decision(cfg: Config, blocks: list[BlockSpec], data: Data, device: torch.device,
+                   local_size: int) -> CacheDecision:
+    """Whether this rank, one of ``local_size`` on its node, may cache every block's activations."""
+    budget = memory_budget(device, local_size, cfg.distill.teacher_cache_gb)
+    return decide(cfg.distill.teacher_cache, cfg.data.augment, schedule_for(cfg.distill.schedule), blocks,
+                  len(data.train), budget)
 
 
 def find_finished(rt: Runtime, run_dir: RunDir, teacher: PreparedTeacher) -> Resume:
@@ -371,8 +380,7 @@ def distill_owned(cfg: Config, rt: Runtime, teacher: PreparedTeacher, data: Data
 
 def gather_outcomes(rt: Runtime, outcome: RankOutcome, clock: Clock) -> list[RankOutcome]:
     """Every rank's outcome on rank 0 (an empty list elsewhere)."""
-    gathered = clock.collective("gather_s", lambda: rt.gather(outcome))
-    return list(gathered) if isinstance(gathered, list) else []
+    return clock.collective("gather_s", lambda: rt.gather(outcome)) or []
 
 
 def stop_if_interrupted(rt: Runtime, outcomes: list[RankOutcome], run_dir: RunDir) -> None:
@@ -408,7 +416,7 @@ def collect_results(outcomes: list[RankOutcome], resume: Resume, run_dir: RunDir
     """Every block's result: trained now, forwarded by the rank that could see it, or read back."""
     results = {r.index: r for o in outcomes for r in o.results}
     for o in outcomes:
-        results.update({r.index: BlockResult.from_dict(r.to_dict(), resumed_finished=True) for r in o.carried})
+        results.update({r.index: replace(r, resumed_finished=True) for r in o.carried})
     for i in resume.finished:
         if i not in results:
             results[i] = BlockResult.from_dict(run_dir.load_block(i), resumed_finished=True)
@@ -457,9 +465,12 @@ def report_job(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher: P
     assert costs is not None
     results = collect_results(outcomes, resume, run_dir)
     student = make_student(cfg, rt, data, run_dir, teacher, results, clock)
-    inference = measure_deployed(cfg, rt, data, teacher, student) if cfg.run.measure_inference else None
+    timing = TimingPlan(batch_size=cfg.data.eval_batch_size, threads=rt.threads)
+    inference = measure_deployed(rt, data, teacher, student, timing) if cfg.run.measure_inference else None
     clock.mark("inference")
-    exported = export_student(cfg, run_dir) if cfg.run.export else None
+    # the export times its files on the CPU; on a CPU rank the eager figures just taken are those
+    eager = inference.models if inference is not None and rt.device.type == "cpu" else None
+    exported = export_student(cfg, run_dir, timing, eager) if cfg.run.export else None
     clock.mark("export")
     record = build_record(cfg, rt.size, run_dir, teacher.info, choice.cache, costs, plan, teacher.blocks, results,
                           outcomes, student, clock, inference, exported)
@@ -467,11 +478,10 @@ def report_job(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher: P
     return record
 
 
-def measure_deployed(cfg: Config, rt: Runtime, data: Data, teacher: PreparedTeacher,
-                     student: StudentResult) -> InferenceReport:
+def measure_deployed(rt: Runtime, data: Data, teacher: PreparedTeacher, student: StudentResult,
+                     plan: TimingPlan) -> InferenceReport:
     """The teacher's and the student's inference speed in deploy form on this rank's device, whole
     and block by block: compression is for a faster model, so its speed is measured, not assumed."""
-    plan = TimingPlan(batch_size=cfg.data.eval_batch_size, threads=rt.threads)
     report = measure_models(teacher.model, student.model, data.input_shape, plan, rt.device, teacher.blocks,
                             student.accepted)
     log.info("inference: %s", report.models.line)
@@ -490,14 +500,15 @@ def usable_export_formats(cfg: Config, warn: bool = False) -> list[str]:
     return usable
 
 
-def export_student(cfg: Config, run_dir: RunDir) -> ExportResult | None:
+def export_student(cfg: Config, run_dir: RunDir, plan: TimingPlan, eager: Comparison | None) -> ExportResult | None:
     """The standalone export of the student (``run.export``): files, not results, so a failure is
-    logged and the job still reports (``hpc-bkd export`` retries it alone)."""
+    logged and the job still reports (``hpc-bkd export`` retries it alone). ``eager``: the deploy
+    form's CPU figures already measured, reused rather than timed again."""
     formats = usable_export_formats(cfg)
     if not formats:
         return None
     try:
-        result = export_run(run_dir.root, formats)
+        result = export_run(run_dir.root, formats, plan=plan, eager=eager)
     except Exception as exc:
         log.warning("export failed (the student is saved in %s; retry with `hpc-bkd export --run-dir %s`): %r",
                     run_dir.student, run_dir, exc)
@@ -540,9 +551,7 @@ def plan_only(cfg: Config, ranks: int) -> PlanPreview:
         from .teacher import load_teacher_checkpoint
         load_teacher_checkpoint(cfg.teacher.checkpoint, teacher)
     blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
-    base = schedule_for(cfg.distill.schedule)
-    cache = decide(cfg.distill.teacher_cache, cfg.data.augment, base, blocks, len(data.train),
-                   memory_budget(rt.device, ranks, cfg.distill.teacher_cache_gb))  # as if the ranks shared a node
+    cache = cache_decision(cfg, blocks, data, rt.device, ranks)  # as if the ranks shared a node
     costs = block_costs(cfg, teacher, blocks, data, rt.device, ranks, schedule_for(cfg.distill.schedule, cache.use),
                         cache.use)
     plan = make_plan(costs.costs, ranks, cfg.plan.method, cfg.plan.hybrid, cfg.plan.teams,

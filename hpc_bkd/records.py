@@ -64,6 +64,29 @@ def _convert(tp: Any, data: Any) -> Any:
     return data
 
 
+R = TypeVar("R", bound="JsonRecord")
+
+
+class JsonRecord:
+    """A record whose JSON file is ``to_json`` of it: the one place such records are converted
+    (``to_plain``/``from_plain``) and read back from a file."""
+
+    def to_json(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    @classmethod
+    def from_json(cls: type[R], data: dict[str, Any]) -> R:
+        return from_plain(cls, data)
+
+    @classmethod
+    def load(cls: type[R], path: str | Path) -> R:
+        """Read a file ``to_json`` wrote; a damaged or foreign one raises ``ValueError`` naming it."""
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not a readable {cls.__name__} file ({exc!r})") from None
+
+
 @dataclass(frozen=True)
 class CacheReport:
     """Whether ranks cached the teacher's activations, and why (``teacher_cache.decide``)."""
@@ -190,7 +213,7 @@ class FinetuneEpoch:
 
 
 @dataclass(frozen=True)
-class InferenceMeasurement:
+class InferenceMeasurement(JsonRecord):
     """One model's measured speed on one device and runtime."""
 
     name: str
@@ -214,13 +237,6 @@ class InferenceMeasurement:
     throughput_halves_ips: tuple[float, float]
     noisy: bool                   # some pair of halves differs by more than NOISE_TOLERANCE
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> InferenceMeasurement:
-        return from_plain(cls, d)
-
     def where(self) -> str:
         """``cpu (AMD EPYC, 1 thread)``: the device as a summary line names it."""
         if self.device.startswith("cuda"):
@@ -229,7 +245,7 @@ class InferenceMeasurement:
 
 
 @dataclass(frozen=True)
-class Comparison:
+class Comparison(JsonRecord):
     """Teacher against student on the same device: the ratios and one honest sentence."""
 
     teacher: InferenceMeasurement
@@ -239,16 +255,9 @@ class Comparison:
     noisy: bool
     line: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Comparison:
-        return from_plain(cls, d)
-
 
 @dataclass(frozen=True)
-class BlockInference:
+class BlockInference(JsonRecord):
     """One block: the teacher's members against the student block, on the block's real input."""
 
     index: int
@@ -256,31 +265,17 @@ class BlockInference:
     in_shape: tuple[int, ...]
     comparison: Comparison
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BlockInference:
-        return from_plain(cls, d)
-
 
 @dataclass(frozen=True)
-class InferenceReport:
+class InferenceReport(JsonRecord):
     """What a run reports about speed: the whole models and each replaced block."""
 
     models: Comparison
     blocks: tuple[BlockInference, ...] = field(default_factory=tuple)
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> InferenceReport:
-        return from_plain(cls, d)
-
 
 @dataclass(frozen=True)
-class ExportResult:
+class ExportResult(JsonRecord):
     """What ``export_run`` wrote and how closely the files reproduce the in-toolkit models."""
 
     run_dir: str
@@ -290,19 +285,12 @@ class ExportResult:
     max_abs_diff: dict[str, float]  # file name -> largest |exported - in-toolkit| logit on the test split
     line: str                       # the teacher/student speed sentence
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ExportResult:
-        return from_plain(cls, d)
-
 
 # ----------------------------------------------------------------------- the job
 
 
 @dataclass(frozen=True)
-class JobRecord:
+class JobRecord(JsonRecord):
     """Everything a finished job reports; ``report.json`` is ``to_json`` of it."""
 
     status: str
@@ -327,21 +315,6 @@ class JobRecord:
     wall_s: float
     inference: InferenceReport | None = None  # deploy-form speed (``deploy.measure_models``), if measured
     export: ExportResult | None = None        # the standalone files (``export.export_run``), if exported
-
-    def to_json(self) -> dict[str, Any]:
-        return to_plain(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> JobRecord:
-        return from_plain(cls, data)
-
-    @classmethod
-    def load(cls, path: str | Path) -> JobRecord:
-        """Read a ``report.json``; a damaged or foreign file raises ``ValueError`` naming it."""
-        try:
-            return cls.from_json(json.loads(Path(path).read_text()))
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path} is not a readable hpc_bkd report ({exc!r})") from None
 
     def block(self, index: int) -> BlockRecord:
         return next(b for b in self.blocks if b.index == index)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpc_bkd import deploy
+from hpc_bkd import deploy, runtime
 from hpc_bkd.deploy import (
     LAYOUTS,
     InferenceMeasurement,
@@ -101,7 +101,7 @@ def test_measure_inference_reports_every_field():
     m = measure_inference(model, SHAPE, QUICK, name="teacher")
     assert torch.get_num_threads() == 2, "the thread count is restored"
     assert m.threads == 1 and m.device == "cpu" and m.timer == "perf_counter" and m.runtime == "eager"
-    assert m.device_name and m.device_name == deploy.cpu_model()
+    assert m.device_name and m.device_name == runtime.cpu_model()
     assert m.layout in LAYOUTS and set(m.layout_probe_ms) == set(LAYOUTS)
     assert m.layout == min(m.layout_probe_ms, key=m.layout_probe_ms.get), "the faster layout is chosen"
     assert set(m.throughput_layout_probe_ms) == set(LAYOUTS)
@@ -110,7 +110,7 @@ def test_measure_inference_reports_every_field():
     assert 0 < m.latency_ms_median <= m.latency_ms_p90 and m.throughput_ips > 0
     assert len(m.latency_halves_ms) == 2 and len(m.throughput_halves_ips) == 2 and isinstance(m.noisy, bool)
     assert m.input_shape == SHAPE and "1 thread)" in m.where()
-    again = InferenceMeasurement.from_dict(json.loads(json.dumps(m.to_dict())))
+    again = InferenceMeasurement.from_json(json.loads(json.dumps(m.to_json())))
     assert again == m
     fixed = measure_inference(model, SHAPE, QUICK, layout="channels_last")
     assert fixed.layout == fixed.throughput_layout == "channels_last" and fixed.layout_probe_ms == {}
@@ -156,7 +156,7 @@ def test_measure_models_with_blocks_on_their_real_input_shapes():
     for b in report.blocks:
         assert b.in_shape == blocks[b.index].in_shape == b.comparison.student.input_shape
         assert b.comparison.teacher.input_shape == b.in_shape and b.name == blocks[b.index].name
-    assert InferenceReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+    assert InferenceReport.from_json(json.loads(json.dumps(report.to_json()))) == report
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
