@@ -157,6 +157,7 @@ class RankOutcome:
     energy: Energy
     peak_mem_mb: float
     cache: CacheUse | None
+    local_rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -375,7 +376,7 @@ def distill_owned(cfg: Config, rt: Runtime, teacher: PreparedTeacher, data: Data
         results=results, carried=[BlockResult.from_dict(run_dir.load_block(i)) for i in resume.carried_by(rt.rank)],
         interrupted=interrupted, start=start, end=end, energy=Energy(**meter.stop()),
         peak_mem_mb=peak_memory_mb(rt.device),
-        cache=CacheUse(cache.nbytes / 2**20, cache.fill_s) if cache is not None else None)
+        cache=CacheUse(cache.nbytes / 2**20, cache.fill_s) if cache is not None else None, local_rank=rt.local_rank)
 
 
 def gather_outcomes(rt: Runtime, outcome: RankOutcome, clock: Clock) -> list[RankOutcome]:

@@ -162,6 +162,7 @@ class RankRecord:
     peak_mem_mb: float
     energy: Energy
     teacher_cache: CacheUse | None = None
+    local_rank: int | None = None  # rank on its node (picks the GPU); None in reports from before it was recorded
 
 
 @dataclass(frozen=True)

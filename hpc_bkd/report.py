@@ -36,7 +36,7 @@ __all__ = ["build_record", "write_report", "summary_text", "gantt"]
 def _rank_records(outcomes: list[RankOutcome], plan: Plan) -> tuple[list[RankRecord], float, float]:
     t0, t1 = min(o.start for o in outcomes), max(o.end for o in outcomes)
     rows = [RankRecord(o.rank, o.host, o.device, o.threads, o.blocks, o.end - o.start, (t1 - t0) - (o.end - o.start),
-                       plan.predicted[o.rank], o.peak_mem_mb, o.energy, o.cache)
+                       plan.predicted[o.rank], o.peak_mem_mb, o.energy, o.cache, o.local_rank)
             for o in sorted(outcomes, key=lambda o: o.rank)]
     return rows, t0, t1
 
