@@ -233,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         from .data import DataError
         from .rundir import RunDirConflict
         from .teacher import TeacherMismatchError
+        from .teams import TeamRendezvousError
 
         clear = isinstance(exc, (DataError, TeacherMismatchError, RunDirConflict, FileNotFoundError, ValueError,
-                                 DamagedFile, DiskFull))
+                                 DamagedFile, DiskFull, TeamRendezvousError))
         prefix = f"[rank {comm.rank}/{comm.size}] " if comm.size > 1 else ""
         if clear:
             advice = "; move it aside or delete it: running the job again rebuilds it" * isinstance(exc, DamagedFile)

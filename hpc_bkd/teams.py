@@ -25,7 +25,9 @@ exchange) go through one of two transports, ``distill.team_backend``:
 * ``nccl`` (the default between GPU ranks) or ``gloo``: a ``torch.distributed`` process group of
   just the team, bootstrapped from MPI: the team leader opens a ``TCPStore`` on a free port and
   broadcasts its address over the team's communicator, so no ``MASTER_ADDR``/``MASTER_PORT``
-  or launcher support is needed. A rank belongs to at most one team, so the team's group is the
+  or launcher support is needed. Across nodes that address is one every member has just reached
+  (not a host name that may resolve to loopback), and members that cannot meet fail within
+  ``RENDEZVOUS_TIMEOUT_S`` naming it, never a silent hang. A rank belongs to at most one team, so the team's group is the
   process's default group.
 """
 from __future__ import annotations
@@ -54,32 +56,135 @@ def team_backend(setting: str, device: torch.device) -> str:
     return setting
 
 
-def _team_address(comm: Any) -> str:
-    """Where members reach the leader's store: loopback when the team shares a node, else the
-    leader's host name (``HPC_BKD_TEAM_ADDR`` overrides, e.g. with an InfiniBand interface's IP)."""
-    seen = comm.allgather((socket.gethostname(), os.environ.get("HPC_BKD_TEAM_ADDR")))
+RENDEZVOUS_TIMEOUT_S = 60.0  # members meeting the leader's store and each other, at most
+PROBE_TIMEOUT_S = 5.0        # one member trying one of the leader's addresses
+
+
+class TeamRendezvousError(RuntimeError):
+    """A team's members cannot meet the leader: names the addresses and port tried and who failed."""
+
+
+def host_addresses() -> list[tuple[str, str]]:
+    """(interface, IPv4 address) of this host's interfaces that have one, loopback left out
+    (Linux's SIOCGIFADDR: each interface's primary address; nothing elsewhere)."""
+    import fcntl
+    import struct
+
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:  # down, or no IPv4 address
+                continue
+            addr = socket.inet_ntoa(packed[20:24])
+            if not addr.startswith("127."):
+                found.append((name, addr))
+    return found
+
+
+def _leader_candidates(host: str, addresses: list[tuple[str, str]]) -> list[str]:
+    """The leader's addresses to try, best first: the one its host name resolves to (what a
+    cluster's DNS says), then every other interface's. Never loopback: members on other nodes
+    would reach their own."""
+    try:
+        named = [socket.gethostbyname(host)]
+    except OSError:
+        named = []
+    ours = [a for _, a in addresses]
+    return list(dict.fromkeys([a for a in named if a in ours] + ours))
+
+
+def _reachable(candidates: list[str], port: int, timeout_s: float) -> list[str]:
+    """The candidate addresses this rank can open a TCP connection to (tried at once, so this
+    takes at most ``timeout_s``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def connects(addr: str) -> bool:
+        try:
+            socket.create_connection((addr, port), timeout=timeout_s).close()
+            return True
+        except OSError:
+            return False
+
+    if not candidates:
+        return []
+    with ThreadPoolExecutor(len(candidates)) as pool:
+        return [a for a, ok in zip(candidates, pool.map(connects, candidates)) if ok]
+
+
+def _team_address(comm: Any, probe_s: float = PROBE_TIMEOUT_S) -> str:
+    """Where members reach the leader's store: loopback when the team shares a node, else an
+    address of the leader that every member has just connected to (``HPC_BKD_TEAM_ADDR``, the
+    leader's, overrides the candidates, e.g. with an InfiniBand interface's IP). Raises
+    ``TeamRendezvousError`` (on every member at once) when no candidate works for all."""
+    host = socket.gethostname()
+    seen = comm.allgather((host, os.environ.get("HPC_BKD_TEAM_ADDR")))
     leader_host, override = seen[0]  # the leader's word, whatever the members' environments say
-    if override:
-        return override
-    return "127.0.0.1" if len({host for host, _ in seen}) == 1 else leader_host
+    if not override and len({h for h, _ in seen}) == 1:
+        return "127.0.0.1"
+    listener, candidates = None, None
+    if comm.rank == 0:
+        candidates = [override] if override else _leader_candidates(host, host_addresses())
+        listener = socket.create_server(("", 0))  # a throwaway port, only to be connected to
+    candidates, port = comm.bcast((candidates, listener.getsockname()[1] if listener else None), root=0)
+    reached = comm.allgather(_reachable(candidates, port, probe_s) if comm.rank or override else candidates)
+    if listener is not None:
+        listener.close()
+    for addr in candidates:
+        if all(addr in r for r in reached):
+            return addr
+    who = "; ".join(f"team rank {r} on {seen[r][0]} reaches {', '.join(a) or 'none'}" for r, a in enumerate(reached))
+    raise TeamRendezvousError(
+        f"team of {comm.size} ranks: no address of the leader (team rank 0, on {leader_host}) that every member "
+        f"reaches: tried {', '.join(candidates) or 'no address'} on test port {port}, {probe_s:g}s each ({who}); "
+        "set HPC_BKD_TEAM_ADDR to a leader address every member reaches, or use distill.team_backend=mpi")
 
 
-def init_torch_group(comm: Any, backend: str, device: torch.device, timeout_s: float = 600.0) -> None:
+def _interface_towards(addr: str) -> str | None:
+    """The name of this host's interface that traffic to ``addr`` leaves from (Gloo's device must
+    listen on an address the peers reach, not on whatever the host name resolves to)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((addr, 9))  # a UDP connect sends nothing: it only picks the route
+            local = s.getsockname()[0]
+        except OSError:
+            return None
+    return next((name for name, a in host_addresses() if a == local), None)
+
+
+def init_torch_group(comm: Any, backend: str, device: torch.device, timeout_s: float = 600.0,
+                     rendezvous_s: float = RENDEZVOUS_TIMEOUT_S) -> None:
     """Make the team's ``torch.distributed`` process group (the default group of this process),
-    bootstrapped from its MPI communicator ``comm``."""
+    bootstrapped from its MPI communicator ``comm``. The members meet within ``rendezvous_s`` or
+    every one raises ``TeamRendezvousError`` naming the address and port; ``timeout_s`` bounds
+    each collective afterwards."""
     import torch.distributed as dist
 
-    timeout = timedelta(seconds=timeout_s)
     addr = _team_address(comm)
     store, port = None, None
     if comm.rank == 0:  # port 0: the OS picks a free port, no race with other jobs on the node
-        store = dist.TCPStore(addr, 0, comm.size, is_master=True, timeout=timeout, wait_for_workers=False)
+        store = dist.TCPStore(addr, 0, comm.size, is_master=True, timeout=timedelta(seconds=rendezvous_s),
+                              wait_for_workers=False)
         port = store.port
     port = comm.bcast(port, root=0)
-    if store is None:
-        store = dist.TCPStore(addr, port, comm.size, is_master=False, timeout=timeout)
     kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, store=store, rank=comm.rank, world_size=comm.size, timeout=timeout, **kwargs)
+    env_before = os.environ.get("GLOO_SOCKET_IFNAME")
+    iface = _interface_towards(addr) if addr != "127.0.0.1" and backend == "gloo" and env_before is None else None
+    if iface:
+        os.environ["GLOO_SOCKET_IFNAME"] = iface  # read when the group creates its device
+    try:
+        if store is None:
+            store = dist.TCPStore(addr, port, comm.size, is_master=False, timeout=timedelta(seconds=rendezvous_s))
+        dist.init_process_group(backend, store=store, rank=comm.rank, world_size=comm.size,
+                                timeout=timedelta(seconds=timeout_s), **kwargs)
+    except Exception as exc:
+        raise TeamRendezvousError(f"team of {comm.size} ranks: rank {comm.rank} on {socket.gethostname()} could not "
+                                  f"meet the team at {addr}:{port} within {rendezvous_s:g}s ({backend}"
+                                  f"{', interface ' + iface if iface else ''}): {exc}") from exc
+    finally:
+        if iface:
+            os.environ.pop("GLOO_SOCKET_IFNAME", None)
 
 
 def group_bounds(n: int, groups: int) -> list[int]:
