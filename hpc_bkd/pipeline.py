@@ -14,7 +14,8 @@ collective, so the MPI protocol reads in order in ``run_job``:
 5. ``share_plan``: rank 0 plans the remaining blocks and broadcasts the plan;
 6. ``distill_owned``: every rank (or team of ranks: a communicator split) distills its blocks,
    checkpointing each under the run directory;
-7. ``gather_outcomes``: trained blocks and metrics go to rank 0;
+7. ``gather_outcomes``: trained blocks and metrics go to rank 0, which keeps a copy of every
+   finished block it does not hold (``keep_on_root``: its run directory is the job's record);
 8. ``stop_if_interrupted``: every rank learns whether any rank was stopped (broadcast);
 9. rank 0 assembles, fine-tunes, evaluates, saves and reports (``finish_on_root``) while the
    others wait for it to say it is done (broadcast).
@@ -196,6 +197,7 @@ def _run_stages(cfg: Config, rt: Runtime) -> JobRecord | None:
     plan = share_plan(cfg, rt, teacher, costs, resume, clock)
     outcome = distill_owned(cfg, rt, teacher, data, run_dir, plan, choice, resume, backend)
     outcomes = gather_outcomes(rt, outcome, clock)
+    keep_on_root(rt, outcomes, run_dir, teacher)
     stop_if_interrupted(rt, outcomes, run_dir)
     if not rt.is_root:
         await_root(rt, run_dir)
@@ -382,6 +384,19 @@ def distill_owned(cfg: Config, rt: Runtime, teacher: PreparedTeacher, data: Data
 def gather_outcomes(rt: Runtime, outcome: RankOutcome, clock: Clock) -> list[RankOutcome]:
     """Every rank's outcome on rank 0 (an empty list elsewhere)."""
     return clock.collective("gather_s", lambda: rt.gather(outcome)) or []
+
+
+def keep_on_root(rt: Runtime, outcomes: list[RankOutcome], run_dir: RunDir, teacher: PreparedTeacher) -> None:
+    """Rank 0's run directory is the job's record: it keeps every finished block the other ranks
+    trained or forwarded (also when the job was stopped). Without a shared filesystem those
+    live on other nodes; with one they are already here and nothing is rewritten."""
+    if not rt.is_root:
+        return
+    store = BlockStore(run_dir, teacher.fingerprint)
+    for o in outcomes:
+        for r in [*o.results, *o.carried]:
+            if not run_dir.block(r.index).is_file():
+                store.save_finished(r.index, r.to_dict())
 
 
 def stop_if_interrupted(rt: Runtime, outcomes: list[RankOutcome], run_dir: RunDir) -> None:
