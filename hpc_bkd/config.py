@@ -49,6 +49,30 @@ class DataConfig:
     # Training-batch augmentation, seeded by epoch and step (never by rank): none, crop (random
     # 4-pixel shifts; for digits and text), crop-flip (shifts + horizontal flips; CIFAR, photos).
     augment: Literal["none", "crop", "crop-flip"] = "none"
+    # Where images live. memory: decoded once into RAM as uint8 (every rank holds all of them; no
+    # worker processes). stream: an ImageFolder read from disk batch by batch by data.workers
+    # processes per rank (ImageNet-scale data; a rank's memory does not grow with the dataset).
+    # auto: memory for digits and CIFAR, and for an ImageFolder whose decoded images fit
+    # data.memory_limit_gb; stream otherwise.
+    storage: Literal["memory", "stream", "auto"] = "auto"
+    # storage auto: the most GiB of decoded images (N x 3 x image_size^2 bytes) held in memory per rank.
+    memory_limit_gb: float = 4.0
+    # Streaming (and decoding an ImageFolder into memory): DataLoader worker processes per rank,
+    # started by forkserver, never forked from the MPI rank (0 = decode in the rank itself, no prefetch).
+    workers: int = 2
+    # Streaming: batches each worker decodes ahead of the one being trained on.
+    prefetch: int = 4
+    # A file that cannot be decoded (truncated, not an image): error stops with its name; skip logs
+    # it once, counts it in the report, and lets the next readable image of the split take its place.
+    on_bad_image: Literal["error", "skip"] = "error"
+    # ImageFolder geometry: the shorter side is resized to image_size / crop_fraction and the centre
+    # image_size x image_size kept (1.0: the whole shorter side; 0.875: ImageNet's 256 -> 224).
+    # Streaming with augment crop / crop-flip trains on random-resized crops (+ flips) instead,
+    # drawn per image from (seed, epoch, image index).
+    crop_fraction: float = 1.0
+    # Input normalisation: dataset (mean and std of the training images; of 1,000 of them when
+    # streaming) or imagenet (torchvision's ImageNet constants: for teachers trained with them).
+    normalization: Literal["dataset", "imagenet"] = "dataset"
 
 
 @dataclass
@@ -187,6 +211,9 @@ class RunConfig:
     # Formats of that export: pt2 (torch.export program), onnx (checked with ONNX Runtime; needs the
     # export extra: pip install -e '.[export]').
     export_formats: list[str] = field(default_factory=lambda: ["pt2", "onnx"])
+    # Arithmetic of the teacher's forward and the students' train steps: fp32, bf16 (autocast), or
+    # fp16 (autocast with a gradient scaler). Weights, optimizer state, checkpoints and exports stay fp32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 @dataclass

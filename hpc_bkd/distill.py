@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .data import Data, batch_indices, steps_per_epoch, train_batch
+from .data import Data, batch_indices, eval_batches, steps_per_epoch, train_batch
 from .rundir import BlockStore
 from .runtime import stop_requested
 from .schedule import Schedule
@@ -222,13 +222,11 @@ class LocalDistiller:
             self._swapped = SwappedForward(self.teacher, self.blocks)
         val = self.data.val
         rows = self.team.slice(len(val)) if self.team is not None else slice(0, len(val))
-        images, labels = val.images[rows], val.labels[rows]
         correct = torch.zeros(len(trainers) + 1, dtype=torch.float64)  # per block, then the count
         bs = self.cfg.data.eval_batch_size
         students = {t.spec.index: t.student for t in trainers}
-        for start in range(0, len(labels), bs):
-            x = self.data.normalize(images[start: start + bs]).to(self.device)
-            y = labels[start: start + bs]
+        for x, y in eval_batches(self.data, val, bs, range(rows.start, rows.stop)):
+            x = x.to(self.device)
             logits = self._swapped(x, students)
             for j, t in enumerate(trainers):
                 correct[j] += float((logits[t.spec.index].argmax(1).cpu() == y).sum())
@@ -289,7 +287,7 @@ class LocalDistiller:
 
     def _fill_cache(self, specs: list[BlockSpec]) -> None:
         self.cache = TeacherCache(specs, len(self.data.train), self.device)
-        self.cache.fill(self.teacher, self.data.train.images, self.data.normalize,
+        self.cache.fill(self.teacher, self.data.train, self.data.normalize,
                         self.cfg.data.eval_batch_size, self.team, self.cfg.run.log_interval_s)
         if self.leader:
             log.info("teacher cache: %d images x %d block(s), %.0f MiB, filled in %.1fs%s", self.cache.images,
@@ -309,10 +307,10 @@ class LocalDistiller:
         weight = (rows.stop - rows.start) / n
         if self.cache is not None:
             return self.cache.fetch(index[rows], [t.spec.index for t in group]), weight
-        x, _ = train_batch(self.data, bs, seed, epoch, step, self.cfg.data.augment)
+        x, _ = train_batch(self.data, bs, seed, epoch, step, self.cfg.data.augment, rows)  # this rank's rows only
         key = tuple(t.spec.index for t in group)
         tap = self._taps.setdefault(key, BlockTap(self.teacher, [t.spec for t in group], TRAIN_FORMAT))
-        return tap(x[rows].to(self.device)), weight
+        return tap(x.to(self.device)), weight
 
     def _step(self, group: list[BlockTrainer]) -> None:
         """One train step of every block in ``group`` on the batch at their common cursor."""

@@ -159,6 +159,8 @@ class RankOutcome:
     peak_mem_mb: float
     cache: CacheUse | None
     local_rank: int = 0
+    data_wait_s: float = 0.0  # seconds the distillation loop waited for its batches
+    bad_images: int = 0       # unreadable files skipped (data.on_bad_image: skip)
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,7 @@ def open_run_dir(cfg: Config, rt: Runtime) -> RunDir:
 
 
 def load_job_data(cfg: Config, rt: Runtime, clock: Clock) -> Data:
-    data = load_data(cfg.data, cfg.run.seed)
+    data = load_data(cfg.data, cfg.run.seed, rt.device)
     if rt.is_root:
         log.info("data: %s: %s", cfg.data.dataset, describe(data))
     clock.mark("data")
@@ -365,7 +367,7 @@ def distill_owned(cfg: Config, rt: Runtime, teacher: PreparedTeacher, data: Data
                  len(resume.remaining(teacher.blocks)))
     meter = EnergyMeter(rt.device)
     meter.start()
-    start = time.time()
+    start, waited = time.time(), data.stats.wait_s
     distiller = LocalDistiller(teacher.model, owned, data, cfg, BlockStore(run_dir, teacher.fingerprint), rt.device,
                                choice.schedule, rt.rank, teacher.val_acc, team)
     results, interrupted = distiller.run(resume.finished)
@@ -378,7 +380,8 @@ def distill_owned(cfg: Config, rt: Runtime, teacher: PreparedTeacher, data: Data
         results=results, carried=[BlockResult.from_dict(run_dir.load_block(i)) for i in resume.carried_by(rt.rank)],
         interrupted=interrupted, start=start, end=end, energy=Energy(**meter.stop()),
         peak_mem_mb=peak_memory_mb(rt.device),
-        cache=CacheUse(cache.nbytes / 2**20, cache.fill_s) if cache is not None else None, local_rank=rt.local_rank)
+        cache=CacheUse(cache.nbytes / 2**20, cache.fill_s) if cache is not None else None, local_rank=rt.local_rank,
+        data_wait_s=data.stats.wait_s - waited, bad_images=len(data.stats.bad_images))
 
 
 def gather_outcomes(rt: Runtime, outcome: RankOutcome, clock: Clock) -> list[RankOutcome]:

@@ -163,6 +163,8 @@ class RankRecord:
     energy: Energy
     teacher_cache: CacheUse | None = None
     local_rank: int | None = None  # rank on its node (picks the GPU); None in reports from before it was recorded
+    data_wait_s: float | None = None  # distillation seconds spent waiting for input batches (None: not recorded)
+    bad_images: int = 0               # unreadable image files skipped (data.on_bad_image: skip)
 
 
 @dataclass(frozen=True)

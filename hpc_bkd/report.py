@@ -36,7 +36,8 @@ __all__ = ["build_record", "write_report", "summary_text", "gantt"]
 def _rank_records(outcomes: list[RankOutcome], plan: Plan) -> tuple[list[RankRecord], float, float]:
     t0, t1 = min(o.start for o in outcomes), max(o.end for o in outcomes)
     rows = [RankRecord(o.rank, o.host, o.device, o.threads, o.blocks, o.end - o.start, (t1 - t0) - (o.end - o.start),
-                       plan.predicted[o.rank], o.peak_mem_mb, o.energy, o.cache, o.local_rank)
+                       plan.predicted[o.rank], o.peak_mem_mb, o.energy, o.cache, o.local_rank,
+                       data_wait_s=o.data_wait_s, bad_images=o.bad_images)
             for o in sorted(outcomes, key=lambda o: o.rank)]
     return rows, t0, t1
 
@@ -157,11 +158,24 @@ def _outcome_lines(r: JobRecord) -> list[str]:
     if r.export is not None:
         lines.append(f"export: {r.export.export_dir}/ ({', '.join(sorted(Path(p).name for p in r.export.files))}, "
                      f"model.json; max |logit diff| {max(r.export.max_abs_diff.values(), default=0.0):.1e})")
+    lines += _data_lines(r)
     gpu, cpu = r.energy.describe()
     lines.append(f"energy (distillation): GPU {gpu}; CPU package {cpu}")
     lines.append("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.phases_s.items())
                  + f"; total {r.wall_s:.1f}s")
     return lines
+
+
+def _data_lines(r: JobRecord) -> list[str]:
+    """The input pipeline: how long ranks waited for batches, and unreadable files skipped."""
+    waits = [(row.data_wait_s / row.busy_s if row.busy_s > 0 else 0.0, row) for row in r.ranks
+             if row.data_wait_s is not None]
+    if not waits:
+        return []
+    share, row = max(waits, key=lambda w: w[0])
+    bad = max(row.bad_images for row in r.ranks)
+    return [f"data: waited {row.data_wait_s:.1f}s for batches ({100 * share:.1f}% of its distillation, rank "
+            f"{row.rank}, the most)" + (f"; {bad} unreadable image(s) skipped" if bad else "")]
 
 
 def _speed_lines(r: JobRecord) -> list[str]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +79,7 @@ def decide(setting: str, augment: str, schedule: Schedule, blocks: Sequence[Bloc
     if needed > budget:
         return CacheDecision(False, needed, budget,
                              f"off: every block's activations need {needed / 2**30:.2f} GiB per rank, over the "
-                             f"budget of {budget / 2**30:.2f} GiB (distill.teacher_cache_gb)")
+                             f"budget of {budget / 2**30:.2f} GiB (distill.teacher_cache_gb); the teacher runs on every batch")
     return CacheDecision(True, needed, budget,
                          f"on: at most {needed / 2**20:.0f} MiB per rank (budget {budget / 2**20:.0f} MiB)")
 
@@ -104,19 +104,21 @@ class TeacherCache:
         return sum(t.numel() * t.element_size() for d in (self.inputs, self.targets) for t in d.values())
 
     @torch.no_grad()
-    def fill(self, teacher: nn.Module, images: torch.Tensor, normalize, chunk: int, team=None,
+    def fill(self, teacher: nn.Module, images, normalize, chunk: int, team=None,
              log_interval_s: float = 30.0) -> None:
-        """Run ``teacher`` over ``images`` (raw training images, normalised per chunk) as deep as the
-        deepest cached block. In a team each member runs its share of the rows and the members
-        then exchange them, so the team pays one teacher pass between them."""
+        """Run ``teacher`` over ``images`` (the raw training images: a uint8 tensor, or a split
+        with ``chunks``, ``data.ImageSet`` or a streamed ``streaming.StreamSet``; normalised per
+        chunk) as deep as the deepest cached block. In a team each member runs (and reads) its
+        share of the rows and the members then exchange them, so the team pays one teacher pass
+        between them."""
         start = time.perf_counter()
         rows = team.row_range(self.images) if team is not None else range(self.images)
         tap = BlockTap(teacher, self.blocks)
         device = next(iter(self.inputs.values())).device
-        last = start
-        for i in range(rows.start, rows.stop, chunk):
-            j = min(i + chunk, rows.stop)
-            pairs = tap(normalize(images[i:j]).to(device))
+        last, i = start, rows.start
+        for x in _chunks(images, rows, chunk):
+            j = i + len(x)
+            pairs = tap(normalize(x).to(device))
             for b in self.blocks:
                 inp, target = pairs[b.index]
                 _store(self.inputs[b.index], i, j, inp)
@@ -124,6 +126,7 @@ class TeacherCache:
             if time.perf_counter() - last >= log_interval_s:
                 log.info("teacher cache: %d/%d images", j - rows.start, len(rows))
                 last = time.perf_counter()
+            i = j
         if team is not None:
             for d in (self.inputs, self.targets):
                 for t in d.values():
@@ -134,6 +137,14 @@ class TeacherCache:
         """``{block: (input, target)}`` for the images ``index``, as ``surgery.BlockTap`` gives them."""
         index = index.to(next(iter(self.inputs.values())).device)
         return {b: (_rows(self.inputs[b], index), _rows(self.targets[b], index)) for b in blocks}
+
+
+def _chunks(images, rows: range, chunk: int) -> Iterator[torch.Tensor]:
+    """Consecutive ``rows`` of a uint8 tensor or of a split, ``chunk`` at a time."""
+    if isinstance(images, torch.Tensor):
+        yield from (images[i: min(i + chunk, rows.stop)] for i in range(rows.start, rows.stop, chunk))
+    else:
+        yield from (x for x, _ in images.chunks(rows, chunk))
 
 
 def _empty(images: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:

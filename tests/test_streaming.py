@@ -1,0 +1,146 @@
+"""Streaming ImageFolders: decoding, the batch invariants hpc_bkd relies on, bad files, and the
+same blocks as in-memory storage (data.storage: stream vs memory)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from imagefolders import digits_folder
+
+from hpc_bkd import streaming
+from hpc_bkd.config import DataConfig
+from hpc_bkd.data import DataError, eval_batches, load_data, train_batch
+from hpc_bkd.decode import BadImage, decode
+from hpc_bkd.streaming import list_folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return digits_folder(tmp_path_factory.mktemp("digits-folder"))
+
+
+def stream_cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(**{"dataset": "imagefolder", "root": str(root), "image_size": 32, "storage": "stream",
+                         "on_bad_image": "skip", **kw})
+
+
+def test_layout_nested_folders_and_formats(folder):
+    files, labels, classes = list_folder(folder / "train")
+    names = [f.decode() for f in files]
+    assert classes == [f"n{c:08d}" for c in range(10)] and len(names) == len(labels) == 301
+    assert any("/nested/" in n for n in names)
+    assert {Path(n).suffix for n in names} == {".JPEG", ".png", ".bmp"}
+
+
+def test_decoders_gray_cmyk_bmp_and_truncated(folder):
+    from PIL import Image
+
+    modes = {}
+    for path in sorted((folder / "train").rglob("*.*")):
+        if path.name == "truncated.JPEG":
+            continue
+        modes.setdefault(Image.open(path).mode, path)
+    assert {"L", "CMYK", "RGB"} <= set(modes)
+    for path in modes.values():
+        image = decode(str(path))
+        assert image.shape == (3, 64, 64) and image.dtype == torch.uint8 and image.float().std() > 10
+    with pytest.raises(BadImage, match="truncated.JPEG.*truncated"):
+        decode(str(folder / "train" / "n00000003" / "truncated.JPEG"))
+
+
+def _read_everything(data) -> None:
+    for split in (data.train, data.val):
+        for _ in eval_batches(data, split, 64):
+            pass
+
+
+def test_bad_image_error_names_the_file(folder):
+    with pytest.raises(DataError, match=r"truncated\.JPEG.*on_bad_image: skip"):
+        _read_everything(load_data(stream_cfg(folder, on_bad_image="error")))
+
+
+def test_bad_image_skip_counts_it_and_keeps_batches_whole(folder):
+    data = load_data(stream_cfg(folder))
+    _read_everything(data)
+    assert list(data.stats.bad_images) == [str(folder / "train" / "n00000003" / "truncated.JPEG")]
+    for step in range(len(data.train) // 32):
+        x, y = train_batch(data, 32, 0, 0, step)
+        assert x.shape == (32, 3, 32, 32) and (y >= 0).all()
+
+
+def test_batches_depend_on_seed_epoch_and_index_only(folder):
+    """The same pixels whatever the worker count, the rows asked for, or the global RNG."""
+    one, two = load_data(stream_cfg(folder, workers=0)), load_data(stream_cfg(folder, workers=2))
+    for epoch, step in [(0, 0), (1, 3), (0, 1), (1, 4)]:  # out of order: the feed restarts
+        x1, y1 = train_batch(one, 32, 0, epoch, step, "crop-flip")
+        torch.manual_seed(epoch * 10 + step)
+        x2, y2 = train_batch(two, 32, 0, epoch, step, "crop-flip")
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+        part, labels = train_batch(two, 32, 0, epoch, step, "crop-flip", rows=slice(8, 24))
+        assert torch.equal(part, x1[8:24]) and torch.equal(labels, y1[8:24])
+    assert not torch.equal(train_batch(one, 32, 0, 2, 3, "crop-flip")[0], train_batch(one, 32, 0, 1, 3, "crop-flip")[0])
+    assert one.stats.batches > 0 and one.stats.wait_s > 0
+
+
+def test_a_rank_reads_only_its_rows_of_the_batch_it_asks_for(folder, monkeypatch):
+    """A resumed block starts mid-epoch without reading the epoch; a team member decodes only its
+    own rows (workers=0: decoding runs in this process, where it can be counted)."""
+    data = load_data(stream_cfg(folder, workers=0, normalization="imagenet"))
+    read: list[tuple[int, int]] = []
+    real = streaming.load_sample
+
+    def counting(path, geo, mode, seed, epoch, index):
+        read.append((epoch, index))
+        return real(path, geo, mode, seed, epoch, index)
+
+    monkeypatch.setattr(streaming, "load_sample", counting)
+    train_batch(data, 32, 0, 2, 5, rows=slice(16, 32))
+    assert len(read) in (16, 17) and {e for e, _ in read} == {2}  # 17: a skipped file's substitute
+    read.clear()
+    train_batch(data, 32, 0, 2, 6, rows=slice(16, 32))  # the next batch: no restart, no more reads
+    assert len(read) in (16, 17)
+
+
+def test_memory_and_stream_give_the_same_images(folder):
+    mem = load_data(stream_cfg(folder, storage="memory"))
+    stream = load_data(stream_cfg(folder))
+    assert mem.storage == "memory" and stream.storage == "stream"
+    assert torch.equal(mem.mean, stream.mean) and torch.equal(mem.std, stream.std)
+    for epoch, step in [(0, 0), (2, 5)]:
+        (xm, ym), (xs, ys) = train_batch(mem, 32, 0, epoch, step), train_batch(stream, 32, 0, epoch, step)
+        assert torch.equal(xm, xs) and torch.equal(ym, ys)
+    for (xm, ym), (xs, ys) in zip(eval_batches(mem, mem.test, 25), eval_batches(stream, stream.test, 25)):
+        assert torch.equal(xm, xs) and torch.equal(ym, ys)
+
+
+def test_auto_storage_and_workers_never_fork(folder):
+    assert load_data(stream_cfg(folder, storage="auto")).storage == "memory"
+    assert load_data(stream_cfg(folder, storage="auto", memory_limit_gb=0.001)).storage == "stream"
+    assert streaming._context().get_start_method() == "forkserver"
+    with pytest.raises(DataError, match="always held in memory"):
+        load_data(DataConfig(storage="stream"))
+
+
+def test_stream_and_memory_train_identical_blocks(tmp_path):
+    """The tiny job on the digits as PNG files: streamed and in memory, the same teacher and the
+    same blocks, bit for bit; the report carries each rank's data wait."""
+    from conftest import hpc
+
+    root = digits_folder(tmp_path / "digits", per_class=60, size=32, lossless=True, val_per_class=10)
+    states = {}
+    for storage in ("memory", "stream"):
+        run = tmp_path / storage
+        hpc("distill", "-c", "tiny", "--run-dir", str(run), "--set", "data.dataset=imagefolder",
+            "--set", f"data.root={root}", "--set", f"data.storage={storage}", "--set", "run.threads=1")
+        blocks = sorted((run / "blocks").glob("*.pt"))
+        assert blocks
+        states[storage] = [torch.load(b, weights_only=True) for b in blocks]
+        states[storage].append(torch.load(run / "teacher.pt", weights_only=True))
+        report = json.loads((run / "report.json").read_text())
+        assert all(r["data_wait_s"] is not None for r in report["ranks"])
+    assert len(states["memory"]) == len(states["stream"])
+    for a, b in zip(states["memory"], states["stream"]):
+        sa, sb = a["state_dict"], b["state_dict"]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
