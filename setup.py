@@ -19,6 +19,7 @@ setup(
         "nvidia-ml-py",  # provides the `pynvml` module (the old `pynvml` package is deprecated)
         "pyyaml",
         "scikit-learn",  # only for its bundled, offline digits dataset
+        "scipy",  # HiGHS MILP (scipy.optimize.milp) for the exact per-block selection (hpc_bkd.select)
         "matplotlib",
         "tqdm",
     ],
