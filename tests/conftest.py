@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent / "cluster"))  # the local SLURM test cluster and its fixture
+from multinode_cluster import multinode_cluster  # noqa: E402,F401  (session fixture: a multi-node SLURM)
 from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a real local SLURM)
 
 REPO = Path(__file__).resolve().parents[1]

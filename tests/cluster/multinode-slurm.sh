@@ -57,11 +57,19 @@ netns_of() { echo "$PFX-$1"; }                   # node name -> its network name
 nodes_up() { ls /run/netns 2>/dev/null | sed -n "s/^$PFX-\(n[0-9]*\)\$/\1/p" | sort -V; }
 node_count() { [ -s "$DIR/nodes.count" ] && cat "$DIR/nodes.count" || echo 0; }
 
-check_tools() {
-  local t
+check_tools() {  # SLURM and munge from Debian's packages, as local-slurm.sh installs them
+  local t missing=0
   for t in slurmctld slurmd munged ip nsenter unshare sinfo; do
-    command -v "$t" >/dev/null || [ -x "/usr/sbin/$t" ] || die "$t not installed (tests/cluster/local-slurm.sh start installs SLURM and munge)" 4
+    command -v "$t" >/dev/null || [ -x "/usr/sbin/$t" ] || missing=1
   done
+  [ $missing = 0 ] && return 0
+  command -v apt-get >/dev/null || die "SLURM, munge or iproute2 missing and no apt-get" 4
+  log "installing slurmctld slurmd slurm-client munge iproute2"
+  install -d "$LOG"
+  { apt-get -o DPkg::Lock::Timeout=300 update -qq && DEBIAN_FRONTEND=noninteractive \
+    apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
+    slurmctld slurmd slurm-client munge iproute2 util-linux; } >"$LOG/apt.log" 2>&1 \
+    || { tail -20 "$LOG/apt.log" >&2; die "apt-get install failed" 4; }
 }
 
 # ------------------------------------------------------------------------------------ network
@@ -217,7 +225,7 @@ ready() {  # ready N: every daemon runs and N nodes are idle
 cmd_start() {
   local n=${1:-${HPC_BKD_MN_NODES:-2}} t0 i
   [[ "$n" =~ ^[1-9][0-9]?$ ]] || die "node count must be 1..99, not '$n'" 2
-  need_root; check_tools; lock
+  need_root; lock; check_tools
   t0=$(now)
   if [ "$(node_count)" = "$n" ] && ready "$n"; then log "up: $n nodes (${PART}), $(since "$t0")s"; return 0; fi
   [ "$(node_count)" = 0 ] && [ -z "$(nodes_up)" ] || { log "restarting (wanted $n nodes)"; do_stop; }

@@ -57,12 +57,13 @@ def _job_env(extra: dict | None = None) -> dict:
     return env
 
 
-def _run_script(action: str, log: Path, timeout: float) -> tuple[int, str]:
-    """Run local-slurm.sh ACTION with output to a file (never a pipe: daemons could inherit it)
-    in its own process group, killed as a whole on timeout. Returns (rc, output)."""
+def _run_script(action: str, log: Path, timeout: float, script: Path = SCRIPT,
+                env: dict | None = None) -> tuple[int, str]:
+    """Run local-slurm.sh (or ``script``) ACTION with output to a file (never a pipe: daemons
+    could inherit it) in its own process group, killed as a whole on timeout. Returns (rc, output)."""
     with open(log, "wb") as out:
-        p = subprocess.Popen(["bash", str(SCRIPT), *action.split()], stdin=subprocess.DEVNULL,
-                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(["bash", str(script), *action.split()], stdin=subprocess.DEVNULL,
+                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
