@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .candidates import Candidate, CandidateError, paper_candidate, parse_candidates
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message says how to fix it."""
@@ -98,6 +100,12 @@ class BlocksConfig:
     student_depth: int = 2
     # Hidden width of a student block as a multiple of the teacher block's output channels.
     student_width: float = 1.0
+    # Candidate students trained for every block (each (block, candidate) pair is a unit of
+    # distillation work, planned, checkpointed and resumed like a block): separable-d<depth>[-w<width>]
+    # (the paper's depthwise-separable layers), lowrank-r<fraction> (3x3 conv to that fraction of the
+    # output channels, then 1x1 back). Keeping the teacher's block is always an option of
+    # select.method budget. [] = one candidate, separable-d<student_depth>-w<student_width>.
+    candidates: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -169,6 +177,32 @@ class PlanConfig:
 
 
 @dataclass
+class SelectConfig:
+    # Which student block replaces each teacher block. tolerance: the paper's rule, for one
+    # candidate: a block's student is kept when its swapped validation accuracy is within
+    # distill.accept_tolerance of the teacher's. budget: per block the teacher's own block or one
+    # candidate, chosen exactly (a mixed-integer program) for select.objective under select.budget.
+    method: Literal["tolerance", "budget"] = "tolerance"
+    # quality: minimise the summed quality loss (per block, the KL divergence of the teacher's
+    # logits from those of the teacher with only that block swapped, on the validation split)
+    # with select.metric within select.budget. cost: minimise select.metric with the summed
+    # quality loss within select.budget (nats per image).
+    objective: Literal["quality", "cost"] = "quality"
+    # latency: the deploy-form latency of the whole model at every batch size of
+    # select.latency_batches, predicted as the teacher's minus its replaced blocks plus the chosen
+    # ones, each measured alone on this device; params; macs (multiply-accumulates per image).
+    metric: Literal["latency", "params", "macs"] = "latency"
+    # With objective quality, the most the student may cost: a fraction of the teacher's
+    # (budget_unit fraction) or an absolute value (milliseconds per batch, parameters or MACs).
+    # With objective cost: the summed quality loss allowed.
+    budget: float = 0.8
+    # fraction (of the teacher's cost) or absolute; see select.budget.
+    budget_unit: Literal["fraction", "absolute"] = "fraction"
+    # Batch sizes latency is measured and budgeted at; the student must meet the budget at each.
+    latency_batches: list[int] = field(default_factory=lambda: [1, 64])
+
+
+@dataclass
 class FinetuneConfig:
     # Before fine-tuning, re-estimate the assembled student's BatchNorm statistics on this many
     # training batches (students see each other's outputs now, not the teacher's; 0 = skip).
@@ -224,6 +258,7 @@ class Config:
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -261,9 +296,14 @@ def _coerce(section: str, key: str, hint: Any, value: Any) -> Any:
     """Check ``value`` against the field's type hint; convert ints to floats where expected."""
     where = f"{section}.{key}"
     origin, args = get_origin(hint), get_args(hint)
-    if origin is list:  # of strings: a YAML list, or "a,b" from --set
+    if origin is list:  # a YAML list, or "a,b" from --set
         items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        if not isinstance(items, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if args == (int,):
+            items = [int(v) if isinstance(v, str) and v.strip().isdigit() else v for v in items]
+            return [_coerce(section, key, int, v) for v in items]
+        if not all(isinstance(v, str) for v in items):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
         return [v.strip() for v in items if v.strip()]
     if origin is Literal:
@@ -328,6 +368,32 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"run.export_formats: unknown {', '.join(unknown)}; valid: {', '.join(EXPORT_FORMATS)}")
     if cfg.data.dataset in ("cifar10", "cifar100", "imagefolder") and not cfg.data.root:
         raise ConfigError(f"data.root: required for dataset {cfg.data.dataset!r} (a local directory)")
+    _check_select(cfg)
+
+
+def _check_select(cfg: Config) -> None:
+    """Candidates parse, and the selection can be made with them."""
+    try:
+        candidates = job_candidates(cfg)
+    except CandidateError as exc:
+        raise ConfigError(f"blocks.candidates: {exc}") from None
+    s = cfg.select
+    if s.method == "tolerance" and len(candidates) > 1:
+        raise ConfigError(f"select.method tolerance (the paper's rule) takes one candidate; blocks.candidates "
+                          f"lists {len(candidates)}: use select.method budget to choose among them")
+    if not s.latency_batches or any(b <= 0 for b in s.latency_batches):
+        raise ConfigError(f"select.latency_batches: positive batch sizes, got {s.latency_batches}")
+    if s.budget < 0:
+        raise ConfigError(f"select.budget: must be >= 0, got {s.budget}")
+    if s.objective == "cost" and s.budget_unit == "fraction":
+        raise ConfigError("select.budget_unit: objective cost budgets the summed quality loss (KL, nats per "
+                          "image; the teacher's is 0), which is absolute: set select.budget_unit absolute")
+
+
+def job_candidates(cfg: Config) -> list[Candidate]:
+    """The job's candidate students: blocks.candidates, or the paper's one from student_depth/width."""
+    b = cfg.blocks
+    return parse_candidates(b.candidates) if b.candidates else [paper_candidate(b.student_depth, b.student_width)]
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

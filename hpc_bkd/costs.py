@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from . import atomic_io
+from .candidates import Candidate, Unit
 from .config import Config
 from .data import Data, steps_per_epoch, train_batch
+from .input_costs import copy_seconds_per_byte, input_seconds, with_input
 from .plan import BlockCost, TeamModel, member_rows, rank_cost, team_layouts
 from .schedule import Schedule
-from .students import TRAIN_FORMAT, block_loss, build_student, matches_activation
+from .students import TRAIN_FORMAT, block_loss, build_candidate, matches_activation
 from .surgery import BlockSpec, BlockTap, SwappedForward, total_macs
 from .teams import GhostLayout, ghost_batchnorms, prepare_student
 
@@ -54,19 +56,19 @@ class CostTable:
         shares = {m: statistics.median(t.member_share[m] for t in measured) for m in measured[0].member_share}
         return cls(costs, shares, measured[0].cost_model, per_rank)
 
-    def to_json(self, blocks: Sequence[BlockSpec], **context: Any) -> dict[str, Any]:
-        """``costs.json``: the table, the blocks it is for and the ``context`` it was measured in."""
-        return {"cost_model": self.cost_model, **context, "blocks": [b.name for b in blocks],
+    def to_json(self, units: Sequence[Unit], **context: Any) -> dict[str, Any]:
+        """``costs.json``: the table, the units it is for and the ``context`` it was measured in."""
+        return {"cost_model": self.cost_model, **context, "units": [u.key for u in units],
                 "costs": [vars(c) for c in self.costs], "member_share": self.member_share,
                 "per_rank": [[vars(c) for c in r] for r in self.per_rank]}
 
     @classmethod
-    def read(cls, path: Path, blocks: Sequence[BlockSpec]) -> CostTable | None:
-        """The table an earlier run of this job stored at ``path``, if it covers these blocks; a
+    def read(cls, path: Path, units: Sequence[Unit]) -> CostTable | None:
+        """The table an earlier run of this job stored at ``path``, if it covers these units; a
         damaged file is named in the log and None returned (the costs are measured again)."""
         try:
             stored = atomic_io.load_json(path)
-            if stored["blocks"] != [b.name for b in blocks]:
+            if stored.get("units") != [u.key for u in units]:
                 return None
             return cls([BlockCost(**c) for c in stored["costs"]],
                        {int(m): v for m, v in stored["member_share"].items()}, stored["cost_model"],
@@ -79,22 +81,22 @@ class CostTable:
             return None
 
 
-def team_sizes(cfg: Config, ranks: int, n_blocks: int) -> list[int]:
+def team_sizes(cfg: Config, ranks: int, n_units: int) -> list[int]:
     """Team sizes (> 1) a plan on ``ranks`` ranks may use; none for a pure block split."""
     if not cfg.plan.hybrid or ranks < 2:
         return []
     tm = TeamModel.for_groups(cfg.distill.bn_groups)
-    return sorted({m for sizes in team_layouts(ranks, n_blocks, True, cfg.plan.teams) for m in sizes
+    return sorted({m for sizes in team_layouts(ranks, n_units, True, cfg.plan.teams) for m in sizes
                    if m > 1 and tm.allows(m)})
 
 
-def block_costs(cfg: Config, teacher: nn.Module, blocks: Sequence[BlockSpec], data: Data, device: torch.device,
-                ranks: int, schedule: Schedule, cached: bool) -> CostTable:
-    """This rank's cost table for the job, timed in the order ``schedule`` steps the blocks.
-    ``cached``: the teacher's activations are cached, so training pays its teacher pass once per
-    run, not every epoch."""
-    b = cfg.blocks
-    students = [build_student(s, b.student_depth, b.student_width, cfg.run.seed) for s in blocks]
+def block_costs(cfg: Config, teacher: nn.Module, specs: Sequence[BlockSpec], units: Sequence[Unit], data: Data,
+                device: torch.device, ranks: int, schedule: Schedule, cached: bool) -> CostTable:
+    """This rank's cost table for the job's ``units`` (students of the teacher's blocks ``specs``),
+    timed in the order ``schedule`` steps them. ``cached``: the teacher's activations are cached,
+    so training pays its teacher pass once per run, not every epoch."""
+    blocks = [specs[u.block] for u in units]
+    students = [build_candidate(specs[u.block], Candidate.parse(u.candidate), cfg.run.seed) for u in units]
     teacher_passes = 1.0 / cfg.distill.epochs if cached else 1.0
     if cfg.plan.cost_model == "macs":
         return CostTable(with_validation(mac_costs(blocks, students), 0.0, teacher_passes=teacher_passes), {}, "macs")
@@ -104,6 +106,10 @@ def block_costs(cfg: Config, teacher: nn.Module, blocks: Sequence[BlockSpec], da
     timer = Timer(teacher, blocks, students, device, cfg.distill.bn_groups,
                   [matches_activation(s, cfg.distill.match) for s in blocks], schedule.tap_each_block)
     measured = timer.measure(batches, [1, *sizes], schedule.block_major)
+    input_s = input_seconds(data, cfg.data.batch_size, cfg.run.seed, cfg.data.augment, len(batches))
+    rates = copy_seconds_per_byte(device) if cached else (0.0, 0.0)  # see input_costs: the cache's bytes
+    measured = {m: with_input(c, blocks, cfg.data.batch_size, input_s, cached, cfg.distill.epochs, rates)
+                for m, c in measured.items()}
     passes, shares_prefix = 0.0, True
     if cfg.distill.validate_every_epoch:
         steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
@@ -168,8 +174,9 @@ class Timer:
                  tap_each_block: bool = False) -> None:
         self.blocks, self.device, self.bn_groups = list(blocks), device, bn_groups
         teacher = teacher.to(device).eval()
-        self.taps = ([BlockTap(teacher, [b], TRAIN_FORMAT, self.now) for b in blocks] if tap_each_block
-                     else [BlockTap(teacher, blocks, TRAIN_FORMAT, self.now)])
+        unique = sorted({b.index: b for b in blocks}.values(), key=lambda b: b.index)  # candidates share a block
+        self.taps = ([BlockTap(teacher, [b], TRAIN_FORMAT, self.now) for b in unique] if tap_each_block
+                     else [BlockTap(teacher, unique, TRAIN_FORMAT, self.now)])
         self.layout = GhostLayout(bn_groups) if bn_groups > 1 else None
         self.students = [prepare_student(copy.deepcopy(s).to(device).to(memory_format=TRAIN_FORMAT).train(), None,
                                          self.layout) for s in students]
@@ -190,7 +197,7 @@ class Timer:
         alike and their ratios (``TeamModel.member_share``) stay sound. Students are stepped in the
         distiller's order: every student on one batch before the next, or with ``block_major``
         (cached and sequential schedules) one student through every batch before the next."""
-        self.times = {m: {key: {b.index: [] for b in self.blocks} for key in _FIELDS} for m in members}
+        self.times = {m: {key: {j: [] for j in range(len(self.blocks))} for key in _FIELDS} for m in members}
         kept = []
         for k, batch in enumerate(batches):
             for m in members:
@@ -204,8 +211,8 @@ class Timer:
         for j in range(len(self.blocks) if block_major else 0):
             for k, m, n, pairs in kept:
                 self._student(j, k, m, n, pairs)
-        return {m: [BlockCost(*(statistics.median(self.times[m][key][b.index]) for key in _FIELDS))
-                    for b in self.blocks] for m in members}
+        return {m: [BlockCost(*(statistics.median(self.times[m][key][j]) for key in _FIELDS))
+                    for j in range(len(self.blocks))] for m in members}
 
     def _teacher(self, k: int, m: int, x: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         pairs = {}
@@ -213,8 +220,9 @@ class Timer:
             t0 = self.now()
             pairs.update(tap(x))
             if k:
-                for b in tap.blocks:
-                    self.times[m]["teacher"][b.index].append(tap.stamps[b.index] - t0)
+                for j, b in enumerate(self.blocks):
+                    if b.index in tap.stamps and any(t.index == b.index for t in tap.blocks):
+                        self.times[m]["teacher"][j].append(tap.stamps[b.index] - t0)
         return pairs
 
     def _student(self, j: int, k: int, m: int, n: int, pairs: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -237,8 +245,8 @@ class Timer:
             student(inp)
         student.train()
         if k:
-            self.times[m]["student"][b.index].append(t1 - t0)
-            self.times[m]["forward"][b.index].append(self.now() - t1)
+            self.times[m]["student"][j].append(t1 - t0)
+            self.times[m]["forward"][j].append(self.now() - t1)
 
 
 def measure_costs(teacher: nn.Module, blocks: Sequence[BlockSpec], students: Sequence[nn.Module],

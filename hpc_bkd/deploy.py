@@ -248,6 +248,27 @@ def measure_inference(model: nn.Module, input_shape: Sequence[int], plan: Timing
                                 device=device, layouts=chosen)
 
 
+def fastest_layout(model: nn.Module, input_shape: Sequence[int], batch: int, device: torch.device,
+                   threads: int | None = None) -> str:
+    """The memory layout ``model`` (already in deploy form) runs a ``batch`` fastest in."""
+    with cpu_threads(threads), torch.inference_mode():
+        x = random_input(input_shape, batch, device)
+        return _probe_layouts(copy.deepcopy(model).to(device), x, 10 if batch == 1 else 3, 3 if batch == 1 else 1,
+                              device)[0]
+
+
+def latency_ms(model: nn.Module, input_shape: Sequence[int], batch: int, layout: str, device: torch.device,
+               threads: int | None = None) -> float:
+    """Milliseconds of one forward of ``model`` (already in deploy form) on a ``batch`` in
+    ``layout``: the figure a budgeted choice adds up, block by block, for one fixed layout. The
+    lower median of two halves timed in a row, so a burst of other load on the machine during
+    one half does not inflate the figure."""
+    m, x = _as_layout(copy.deepcopy(model).to(device), random_input(input_shape, batch, device), layout)
+    runs, warmup = (40, 5) if batch == 1 else (10, 2)
+    with cpu_threads(threads), torch.inference_mode():
+        return min(_halves(forward_times(lambda: m(x), runs, warmup, device)))
+
+
 # ------------------------------------------------------------------------------------ comparison
 
 

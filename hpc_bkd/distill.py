@@ -21,14 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .candidates import Candidate, Unit
 from .config import Config
 from .data import Data, batch_indices, eval_batches, steps_per_epoch, train_batch
 from .rundir import BlockStore
 from .runtime import stop_requested
 from .schedule import Schedule
-from .students import TRAIN_FORMAT, block_loss, build_student, matches_activation
+from .students import TRAIN_FORMAT, block_loss, build_candidate, matches_activation
 from .surgery import BlockSpec, BlockTap, SwappedForward
 from .teacher_cache import TeacherCache
 from .teams import GhostLayout, StepBucket, Team, ghost_batchnorms, prepare_student
@@ -38,9 +40,9 @@ log = logging.getLogger("hpc_bkd")
 
 @dataclass(frozen=True)
 class BlockResult:
-    """A trained block: its best weights and how its training went. Travels from the rank that
-    trained it to rank 0 and is saved as a plain dict (``to_dict``), so files load with
-    ``weights_only=True``."""
+    """A trained unit (block ``index``'s student of kind ``candidate``): its best weights and how
+    its training went. Travels from the rank that trained it to rank 0 and is saved as a plain
+    dict (``to_dict``), so files load with ``weights_only=True``."""
 
     index: int
     name: str
@@ -56,6 +58,9 @@ class BlockResult:
     resumed: bool = False           # continued from an unfinished checkpoint
     resumed_finished: bool = False  # finished by an earlier run, read back from the run directory
     team_size: int = 1
+    candidate: str = ""
+    unit: int = -1
+    swapped_val_kl: float | None = None  # KL(teacher || teacher with this student) on validation, nats/image
 
     def to_dict(self) -> dict[str, Any]:
         metrics = {k: v for k, v in vars(self).items() if k not in ("state_dict", "resumed_finished")}
@@ -79,9 +84,10 @@ def _make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
 
 @dataclass
 class BlockTrainer:
-    """One student block with its optimizer, schedule, cursor and best weights."""
+    """One unit's student with its optimizer, schedule, cursor and best weights."""
 
     spec: BlockSpec
+    unit: Unit
     student: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -92,6 +98,7 @@ class BlockTrainer:
     loss_sum: float = 0.0
     loss_count: int = 0
     best_acc: float = -1.0
+    best_kl: float | None = None
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     train_time: float = 0.0
@@ -113,14 +120,15 @@ class BlockTrainer:
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "loss_sum": self.loss_sum, "loss_count": self.loss_count, "best_acc": self.best_acc,
-                "best_state": self.best_state, "history": self.history, "train_time": self.train_time,
+                "best_kl": self.best_kl, "best_state": self.best_state, "history": self.history, "train_time": self.train_time,
                 "spans": [list(s) for s in self.spans]}
 
     def load(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        for key in ("epoch", "step", "loss_sum", "loss_count", "best_acc", "best_state", "history", "train_time"):
+        for key in ("epoch", "step", "loss_sum", "loss_count", "best_acc", "best_kl", "best_state", "history",
+                    "train_time"):
             setattr(self, key, state[key])
         self.spans = [tuple(s) for s in state["spans"]]
         self.resumed = True
@@ -146,19 +154,22 @@ class BlockTrainer:
 
 
 class LocalDistiller:
-    """Trains the blocks one rank owns (alone, or with its team; see ``teams.py``).
+    """Trains the units one rank owns (alone, or with its team; see ``teams.py``): each a student
+    of one of the teacher's ``blocks`` (the candidates of a block share its teacher activations).
 
     In a team every member runs the same loop on its slice of each batch; the leader alone writes
     checkpoints and returns results.
     """
 
-    def __init__(self, teacher: nn.Module, blocks: Sequence[BlockSpec], data: Data, cfg: Config,
-                 store: BlockStore, device: torch.device, schedule: Schedule, rank: int = 0,
+    def __init__(self, teacher: nn.Module, blocks: Sequence[BlockSpec], units: Sequence[Unit], data: Data,
+                 cfg: Config, store: BlockStore, device: torch.device, schedule: Schedule, rank: int = 0,
                  teacher_val_acc: float | None = None, team: Team | None = None) -> None:
         self.teacher = copy.deepcopy(teacher).to(device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.blocks = list(blocks)
+        self.units = list(units)
+        self.specs = {b.index: b for b in blocks}
+        self.blocks = [self.specs[i] for i in sorted({u.block for u in self.units})]  # the blocks trained here
         self.data, self.cfg, self.store, self.schedule = data, cfg, store, schedule
         self.device, self.rank = device, rank
         self.teacher_val_acc = teacher_val_acc
@@ -167,6 +178,7 @@ class LocalDistiller:
         self.steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
         self._taps: dict[tuple[int, ...], BlockTap] = {}
         self._swapped: SwappedForward | None = None  # built on the first validation
+        self._teacher_logits: list[torch.Tensor] | None = None  # on this rank's validation rows
         groups = cfg.distill.bn_groups
         self.layout = GhostLayout(groups) if groups > 1 else None
         self._team_stop = False  # a member's stop request, agreed through the step's allreduce
@@ -176,24 +188,24 @@ class LocalDistiller:
 
     # ---------------------------------------------------------------- set-up and checkpoints
 
-    def _trainer(self, spec: BlockSpec) -> BlockTrainer:
-        b, d = self.cfg.blocks, self.cfg.distill
-        student = build_student(spec, b.student_depth, b.student_width, self.cfg.run.seed)
+    def _trainer(self, unit: Unit) -> BlockTrainer:
+        d, spec = self.cfg.distill, self.specs[unit.block]
+        student = build_candidate(spec, Candidate.parse(unit.candidate), self.cfg.run.seed)
         student = student.to(self.device).to(memory_format=TRAIN_FORMAT)
         prepare_student(student, self.team, self.layout)
         opt = _make_optimizer(student.parameters(), self.cfg)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=d.lr_decay)
-        trainer = BlockTrainer(spec, student, opt, sched, d.epochs, self.steps,
+        trainer = BlockTrainer(spec, unit, student, opt, sched, d.epochs, self.steps,
                                match_activation=matches_activation(spec, d.match))
-        saved = self.store.resume(spec.index)
+        saved = self.store.resume(unit)
         if saved is not None:
             trainer.load(saved)
-            log.info("block %d (%s): resuming at epoch %d step %d", spec.index, spec.name, trainer.epoch, trainer.step)
+            log.info("unit %s (%s): resuming at epoch %d step %d", unit.key, spec.name, trainer.epoch, trainer.step)
         return trainer
 
     def _save_partial(self, t: BlockTrainer) -> None:
         if self.leader:
-            self.store.save_partial(t.spec.index, t.state())
+            self.store.save_partial(t.unit, t.state())
 
     def _finish(self, t: BlockTrainer) -> BlockResult:
         if t.best_state is None:  # validation disabled: keep the final weights
@@ -204,57 +216,74 @@ class LocalDistiller:
             train_time_s=t.train_time, final_loss=t.history[-1]["loss"] if t.history else None,
             swapped_val_acc=t.best_acc if t.best_acc >= 0 else None, history=t.history,
             spans=[list(s) for s in t.spans], early_stopped=t.early_stopped, resumed=t.resumed,
-            team_size=self.team.size if self.team is not None else 1)
+            team_size=self.team.size if self.team is not None else 1, candidate=t.unit.candidate, unit=t.unit.id,
+            swapped_val_kl=t.best_kl)
         if self.leader:
-            self.store.save_finished(t.spec.index, result.to_dict())
+            self.store.save_finished(t.unit, result.to_dict())
         return result
 
     # ---------------------------------------------------------------- training
 
     @torch.no_grad()
-    def _validate(self, trainers: Sequence[BlockTrainer]) -> list[float]:
-        """Teacher accuracy on the validation set with each block swapped in alone, for several
-        blocks in one pass (their shared teacher prefix runs once per batch, see
-        ``surgery.SwappedForward``). A team splits the validation set and sums the counts."""
+    def _validate(self, trainers: Sequence[BlockTrainer]) -> list[tuple[float, float]]:
+        """Per trainer, the teacher's validation accuracy with that student swapped in alone, and
+        the KL divergence of the teacher's own logits from the swapped ones (nats per image; the
+        finer quality score a budgeted selection sums). Several students run in one pass (their
+        shared teacher prefix runs once per batch, see ``surgery.SwappedForward``). A team splits
+        the validation set and sums the counts."""
         for t in trainers:
             t.student.eval()
         if self._swapped is None:
             self._swapped = SwappedForward(self.teacher, self.blocks)
         val = self.data.val
         rows = self.team.slice(len(val)) if self.team is not None else slice(0, len(val))
-        correct = torch.zeros(len(trainers) + 1, dtype=torch.float64)  # per block, then the count
-        bs = self.cfg.data.eval_batch_size
-        students = {t.spec.index: t.student for t in trainers}
-        for x, y in eval_batches(self.data, val, bs, range(rows.start, rows.stop)):
+        sums = torch.zeros(2 * len(trainers) + 1, dtype=torch.float64)  # correct per trainer, KL per trainer, count
+        bs, n = self.cfg.data.eval_batch_size, len(trainers)
+        swaps = [(t.spec.index, t.student) for t in trainers]
+        for k, (x, y) in enumerate(eval_batches(self.data, val, bs, range(rows.start, rows.stop))):
             x = x.to(self.device)
-            logits = self._swapped(x, students)
-            for j, t in enumerate(trainers):
-                correct[j] += float((logits[t.spec.index].argmax(1).cpu() == y).sum())
-            correct[-1] += len(y)
+            reference = F.log_softmax(self._teacher_logits_of(k, x).float(), dim=1)
+            for j, logits in enumerate(self._swapped.run(x, swaps)):
+                sums[j] += float((logits.argmax(1).cpu() == y).sum())
+                swapped = F.log_softmax(logits.float(), dim=1)
+                sums[n + j] += float(F.kl_div(swapped, reference, log_target=True, reduction="sum"))
+            sums[-1] += len(y)
         if self.team is not None:
-            self.team.allreduce_(correct)
-        total = max(float(correct[-1]), 1.0)
-        return [100.0 * float(c) / total for c in correct[:-1]]
+            self.team.allreduce_(sums)
+        total = max(float(sums[-1]), 1.0)
+        return [(100.0 * float(sums[j]) / total, max(float(sums[n + j]) / total, 0.0)) for j in range(n)]
+
+    def _teacher_logits_of(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on validation batch ``k`` of this rank (computed once, then kept:
+        the teacher is frozen)."""
+        if self._teacher_logits is None:
+            self._teacher_logits = []
+        if k == len(self._teacher_logits):
+            self._teacher_logits.append(self.teacher(x))
+        return self._teacher_logits[k]
 
     def _validates(self, t: BlockTrainer) -> bool:
         return self.cfg.distill.validate_every_epoch or t.epoch + 1 == t.epochs
 
-    def _end_epoch(self, t: BlockTrainer, acc: float | None) -> None:
-        """Close ``t``'s epoch; ``acc`` is its swapped validation accuracy, when it was validated."""
+    def _end_epoch(self, t: BlockTrainer, score: tuple[float, float] | None) -> None:
+        """Close ``t``'s epoch; ``score`` is its swapped validation accuracy and KL divergence, when
+        it was validated. The best epoch has the highest accuracy, ties going to the lower KL."""
         loss = t.loss_sum / max(t.loss_count, 1)
         entry: dict[str, float] = {"epoch": t.epoch + 1, "loss": loss, "lr": t.optimizer.param_groups[0]["lr"]}
-        if acc is not None:
-            entry["swapped_val_acc"] = acc
-            if acc > t.best_acc:
-                t.best_acc = acc
+        if score is not None:
+            acc, kl = score
+            entry["swapped_val_acc"], entry["swapped_val_kl"] = acc, kl
+            if acc > t.best_acc or (acc == t.best_acc and t.best_kl is not None and kl < t.best_kl):
+                t.best_acc, t.best_kl = acc, kl
                 t.best_state = copy.deepcopy(t.student.state_dict())
             tol = self.cfg.distill.early_stop_tolerance
             if tol is not None and self.teacher_val_acc is not None and acc >= self.teacher_val_acc - tol:
                 t.early_stopped = True
         t.history.append(entry)
         if self.leader:
-            log.info("block %2d %-24s epoch %d/%d  mse %.5f%s", t.spec.index, t.spec.name, t.epoch + 1, t.epochs,
-                     loss, f"  swapped val acc {entry['swapped_val_acc']:.2f}%" if "swapped_val_acc" in entry else "")
+            log.info("unit %s %-18s epoch %d/%d  mse %.5f%s", t.unit.key, t.spec.name, t.epoch + 1, t.epochs, loss,
+                     f"  swapped val acc {entry['swapped_val_acc']:.2f}%, KL {entry['swapped_val_kl']:.4f}"
+                     if "swapped_val_acc" in entry else "")
         t.epoch, t.step, t.loss_sum, t.loss_count = t.epoch + 1, 0, 0.0, 0
         t.scheduler.step()
 
@@ -274,7 +303,7 @@ class LocalDistiller:
 
     def _bucket(self, group: list[BlockTrainer]) -> StepBucket:
         """The step bucket of this group of blocks, holding its students' gradients."""
-        key = tuple(t.spec.index for t in group)
+        key = tuple(t.unit.id for t in group)
         bucket = self._buckets.get(key)
         if bucket is None:
             params = [p for t in group for p in t.student.parameters() if p.requires_grad]
@@ -306,10 +335,11 @@ class LocalDistiller:
         rows = self.team.slice(n) if self.team is not None else slice(0, n)
         weight = (rows.stop - rows.start) / n
         if self.cache is not None:
-            return self.cache.fetch(index[rows], [t.spec.index for t in group]), weight
+            return self.cache.fetch(index[rows], sorted({t.spec.index for t in group})), weight
         x, _ = train_batch(self.data, bs, seed, epoch, step, self.cfg.data.augment, rows)  # this rank's rows only
-        key = tuple(t.spec.index for t in group)
-        tap = self._taps.setdefault(key, BlockTap(self.teacher, [t.spec for t in group], TRAIN_FORMAT))
+        specs = sorted({t.spec.index: t.spec for t in group}.values(), key=lambda b: b.index)  # candidates share one
+        key = tuple(b.index for b in specs)
+        tap = self._taps.setdefault(key, BlockTap(self.teacher, specs, TRAIN_FORMAT))
         return tap(x.to(self.device)), weight
 
     def _step(self, group: list[BlockTrainer]) -> None:
@@ -339,11 +369,11 @@ class LocalDistiller:
         """Train every owned block not in ``finished``; returns (results, interrupted). Only a
         team's leader returns results."""
         results: list[BlockResult] = []
-        active = [self._trainer(s) for s in self.blocks if s.index not in set(finished)]
+        active = [self._trainer(u) for u in self.units if u.id not in set(finished)]
         progress = _Progress(sum(t.epochs * t.steps for t in active),
                              sum(t.epoch * t.steps + t.step for t in active), self.cfg.run.log_interval_s, self.rank)
         if self.schedule.uses_cache and active:
-            self._fill_cache([t.spec for t in active])
+            self._fill_cache(sorted({t.spec.index: t.spec for t in active}.values(), key=lambda b: b.index))
         last_save = time.time()
         interrupted = False
         while active:
@@ -359,7 +389,7 @@ class LocalDistiller:
                 progress.skip(t.epochs * t.steps - (t.epoch * t.steps))
                 if self.leader:
                     results.append(self._finish(t))
-                    log.info("block %2d %-24s done in %.1fs (best swapped val acc %.2f%%)", t.spec.index,
+                    log.info("unit %s %-18s done in %.1fs (best swapped val acc %.2f%%)", t.unit.key,
                              t.spec.name, t.train_time, t.best_acc)
                 else:
                     self._finish(t)
@@ -377,13 +407,13 @@ class LocalDistiller:
         ending = self.schedule.epoch_ends(active, group)
         checked = [t for t in ending if self._validates(t)]
         t1 = time.perf_counter()
-        accs = dict(zip((id(t) for t in checked), self._validate(checked))) if checked else {}
+        scores = dict(zip((id(t) for t in checked), self._validate(checked))) if checked else {}
         share = (time.perf_counter() - t1) / max(len(checked), 1)
         done = []
         for t in ending:
             t1 = time.perf_counter()
-            self._end_epoch(t, accs.get(id(t)))
-            t.train_time += time.perf_counter() - t1 + (share if id(t) in accs else 0.0)
+            self._end_epoch(t, scores.get(id(t)))
+            t.train_time += time.perf_counter() - t1 + (share if id(t) in scores else 0.0)
             self._save_partial(t)
             if t.done:
                 t.spans.append((t.started_at or time.time(), time.time()))
@@ -420,9 +450,9 @@ class _Progress:
         elif time.time() - self.last >= self.interval:
             t = group[0]
             rate = (self.done - self.first) / max(time.time() - self.start, 1e-9)
-            log.info("progress %d/%d block-steps (%.0f%%), blocks %s at epoch %d step %d/%d, %.1f steps/s",
+            log.info("progress %d/%d unit-steps (%.0f%%), units %s at epoch %d step %d/%d, %.1f steps/s",
                      self.done, self.total, 100 * self.done / max(self.total, 1),
-                     ",".join(str(g.spec.index) for g in group), t.epoch + 1, t.step, t.steps, rate)
+                     ",".join(g.unit.key for g in group), t.epoch + 1, t.step, t.steps, rate)
             self.last = time.time()
 
     def skip(self, n: int) -> None:

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ class RunModels:
     blocks: tuple[BlockSpec, ...]
     accepted: tuple[int, ...]
     input_shape: tuple[int, int, int]
+    students: dict[str, str] = field(default_factory=dict)  # replaced block -> candidate student
 
 
 # ------------------------------------------------------------------------------------ rebuilding
@@ -148,8 +149,9 @@ def load_run(run_dir: str | Path) -> RunModels:
     The blocks are found on the loaded teacher, as the job found them: whether a student block
     ends in a ReLU depends on the teacher's activations, not only its architecture.
     """
+    from .candidates import Candidate, paper_candidate
     from .models import build_model
-    from .students import build_student
+    from .students import build_candidate
     from .surgery import find_blocks, replace_blocks
     from .teacher import load_teacher_checkpoint
 
@@ -161,10 +163,13 @@ def load_run(run_dir: str | Path) -> RunModels:
     blocks = find_blocks(teacher.eval(), shape, cfg.blocks.granularity)
     student = build_model(cfg.model.arch, classes, cfg.model.width)
     b = cfg.blocks
-    replace_blocks(student, {i: build_student(blocks[i], b.student_depth, b.student_width, cfg.run.seed)
-                             for i in saved["accepted_blocks"]}, blocks)
+    paper = paper_candidate(b.student_depth, b.student_width).name  # students.pt of a single-candidate job
+    kinds = {int(i): k for i, k in saved.get("students", {}).items()} or {i: paper for i in saved["accepted_blocks"]}
+    replace_blocks(student, {i: build_candidate(blocks[i], Candidate.parse(k), cfg.run.seed)
+                             for i, k in kinds.items()}, blocks)
     student.load_state_dict(saved["state_dict"])
-    return RunModels(cfg, teacher.eval(), student.eval(), tuple(blocks), tuple(saved["accepted_blocks"]), shape)
+    return RunModels(cfg, teacher.eval(), student.eval(), tuple(blocks), tuple(sorted(kinds)), shape,
+                     {str(i): k for i, k in sorted(kinds.items())})
 
 
 def load_student(run_dir: str | Path) -> nn.Module:
@@ -381,8 +386,7 @@ def _model_card(run: RunModels, split: EvalSplit, files: dict[str, dict[str, Pat
                    "num_classes": n_classes, "class_names": classes},
         "model": {"arch": cfg.model.arch, "width": cfg.model.width, "dataset": cfg.data.dataset,
                   "granularity": cfg.blocks.granularity, "blocks": len(run.blocks),
-                  "accepted_blocks": list(run.accepted), "student_depth": cfg.blocks.student_depth,
-                  "student_width": cfg.blocks.student_width},
+                  "accepted_blocks": list(run.accepted), "students": dict(run.students)},
         "test_accuracy": {"student": checked["student"][0], "teacher": checked["teacher"][0],
                           "images": sum(len(y) for _, y in split.batches)},
         "checks": {role: c[1] for role, c in checked.items()},

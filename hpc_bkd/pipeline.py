@@ -33,14 +33,16 @@ import torch
 from torch import nn
 
 from . import atomic_io
-from .config import Config, ConfigError
+from .candidates import Candidate, Unit, job_units
+from .choose import Choice, check_prediction, choose_students, kl_to_teacher
+from .config import Config, ConfigError, job_candidates
 from .costs import CostTable, block_costs
 from .data import Data, describe, load_data
 from .deploy import TimingPlan, measure_models
 from .distill import BlockResult, LocalDistiller
 from .energy import EnergyMeter
 from .export import export_run, missing_extra
-from .finetune import accept_blocks, finetune, recalibrate_bn
+from .finetune import finetune, recalibrate_bn
 from .models import build_model
 from .peers import watching_peers
 from .plan import Plan, TeamModel, describe_plan, make_plan
@@ -60,7 +62,7 @@ from .report import build_record, write_report
 from .rundir import BlockStore, RunDir, job_fingerprint
 from .runtime import Interrupted, Runtime, init_runtime, peak_memory_mb, setup_logging
 from .schedule import Schedule, schedule_for
-from .students import build_student
+from .students import build_candidate
 from .surgery import BlockSpec, assemble, find_blocks, model_size
 from .teacher import accuracy, get_teacher, state_fingerprint
 from .teacher_cache import CacheDecision, decide, memory_budget
@@ -127,16 +129,16 @@ class ScheduleChoice:
 
 @dataclass(frozen=True)
 class Resume:
-    """Blocks finished by an earlier run of this job, and which ranks can see each."""
+    """Units finished by an earlier run of this job, and which ranks can see each."""
 
     finished: list[int]
     seen: list[list[int]]  # per rank
 
-    def remaining(self, blocks: list[BlockSpec]) -> list[BlockSpec]:
-        return [b for b in blocks if b.index not in self.finished]
+    def remaining(self, units: list[Unit]) -> list[Unit]:
+        return [u for u in units if u.id not in self.finished]
 
     def carried_by(self, rank: int) -> list[int]:
-        """Finished blocks rank 0 cannot see that this rank forwards (the lowest rank seeing it)."""
+        """Finished units rank 0 cannot see that this rank forwards (the lowest rank seeing it)."""
         return [i for i in self.finished if i not in self.seen[0]
                 and rank == min(r for r, s in enumerate(self.seen) if i in s)]
 
@@ -172,6 +174,8 @@ class StudentResult:
     accuracy: Accuracy
     finetune: list[FinetuneEpoch]
     sizes: ModelSizes
+    kl: dict[str, float] = field(default_factory=dict)  # KL(teacher || student) on validation: assembled, finetuned
+    chosen_units: list[int] = field(default_factory=list)
 
 
 def run_job(cfg: Config, rt: Runtime | None = None) -> JobRecord | None:
@@ -193,19 +197,20 @@ def _run_stages(cfg: Config, rt: Runtime) -> JobRecord | None:
     run_dir = open_run_dir(cfg, rt)
     data = load_job_data(cfg, rt, clock)
     teacher = share_teacher(cfg, rt, data, run_dir, clock)
+    units = job_units(len(teacher.blocks), job_candidates(cfg))
     choice = agree_schedule(cfg, rt, teacher, data)
-    resume = find_finished(rt, run_dir, teacher)
-    costs = measure_costs(cfg, rt, teacher, data, choice, resume, run_dir)
-    plan = share_plan(cfg, rt, teacher, costs, resume, clock)
-    outcome = distill_owned(cfg, rt, teacher, data, run_dir, plan, choice, resume, backend)
+    resume = find_finished(rt, run_dir, teacher, units)
+    costs = measure_costs(cfg, rt, teacher, units, data, choice, resume, run_dir)
+    plan = share_plan(cfg, rt, units, costs, resume, clock)
+    outcome = distill_owned(cfg, rt, teacher, units, data, run_dir, plan, choice, resume, backend)
     outcomes = gather_outcomes(rt, outcome, clock)
-    keep_on_root(rt, outcomes, run_dir, teacher)
+    keep_on_root(rt, outcomes, run_dir, teacher, units)
     stop_if_interrupted(rt, outcomes, run_dir)
     if not rt.is_root:
         await_root(rt, run_dir)
         return None
     clock.mark("distill+gather")
-    return finish_on_root(rt, lambda: report_job(cfg, rt, data, run_dir, teacher, choice, costs, plan,
+    return finish_on_root(rt, lambda: report_job(cfg, rt, data, run_dir, teacher, units, choice, costs, plan,
                                                  outcomes, resume, clock))
 
 
@@ -290,56 +295,58 @@ def cache_decision(cfg: Config, blocks: list[BlockSpec], data: Data, device: tor
                   len(data.train), budget)
 
 
-def find_finished(rt: Runtime, run_dir: RunDir, teacher: PreparedTeacher) -> Resume:
-    """Which blocks an earlier run of this job finished, as any rank sees them."""
-    seen = rt.allgather(run_dir.finished_blocks(teacher.fingerprint, len(teacher.blocks)))
+def find_finished(rt: Runtime, run_dir: RunDir, teacher: PreparedTeacher, units: list[Unit]) -> Resume:
+    """Which units an earlier run of this job finished, as any rank sees them."""
+    seen = rt.allgather(run_dir.finished_units(teacher.fingerprint, units))
     return Resume(sorted(set().union(*seen)), seen)
 
 
 # ------------------------------------------------------------------------------ costs and plan
 
 
-def measure_costs(cfg: Config, rt: Runtime, teacher: PreparedTeacher, data: Data, choice: ScheduleChoice,
-                  resume: Resume, run_dir: RunDir) -> CostTable | None:
-    """Rank 0's cost table (None elsewhere): every rank measures at once, so contention between
-    ranks is in the figures; a re-run with every block finished plans nothing and takes the first
-    run's costs for its report (rank 0 alone measures if it has none)."""
+def measure_costs(cfg: Config, rt: Runtime, teacher: PreparedTeacher, units: list[Unit], data: Data,
+                  choice: ScheduleChoice, resume: Resume, run_dir: RunDir) -> CostTable | None:
+    """Rank 0's cost table of every unit (None elsewhere): every rank measures at once, so
+    contention between ranks is in the figures; a re-run with every unit finished plans nothing and
+    takes the first run's costs for its report (rank 0 alone measures if it has none)."""
     def measure(ranks: int) -> CostTable:
-        return block_costs(cfg, teacher.model, teacher.blocks, data, rt.device, ranks, choice.schedule,
+        return block_costs(cfg, teacher.model, teacher.blocks, units, data, rt.device, ranks, choice.schedule,
                            choice.cache.use)
 
-    if resume.remaining(teacher.blocks):
+    if resume.remaining(units):
         measured = rt.gather(measure(rt.size))
     elif not rt.is_root:
         return None
     else:
-        stored = CostTable.read(run_dir.costs, teacher.blocks)
+        stored = CostTable.read(run_dir.costs, units)
         if stored is not None:
-            log.info("every block is finished: no cost measurement (costs from %s)", run_dir.costs)
+            log.info("every unit is finished: no cost measurement (costs from %s)", run_dir.costs)
             return stored
         measured = [measure(1)]
     if measured is None:  # not rank 0
         return None
     table = CostTable.combine(measured)
     atomic_io.write_json(run_dir.costs, table.to_json(
-        teacher.blocks, device=str(rt.device), threads=rt.threads, batch_size=cfg.data.batch_size,
+        units, device=str(rt.device), threads=rt.threads, batch_size=cfg.data.batch_size,
         teacher_cache=choice.cache.use, teacher_passes_per_step=1.0 / cfg.distill.epochs if choice.cache.use else 1.0))
     return table
 
 
-def share_plan(cfg: Config, rt: Runtime, teacher: PreparedTeacher, costs: CostTable | None, resume: Resume,
+def share_plan(cfg: Config, rt: Runtime, units: list[Unit], costs: CostTable | None, resume: Resume,
                clock: Clock) -> Plan:
-    """Rank 0 plans the blocks left to train; every rank gets the plan (broadcast)."""
+    """Rank 0 plans the units left to train (units of one block share its teacher pass: the cost
+    model's max over prefixes); every rank gets the plan (broadcast)."""
     plan = None
     if rt.is_root:
         assert costs is not None
-        remaining = [b.index for b in resume.remaining(teacher.blocks)]
+        remaining = [u.id for u in resume.remaining(units)]
         plan = make_plan([costs.costs[i] for i in remaining], rt.size, cfg.plan.method, cfg.plan.hybrid,
                          cfg.plan.teams, tm=TeamModel.for_groups(cfg.distill.bn_groups, costs.member_share),
                          ).for_blocks(remaining, costs.costs)
         if resume.finished:
-            log.info("resuming: %d block(s) already finished (%s), %d to train", len(resume.finished),
-                     ",".join(map(str, resume.finished)), len(remaining))
+            keys = [units[i].key for i in resume.finished]
+            log.info("resuming: %d unit(s) already finished (%s), %d to train", len(keys),
+                     ",".join(keys) if len(keys) <= 8 else ",".join(keys[:8]) + ",...", len(remaining))
         for line in describe_plan(plan):
             log.info("%s", line)
         clock.mark("plan")
@@ -353,31 +360,31 @@ def share_plan(cfg: Config, rt: Runtime, teacher: PreparedTeacher, costs: CostTa
 # ------------------------------------------------------------------------------ distillation
 
 
-def distill_owned(cfg: Config, rt: Runtime, teacher: PreparedTeacher, data: Data, run_dir: RunDir, plan: Plan,
-                  choice: ScheduleChoice, resume: Resume, backend: str) -> RankOutcome:
-    """Distill the blocks the plan gives this rank, alone or with its team (a communicator split;
-    a team of ranks shares its blocks and splits every batch, see ``teams.py``)."""
+def distill_owned(cfg: Config, rt: Runtime, teacher: PreparedTeacher, units: list[Unit], data: Data,
+                  run_dir: RunDir, plan: Plan, choice: ScheduleChoice, resume: Resume, backend: str) -> RankOutcome:
+    """Distill the units the plan gives this rank, alone or with its team (a communicator split;
+    a team of ranks shares its units and splits every batch, see ``teams.py``)."""
     team_comm = rt.comm.Split(color=plan.team_of(rt.rank), key=rt.rank)
     team = Team(team_comm, cfg.distill.bn_groups, backend, rt.device) if team_comm.size > 1 else None
     if team is not None and team.is_leader:
         log.info("team of %d ranks: %s collectives", team.size, backend)
-    owned = [teacher.blocks[i] for i in plan.assignment[rt.rank]]
+    owned = [units[i] for i in plan.assignment[rt.rank]]
     if not owned:
-        log.info("idle: no blocks for this rank (%d ranks, %d blocks to train)", rt.size,
-                 len(resume.remaining(teacher.blocks)))
+        log.info("idle: no units for this rank (%d ranks, %d units to train)", rt.size, len(resume.remaining(units)))
     meter = EnergyMeter(rt.device)
     meter.start()
     start, waited = time.time(), data.stats.wait_s
-    distiller = LocalDistiller(teacher.model, owned, data, cfg, BlockStore(run_dir, teacher.fingerprint), rt.device,
-                               choice.schedule, rt.rank, teacher.val_acc, team)
+    distiller = LocalDistiller(teacher.model, teacher.blocks, owned, data, cfg, BlockStore(run_dir, teacher.fingerprint),
+                               rt.device, choice.schedule, rt.rank, teacher.val_acc, team)
     results, interrupted = distiller.run(resume.finished)
     if team is not None:  # not on an error: that aborts every rank, and a teardown could wait on them
         team.close()
     end = time.time()
     cache = distiller.cache
     return RankOutcome(
-        rank=rt.rank, host=rt.host, device=str(rt.device), threads=rt.threads, blocks=[b.index for b in owned],
-        results=results, carried=[BlockResult.from_dict(run_dir.load_block(i)) for i in resume.carried_by(rt.rank)],
+        rank=rt.rank, host=rt.host, device=str(rt.device), threads=rt.threads, blocks=[u.id for u in owned],
+        results=results, carried=[BlockResult.from_dict(run_dir.load_block(units[i]))
+                                  for i in resume.carried_by(rt.rank)],
         interrupted=interrupted, start=start, end=end, energy=Energy(**meter.stop()),
         peak_mem_mb=peak_memory_mb(rt.device),
         cache=CacheUse(cache.nbytes / 2**20, cache.fill_s) if cache is not None else None, local_rank=rt.local_rank,
@@ -389,7 +396,8 @@ def gather_outcomes(rt: Runtime, outcome: RankOutcome, clock: Clock) -> list[Ran
     return clock.collective("gather_s", lambda: rt.gather(outcome)) or []
 
 
-def keep_on_root(rt: Runtime, outcomes: list[RankOutcome], run_dir: RunDir, teacher: PreparedTeacher) -> None:
+def keep_on_root(rt: Runtime, outcomes: list[RankOutcome], run_dir: RunDir, teacher: PreparedTeacher,
+                 units: list[Unit]) -> None:
     """Rank 0's run directory is the job's record: it keeps every finished block the other ranks
     trained or forwarded (also when the job was stopped). Without a shared filesystem those
     live on other nodes; with one they are already here and nothing is rewritten."""
@@ -398,8 +406,8 @@ def keep_on_root(rt: Runtime, outcomes: list[RankOutcome], run_dir: RunDir, teac
     store = BlockStore(run_dir, teacher.fingerprint)
     for o in outcomes:
         for r in [*o.results, *o.carried]:
-            if not run_dir.block(r.index).is_file():
-                store.save_finished(r.index, r.to_dict())
+            if not run_dir.block(units[r.unit]).is_file():
+                store.save_finished(units[r.unit], r.to_dict())
 
 
 def stop_if_interrupted(rt: Runtime, outcomes: list[RankOutcome], run_dir: RunDir) -> None:
@@ -431,59 +439,76 @@ def finish_on_root(rt: Runtime, finish: Callable[[], JobRecord]) -> JobRecord:
 # ------------------------------------------------------------------------------ rank 0: the student
 
 
-def collect_results(outcomes: list[RankOutcome], resume: Resume, run_dir: RunDir) -> dict[int, BlockResult]:
-    """Every block's result: trained now, forwarded by the rank that could see it, or read back."""
-    results = {r.index: r for o in outcomes for r in o.results}
+def collect_results(outcomes: list[RankOutcome], resume: Resume, run_dir: RunDir,
+                    units: list[Unit]) -> dict[int, BlockResult]:
+    """Every unit's result: trained now, forwarded by the rank that could see it, or read back."""
+    results = {r.unit: r for o in outcomes for r in o.results}
     for o in outcomes:
-        results.update({r.index: replace(r, resumed_finished=True) for r in o.carried})
+        results.update({r.unit: replace(r, resumed_finished=True) for r in o.carried})
     for i in resume.finished:
         if i not in results:
-            results[i] = BlockResult.from_dict(run_dir.load_block(i), resumed_finished=True)
+            results[i] = BlockResult.from_dict(run_dir.load_block(units[i]), resumed_finished=True)
     return results
 
 
 def make_student(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher: PreparedTeacher,
-                 results: dict[int, BlockResult], clock: Clock) -> StudentResult:
-    """Assemble the accepted blocks into the teacher, recalibrate, fine-tune, evaluate, save."""
-    b = cfg.blocks
-    students = {}
-    for i, r in results.items():
-        s = build_student(teacher.blocks[i], b.student_depth, b.student_width, cfg.run.seed)
-        s.load_state_dict(r.state_dict)
-        students[i] = s.eval()
-    accepted = accept_blocks({i: r.swapped_val_acc for i, r in results.items()}, teacher.val_acc,
-                             cfg.distill.accept_tolerance)
-    student = assemble(teacher.model, {i: students[i] for i in accepted}, teacher.blocks)
+                 units: list[Unit], results: dict[int, BlockResult], chosen: Choice, clock: Clock) -> StudentResult:
+    """Assemble the chosen blocks into the teacher, recalibrate, fine-tune, evaluate, save."""
+    students: dict[int, nn.Module] = {}
+    for block, u in chosen.units.items():
+        s = build_candidate(teacher.blocks[block], Candidate.parse(units[u].candidate), cfg.run.seed)
+        s.load_state_dict(results[u].state_dict)
+        students[block] = s.eval()
+    accepted = sorted(students)
+    student = assemble(teacher.model, students, teacher.blocks)
     before = accuracy(student, data, "test", cfg.data.eval_batch_size, rt.device)
+    kl = {"assembled": _val_kl(cfg, rt, data, teacher, student)} if chosen.selection else {}
     recalibrate_bn(student, data, cfg, cfg.finetune.recalibrate_bn_batches, rt.device)
     recalibrated = accuracy(student, data, "test", cfg.data.eval_batch_size, rt.device)
-    log.info("assembled student: %d/%d blocks accepted, test acc %.2f%% (%.2f%% after BN recalibration)",
+    log.info("assembled student: %d/%d blocks replaced, test acc %.2f%% (%.2f%% after BN recalibration)",
              len(accepted), len(teacher.blocks), before, recalibrated)
     clock.mark("assemble")
+    kinds = {b: units[u].candidate for b, u in chosen.units.items()}
     history = finetune(student, teacher.model, data, cfg, rt.device, run_dir.finetune_partial,
-                       f"{teacher.fingerprint}:{accepted}:{sorted(vars(cfg.finetune).items())}")
+                       f"{teacher.fingerprint}:{sorted(kinds.items())}:{sorted(vars(cfg.finetune).items())}")
     student.cpu()
     clock.mark("finetune")
     after = accuracy(student, data, "test", cfg.data.eval_batch_size, rt.device)
+    kl.update({"finetuned": _val_kl(cfg, rt, data, teacher, student)} if chosen.selection else {})
     student.cpu()
     clock.mark("evaluate")
-    atomic_io.save({"state_dict": student.state_dict(), "accepted_blocks": accepted, "config": cfg.to_dict()},
-                   run_dir.student)
+    atomic_io.save({"state_dict": student.state_dict(), "accepted_blocks": accepted,
+                    "students": {str(b): k for b, k in kinds.items()}, "config": cfg.to_dict()}, run_dir.student)
     shape = data.input_shape
     return StudentResult(student, accepted,
                          Accuracy(teacher.test_acc, teacher.val_acc, before, recalibrated, after),
                          history,
-                         ModelSizes(model_size(teacher.model, shape), model_size(student, shape)))
+                         ModelSizes(model_size(teacher.model, shape), model_size(student, shape)), kl,
+                         sorted(chosen.units.values()))
 
 
-def report_job(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher: PreparedTeacher,
+def _val_kl(cfg: Config, rt: Runtime, data: Data, teacher: PreparedTeacher, student: nn.Module) -> float:
+    kl = kl_to_teacher(student, teacher.model, data, "val", cfg.data.eval_batch_size, rt.device)
+    student.cpu()
+    teacher.model.cpu()
+    return kl
+
+
+def report_job(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher: PreparedTeacher, units: list[Unit],
                choice: ScheduleChoice, costs: CostTable | None, plan: Plan, outcomes: list[RankOutcome],
                resume: Resume, clock: Clock) -> JobRecord:
-    """Rank 0's last stages: the student from the gathered blocks, its measured speed and its
-    standalone export, then the job record."""
+    """Rank 0's last stages: the student's blocks chosen from the gathered units, the student
+    assembled and fine-tuned, its measured speed and its standalone export, then the job record."""
     assert costs is not None
-    results = collect_results(outcomes, resume, run_dir)
-    student = make_student(cfg, rt, data, run_dir, teacher, results, clock)
+    results = collect_results(outcomes, resume, run_dir, units)
+    chosen = choose_students(cfg.select, cfg.distill.accept_tolerance, teacher.model, teacher.blocks, units, results,
+                             teacher.val_acc, data.input_shape, cfg.run.seed, rt.device, rt.threads)
+    clock.mark("select")
+    student = make_student(cfg, rt, data, run_dir, teacher, units, results, chosen, clock)
+    selection = chosen.selection
+    if selection is not None:
+        selection = check_prediction(selection, student.model, data.input_shape, student.kl, rt.device, rt.threads)
+        clock.mark("select")
     timing = TimingPlan(batch_size=cfg.data.eval_batch_size, threads=rt.threads)
     inference = measure_deployed(rt, data, teacher, student, timing) if cfg.run.measure_inference else None
     clock.mark("inference")
@@ -491,8 +516,8 @@ def report_job(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher: P
     eager = inference.models if inference is not None and rt.device.type == "cpu" else None
     exported = export_student(cfg, run_dir, timing, eager) if cfg.run.export else None
     clock.mark("export")
-    record = build_record(cfg, rt.size, run_dir, teacher.info, choice.cache, costs, plan, teacher.blocks, results,
-                          outcomes, student, clock, inference, exported)
+    record = build_record(cfg, rt.size, run_dir, teacher.info, choice.cache, costs, plan, teacher.blocks, units,
+                          results, outcomes, student, clock, inference, exported, selection)
     write_report(record, run_dir)
     return record
 
@@ -571,8 +596,9 @@ def plan_only(cfg: Config, ranks: int) -> PlanPreview:
         load_teacher_checkpoint(cfg.teacher.checkpoint, teacher)
     blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
     cache = cache_decision(cfg, blocks, data, rt.device, ranks)  # as if the ranks shared a node
-    costs = block_costs(cfg, teacher, blocks, data, rt.device, ranks, schedule_for(cfg.distill.schedule, cache.use),
-                        cache.use)
+    units = job_units(len(blocks), job_candidates(cfg))
+    costs = block_costs(cfg, teacher, blocks, units, data, rt.device, ranks,
+                        schedule_for(cfg.distill.schedule, cache.use), cache.use)
     plan = make_plan(costs.costs, ranks, cfg.plan.method, cfg.plan.hybrid, cfg.plan.teams,
                      tm=TeamModel.for_groups(cfg.distill.bn_groups, costs.member_share))
     return PlanPreview(cfg.model.arch, cfg.blocks.granularity, costs, cache.to_record(), blocks, plan)

@@ -145,6 +145,9 @@ class BlockRecord:
     spans: list[list[float]]   # wall-clock (start, end) of each training session
     history: list[dict[str, float]]
     cost: BlockCost
+    candidate: str = ""                # the kind of student (``candidates``); a record per unit
+    unit: int | None = None
+    swapped_val_kl: float | None = None
 
 
 @dataclass(frozen=True)
@@ -289,6 +292,56 @@ class ExportResult(JsonRecord):
     line: str                       # the teacher/student speed sentence
 
 
+# ----------------------------------------------------------------------- the choice of students
+
+
+@dataclass(frozen=True)
+class OptionRecord:
+    """One option for one block (the teacher's own block, or a trained candidate): what it costs,
+    measured alone in deploy form, and what swapping it in alone costs in quality."""
+
+    block: int
+    name: str                       # "teacher" or the candidate's name
+    unit: int | None                # the trained unit (None for the teacher's block)
+    kl: float                       # KL(teacher || teacher with only this option), nats per image
+    swapped_val_acc: float | None
+    latency_ms: dict[str, float]    # batch size -> milliseconds
+    params: int
+    macs: int
+    chosen: bool
+
+
+@dataclass(frozen=True)
+class FrontPointRecord:
+    """A point of the quality/cost trade-off: the best choice under one budget."""
+
+    fraction: float                 # the budget, as a fraction of the teacher's cost
+    names: list[str]                # option per block
+    totals: dict[str, float]        # predicted sums (the whole model for costs)
+
+
+@dataclass(frozen=True)
+class SelectionRecord:
+    """How the student's blocks were chosen (``select.method: budget``), and how far the additive
+    model (sums of blocks measured alone) was from the assembled student measured whole."""
+
+    objective: str
+    metric: str
+    budget: float
+    budget_unit: str
+    limits: dict[str, float]        # the sums the choice had to stay within
+    layouts: dict[str, str]         # batch size -> memory layout every latency was measured in
+    teacher: dict[str, float]       # the whole teacher's costs (kl 0)
+    rest: dict[str, float]          # the teacher's cost outside its blocks (stem, pooling, classifier)
+    options: list[OptionRecord]
+    chosen: list[str]               # per block
+    predicted: dict[str, float]     # the chosen student's sums: whole-model costs, summed kl
+    optimal: bool                   # proven optimal by the solver
+    front: list[FrontPointRecord]
+    measured: dict[str, float] = field(default_factory=dict)  # the assembled student, measured whole
+    measure_s: float = 0.0          # seconds spent measuring the options
+
+
 # ----------------------------------------------------------------------- the job
 
 
@@ -318,6 +371,7 @@ class JobRecord(JsonRecord):
     wall_s: float
     inference: InferenceReport | None = None  # deploy-form speed (``deploy.measure_models``), if measured
     export: ExportResult | None = None        # the standalone files (``export.export_run``), if exported
+    selection: SelectionRecord | None = None  # the budgeted choice of blocks (``choose``), if made
 
     def block(self, index: int) -> BlockRecord:
         return next(b for b in self.blocks if b.index == index)

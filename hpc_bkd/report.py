@@ -19,10 +19,12 @@ from .records import (
     InferenceReport,
     JobRecord,
     RankRecord,
+    SelectionRecord,
 )
 from .rundir import RunDir
 
 if TYPE_CHECKING:
+    from .candidates import Unit
     from .config import Config
     from .distill import BlockResult
     from .pipeline import Clock, RankOutcome, StudentResult
@@ -56,7 +58,8 @@ def _energy_total(outcomes: list[RankOutcome]) -> Energy:
                   None if cpu_j is not None else next((o.energy.cpu_unavailable for o in outcomes), None))
 
 
-def _block_record(spec: BlockSpec, result: BlockResult | None, accepted: bool, costs: CostTable) -> BlockRecord:
+def _block_record(spec: BlockSpec, unit: Unit, result: BlockResult | None, accepted: bool,
+                  costs: CostTable) -> BlockRecord:
     r = result
     return BlockRecord(
         index=spec.index, name=spec.name, members=list(spec.members), in_shape=list(spec.in_shape),
@@ -65,26 +68,30 @@ def _block_record(spec: BlockSpec, result: BlockResult | None, accepted: bool, c
         final_loss=r.final_loss if r else None, swapped_val_acc=r.swapped_val_acc if r else None,
         accepted=accepted, early_stopped=r.early_stopped if r else False, resumed=r.resumed if r else False,
         resumed_finished=r.resumed_finished if r else False, spans=r.spans if r else [],
-        history=r.history if r else [], cost=costs.costs[spec.index])
+        history=r.history if r else [], cost=costs.costs[unit.id], candidate=unit.candidate, unit=unit.id,
+        swapped_val_kl=r.swapped_val_kl if r else None)
 
 
 def build_record(cfg: Config, world_size: int, run_dir: RunDir, teacher_info: dict, cache: CacheReport,
-                 costs: CostTable, plan: Plan, blocks: list[BlockSpec], results: dict[int, BlockResult],
-                 outcomes: list[RankOutcome], student: StudentResult, clock: Clock,
-                 inference: InferenceReport | None = None, exported: ExportResult | None = None) -> JobRecord:
-    """The job record of a finished job, from the records its stages returned."""
+                 costs: CostTable, plan: Plan, blocks: list[BlockSpec], units: list[Unit],
+                 results: dict[int, BlockResult], outcomes: list[RankOutcome], student: StudentResult, clock: Clock,
+                 inference: InferenceReport | None = None, exported: ExportResult | None = None,
+                 selection: SelectionRecord | None = None) -> JobRecord:
+    """The job record of a finished job, from the records its stages returned (a block record
+    per unit: each candidate student of each block)."""
     ranks, t0, t1 = _rank_records(outcomes, plan)
-    block_rows = [_block_record(b, results.get(b.index), b.index in student.accepted, costs) for b in blocks]
+    block_rows = [_block_record(blocks[u.block], u, results.get(u.id), u.id in student.chosen_units, costs)
+                  for u in units]
     return JobRecord(
         status="completed", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), run_dir=str(run_dir),
         world_size=world_size, config=cfg.to_dict(), teacher=teacher_info, cost_model=costs.cost_model,
         member_share={str(m): v for m, v in costs.member_share.items()}, teacher_cache=cache, plan=plan,
         blocks=block_rows, ranks=ranks,
-        distill=DistillTimes(t0, t1, t1 - t0, [b.index for b in block_rows if b.resumed_finished or b.resumed],
+        distill=DistillTimes(t0, t1, t1 - t0, [b.unit or 0 for b in block_rows if b.resumed_finished or b.resumed],
                              clock.comm["broadcast_s"], clock.comm["gather_s"]),
         accepted_blocks=student.accepted, accuracy=student.accuracy, models=student.sizes,
         finetune=student.finetune, energy=_energy_total(outcomes), phases_s=dict(clock.phases),
-        wall_s=time.time() - clock.started, inference=inference, export=exported)
+        wall_s=time.time() - clock.started, inference=inference, export=exported, selection=selection)
 
 
 def gantt(record: JobRecord, path: Path) -> None:
@@ -104,28 +111,90 @@ def gantt(record: JobRecord, path: Path) -> None:
             for s, e in b.spans:
                 ax.barh(y, e - s, left=s - t0, height=h * 0.9, color=cmap(b.index % 20), edgecolor="black",
                         linewidth=0.3)
-                ax.text(s - t0 + (e - s) / 2, y, str(b.index), ha="center", va="center", fontsize=7)
+                ax.text(s - t0 + (e - s) / 2, y, str(b.index if b.unit is None else b.unit), ha="center",
+                        va="center", fontsize=7)
         if not own:
             ax.text(0, row.rank, " idle", va="center", fontsize=8, color="gray")
     ax.set_yticks([r.rank for r in record.ranks])
     ax.set_yticklabels([f"rank {r.rank}" for r in record.ranks])
     ax.invert_yaxis()
     ax.set_xlabel("seconds since distillation start")
-    ax.set_title(f"{record.config['model']['arch']}: blocks per rank (labels = block index)")
+    ax.set_title(f"{record.config['model']['arch']}: units per rank (labels = unit: block x candidates + k)")
     atomic_io.savefig(fig, path)
     plt.close(fig)
 
 
 def _block_lines(r: JobRecord) -> list[str]:
-    lines = [f"{'block':>5} {'name':<22} {'rank':>4} {'train s':>8} {'mse':>9} {'swap acc':>8} {'kept':>5} {'note':<10}"]
+    """One line per unit (a block's candidate student): who trained it, how well, whether kept."""
+    lines = [f"{'block':>5} {'name':<18} {'student':<18} {'rank':>4} {'train s':>8} {'mse':>9} {'swap acc':>8} "
+             f"{'KL':>7} {'kept':>5} {'note':<10}"]
     for b in r.blocks:
         note = "resumed" if b.resumed_finished else ("early" if b.early_stopped else "")
         if b.resumed and not b.resumed_finished:
             note = "continued"
-        lines.append(f"{b.index:>5} {b.name[:22]:<22} {b.rank:>4} {b.train_time_s:>8.2f} "
-                     f"{(b.final_loss or 0):>9.5f} {(b.swapped_val_acc or 0):>8.2f} "
+        kl = f"{b.swapped_val_kl:>7.4f}" if b.swapped_val_kl is not None else f"{'-':>7}"
+        lines.append(f"{b.index:>5} {b.name[:18]:<18} {b.candidate[:18]:<18} "
+                     f"{b.rank if b.rank is not None else '-':>4} {b.train_time_s:>8.2f} "
+                     f"{(b.final_loss or 0):>9.5f} {(b.swapped_val_acc or 0):>8.2f} {kl} "
                      f"{'yes' if b.accepted else 'NO':>5} {note:<10}")
     return lines
+
+
+def _selection_lines(r: JobRecord) -> list[str]:
+    """The budgeted choice: the budget, the predicted against the measured whole student, and the
+    quality/cost front it was chosen from."""
+    s = r.selection
+    if s is None:
+        return []
+    keys = [k for k in s.teacher if k.startswith("latency_ms") or k in ("params", "macs")]
+    lines = [f"selection: minimise {'summed KL' if s.objective == 'quality' else s.metric} with "
+             f"{s.metric if s.objective == 'quality' else 'summed KL'} within {s.budget:g}"
+             f"{' of the teacher' if s.budget_unit == 'fraction' else ''} ({'optimal' if s.optimal else 'not proven'}"
+             f"; layouts {', '.join(f'batch {b}: {v}' for b, v in s.layouts.items())})",
+             f"  {'':<18} {'teacher':>12} {'predicted':>12} {'measured':>12} {'error':>7}"]
+    for k in keys + ["kl"]:
+        meas = s.measured.get(k if k != "kl" else "kl_assembled")
+        err = f"{100 * (meas / s.predicted[k] - 1):+6.1f}%" if meas is not None and s.predicted[k] else ""
+        lines.append(f"  {k:<18} {s.teacher[k]:>12.4g} {s.predicted[k]:>12.4g} "
+                     f"{meas if meas is not None else float('nan'):>12.4g} {err:>7}")
+    lines.append(f"  {'block':>5} {'chosen':<18} {'KL':>7} " + " ".join(f"{'ms@' + b:>9}" for b in s.layouts)
+                 + f" {'params':>9}  (teacher block: " + " ".join(f"ms@{b}" for b in s.layouts) + ")")
+    teacher_rows = {o.block: o for o in s.options if o.unit is None}
+    for o in (o for o in s.options if o.chosen):
+        t = teacher_rows[o.block]
+        lines.append(f"  {o.block:>5} {o.name:<18} {o.kl:>7.4f} " + " ".join(f"{v:>9.3f}" for v in o.latency_ms.values())
+                     + f" {o.params:>9,}  (" + " ".join(f"{v:.3f}" for v in t.latency_ms.values()) + ")")
+    lines.append(f"  front ({len(s.front)} points, predicted): "
+                 + "; ".join(f"{p.fraction:.2f}: KL {p.totals['kl']:.3f}" for p in s.front))
+    return lines + [""]
+
+
+def pareto_plot(record: JobRecord, path: Path) -> None:
+    """Predicted summed KL against predicted latency (first latency batch) or the budgeted metric:
+    the front, the chosen student (predicted and measured) and the teacher."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = record.selection
+    assert s is not None
+    key = next(k for k in s.teacher if k.startswith("latency_ms")) if s.metric == "latency" else s.metric
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot([p.totals[key] for p in s.front], [p.totals["kl"] for p in s.front], "o-", color="tab:blue",
+            label="exact front (predicted)")
+    ax.plot([s.predicted[key]], [s.predicted["kl"]], "*", ms=16, color="tab:red", label="chosen (predicted)")
+    if key in s.measured:
+        ax.plot([s.measured[key]], [s.measured.get("kl_assembled", s.predicted["kl"])], "x", ms=12,
+                color="tab:red", label="chosen (measured whole)")
+    ax.plot([s.teacher[key]], [0.0], "s", ms=9, color="black", label="teacher")
+    if s.budget_unit == "fraction" and s.objective == "quality":
+        ax.axvline(s.budget * s.teacher[key], ls="--", color="gray", lw=0.8, label="budget")
+    ax.set_xlabel(key.replace("latency_ms@", "latency (ms) at batch "))
+    ax.set_ylabel("summed KL to the teacher (nats/image)")
+    ax.set_title(f"{record.config['model']['arch']}: quality vs cost per choice of blocks")
+    ax.legend(fontsize=8)
+    atomic_io.savefig(fig, path)
+    plt.close(fig)
 
 
 def _rank_lines(r: JobRecord) -> list[str]:
@@ -196,7 +265,8 @@ def summary_text(r: JobRecord) -> str:
     energy and time."""
     head = [f"hpc_bkd report: {r.config['model']['arch']} on {r.config['data']['dataset']}, "
             f"{r.world_size} rank(s), run dir {r.run_dir}", ""]
-    return "\n".join(head + _block_lines(r) + [""] + _rank_lines(r) + [""] + _speed_lines(r) + _outcome_lines(r))
+    return "\n".join(head + _block_lines(r) + [""] + _rank_lines(r) + [""] + _selection_lines(r) + _speed_lines(r)
+                     + _outcome_lines(r))
 
 
 def write_report(record: JobRecord, run_dir: RunDir) -> None:
@@ -206,7 +276,9 @@ def write_report(record: JobRecord, run_dir: RunDir) -> None:
     atomic_io.write_text(run_dir.summary, text + "\n")
     try:
         gantt(record, run_dir.gantt)
+        if record.selection is not None:
+            pareto_plot(record, run_dir.pareto)
     except Exception as exc:
-        log.warning("could not draw gantt.png: %s", exc)
+        log.warning("could not draw %s: %s", "the plots", exc)
     print(text, flush=True)
     log.info("report: %s, %s, %s", run_dir.report, run_dir.summary, run_dir.gantt)

@@ -9,10 +9,11 @@ wrote it; a finished block, checkpoint or cached teacher that cannot be read bac
     config.json            the resolved config of the last start
     teacher.pt             the trained (or loaded) teacher; teacher.partial.pt while it trains
     costs.json             the measured cost table (``costs.CostTable``)
-    blocks/block-NNN.pt    a finished student block; block-NNN.partial.pt while it trains
+    blocks/block-NNN-CANDIDATE.pt  a finished unit (block NNN's student of that candidate);
+                           ...partial.pt while it trains
     finetune.partial.pt    fine-tuning progress
     student.pt             the assembled, fine-tuned student
-    report.json            the job record (``records.JobRecord``); summary.txt, gantt.png
+    report.json            the job record (``records.JobRecord``); summary.txt, gantt.png, pareto.png
     export/                deployable files (``export``)
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from . import atomic_io
 from .config import Config
 
 if TYPE_CHECKING:
+    from .candidates import Unit
     from .surgery import BlockSpec
 
 
@@ -59,54 +61,57 @@ class RunDir:
     report = property(lambda self: self.root / "report.json")
     summary = property(lambda self: self.root / "summary.txt")
     gantt = property(lambda self: self.root / "gantt.png")
+    pareto = property(lambda self: self.root / "pareto.png")
     export_dir = property(lambda self: self.root / "export")
 
-    def block(self, index: int, partial: bool = False) -> Path:
-        return self.root / "blocks" / f"block-{index:03d}{'.partial' if partial else ''}.pt"
+    def block(self, unit: Unit, partial: bool = False) -> Path:
+        return self.root / "blocks" / f"block-{unit.key}{'.partial' if partial else ''}.pt"
 
     def create(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ blocks and resume
 
-    def finished_blocks(self, fingerprint: str, count: int) -> list[int]:
-        """Indices of blocks already finished here by this same job; a block of another job is a
-        conflict (its results are never overwritten); a damaged one is moved aside (trained again)."""
+    def finished_units(self, fingerprint: str, units: Sequence[Unit]) -> list[int]:
+        """Ids of units already finished here by this same job; a unit of another job is a
+        conflict (its results are never overwritten); a damaged one is moved aside (trained again).
+        A job that adds candidates keeps every unit it already has."""
         done = []
-        for index in range(count):
-            path = self.block(index)
+        for unit in units:
+            path = self.block(unit)
             if not path.is_file():
                 continue
-            saved = atomic_io.load_or_move_aside(path, f"block {index} is trained again", _BLOCK_KEYS)
+            saved = atomic_io.load_or_move_aside(path, f"unit {unit.key} is trained again", _BLOCK_KEYS)
             if saved is not None:
                 self._check(saved, fingerprint, path)
-                done.append(index)
+                done.append(unit.id)
         return done
 
-    def load_block(self, index: int) -> dict[str, Any]:
-        """A finished block's record: ``fingerprint``, ``state_dict`` and ``metrics``."""
-        return atomic_io.load(self.block(index), _BLOCK_KEYS)
+    def load_block(self, unit: Unit) -> dict[str, Any]:
+        """A finished unit's record: ``fingerprint``, ``state_dict`` and ``metrics``."""
+        return atomic_io.load(self.block(unit), _BLOCK_KEYS)
 
     def load_teacher_cache(self) -> dict[str, Any] | None:
         """The cached teacher's record (``state_dict``, ``identity``), or None when there is none
         or it is damaged (moved aside: the teacher is trained again)."""
         return atomic_io.load_or_move_aside(self.teacher, "the teacher is trained again", ("state_dict", "identity"))
 
-    def save_block(self, index: int, result: dict[str, Any]) -> None:
-        """Write a finished block and drop its unfinished checkpoint (in that order: a crash in
+    def save_block(self, unit: Unit, result: dict[str, Any]) -> None:
+        """Write a finished unit and drop its unfinished checkpoint (in that order: a crash in
         between leaves the finished one, which wins)."""
-        atomic_io.save(result, self.block(index))
-        self.block(index, partial=True).unlink(missing_ok=True)
+        atomic_io.save(result, self.block(unit))
+        self.block(unit, partial=True).unlink(missing_ok=True)
 
-    def save_partial(self, index: int, fingerprint: str, trainer_state: dict[str, Any]) -> None:
-        atomic_io.save({"fingerprint": fingerprint, "trainer": trainer_state}, self.block(index, partial=True))
+    def save_partial(self, unit: Unit, fingerprint: str, trainer_state: dict[str, Any]) -> None:
+        atomic_io.save({"fingerprint": fingerprint, "trainer": trainer_state}, self.block(unit, partial=True))
 
-    def load_partial(self, index: int, fingerprint: str) -> dict[str, Any] | None:
-        """An unfinished block's trainer state, when this job saved one."""
-        path = self.block(index, partial=True)
+    def load_partial(self, unit: Unit, fingerprint: str) -> dict[str, Any] | None:
+        """An unfinished unit's trainer state, when this job saved one."""
+        path = self.block(unit, partial=True)
         if not path.is_file():
             return None
-        saved = atomic_io.load_or_move_aside(path, f"block {index} starts from its beginning", ("fingerprint", "trainer"))
+        saved = atomic_io.load_or_move_aside(path, f"unit {unit.key} starts from its beginning",
+                                             ("fingerprint", "trainer"))
         if saved is None:
             return None
         self._check(saved, fingerprint, path)
@@ -128,26 +133,30 @@ class BlockStore:
     run_dir: RunDir
     fingerprint: str
 
-    def resume(self, index: int) -> dict[str, Any] | None:
-        return self.run_dir.load_partial(index, self.fingerprint)
+    def resume(self, unit: Unit) -> dict[str, Any] | None:
+        return self.run_dir.load_partial(unit, self.fingerprint)
 
-    def save_partial(self, index: int, trainer_state: dict[str, Any]) -> None:
-        self.run_dir.save_partial(index, self.fingerprint, trainer_state)
+    def save_partial(self, unit: Unit, trainer_state: dict[str, Any]) -> None:
+        self.run_dir.save_partial(unit, self.fingerprint, trainer_state)
 
-    def save_finished(self, index: int, result: dict[str, Any]) -> None:
-        self.run_dir.save_block(index, {"fingerprint": self.fingerprint, **result})
+    def save_finished(self, unit: Unit, result: dict[str, Any]) -> None:
+        self.run_dir.save_block(unit, {"fingerprint": self.fingerprint, **result})
 
 
 # distill keys that change how blocks are trained, never what they become
 _NOT_IN_RESULT = ("checkpoint_interval_s", "schedule", "teacher_cache", "teacher_cache_gb", "team_backend")
+# blocks keys that name the students: each unit's file name carries its candidate (``Unit.key``)
+_IN_FILE_NAME = ("student_depth", "student_width", "candidates")
 
 
 def job_fingerprint(cfg: Config, teacher_fp: str, blocks: Sequence[BlockSpec]) -> str:
     """What determines the trained blocks; a run directory is only resumed by the same job (how
     the teacher's activations are produced, cached or not, and in which order blocks are stepped
-    do not change them)."""
+    do not change them; nor does which candidates are listed, or how one is chosen: adding a
+    candidate trains only its units)."""
     d = cfg.distill
-    key = {"model": vars(cfg.model), "data": vars(cfg.data), "blocks": vars(cfg.blocks), "seed": cfg.run.seed,
+    settings = {k: v for k, v in vars(cfg.blocks).items() if k not in _IN_FILE_NAME}
+    key = {"model": vars(cfg.model), "data": vars(cfg.data), "blocks": settings, "seed": cfg.run.seed,
            "distill": {k: v for k, v in vars(d).items() if k not in _NOT_IN_RESULT},
            "teacher": teacher_fp, "specs": [b.members for b in blocks]}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,10 +1,13 @@
-"""Student blocks: stacked depthwise-separable convolutions with the teacher block's shapes."""
+"""Student blocks with the teacher block's shapes, one builder per candidate kind (``candidates``)."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .candidates import Candidate, block_seed, unit_seed
 from .surgery import BlockSpec
 
 # Students train in channels-last layout: on CPU (oneDNN) their depthwise and 1x1 convolutions and
@@ -13,13 +16,14 @@ from .surgery import BlockSpec
 TRAIN_FORMAT = torch.channels_last
 
 
-def block_seed(seed: int, index: int) -> int:
-    """The seed of one block: from the global seed and the block index, never the rank."""
-    return (seed * 1_000_003 + 7919 * (index + 1)) % (2**31 - 1)
-
-
 def build_student(spec: BlockSpec, depth: int = 2, width: float = 1.0, seed: int = 0) -> nn.Sequential:
-    """A depthwise-separable replacement for ``spec``: same input/output shape and stride.
+    """The paper's depthwise-separable replacement for ``spec``, seeded by block (see
+    ``build_candidate`` for the students a job trains, seeded by block and candidate)."""
+    return _checked(spec, _separable(spec, depth, width), block_seed(seed, spec.index))
+
+
+def _separable(spec: BlockSpec, depth: int, width: float) -> Callable[[], list[nn.Module]]:
+    """Same input/output shape and stride as ``spec``.
 
     Each layer is 3x3 depthwise + BN + ReLU + 1x1 pointwise + BN. Layers are joined by ReLUs, and
     the last layer ends in a ReLU only when the teacher's target is itself non-negative; a target
@@ -28,14 +32,14 @@ def build_student(spec: BlockSpec, depth: int = 2, width: float = 1.0, seed: int
     """
     in_ch, out_ch = spec.in_shape[0], spec.out_shape[0]
     hidden = max(4, int(round(out_ch * width)))
-    layers: list[nn.Module] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(block_seed(seed, spec.index))
+
+    def layers() -> list[nn.Module]:
+        out: list[nn.Module] = []
         channels = in_ch
         for i in range(depth):
             last = i == depth - 1
             nxt = out_ch if last else hidden
-            layers += [
+            out += [
                 nn.Conv2d(channels, channels, 3, stride=spec.stride if i == 0 else 1, padding=1,
                           groups=channels, bias=False),
                 nn.BatchNorm2d(channels),
@@ -44,9 +48,46 @@ def build_student(spec: BlockSpec, depth: int = 2, width: float = 1.0, seed: int
                 nn.BatchNorm2d(nxt),
             ]
             if not last or spec.nonnegative_output:
-                layers.append(nn.ReLU(inplace=True))
+                out.append(nn.ReLU(inplace=True))
             channels = nxt
-    student = nn.Sequential(*layers)
+        return out
+    return layers
+
+
+def _lowrank(spec: BlockSpec, rank: float) -> Callable[[], list[nn.Module]]:
+    """A rank-r factorisation of the teacher's 3x3 convolution: 3x3 conv to r x the output
+    channels, BN, 1x1 conv back, BN (linear in between, like the factorised convolution it
+    approximates). Two dense operators where a separable student has four: fewer per-op costs."""
+    in_ch, out_ch = spec.in_shape[0], spec.out_shape[0]
+    inner = max(4, int(round(out_ch * rank)))
+
+    def layers() -> list[nn.Module]:
+        out: list[nn.Module] = [
+            nn.Conv2d(in_ch, inner, 3, stride=spec.stride, padding=1, bias=False), nn.BatchNorm2d(inner),
+            nn.Conv2d(inner, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)]
+        if spec.nonnegative_output:
+            out.append(nn.ReLU(inplace=True))
+        return out
+    return layers
+
+
+# one builder per candidate kind (``candidates.KINDS``): the modules of a student block
+BUILDERS: dict[str, Callable[[BlockSpec, dict[str, float]], Callable[[], list[nn.Module]]]] = {
+    "separable": lambda spec, p: _separable(spec, int(p["d"]), p["w"]),
+    "lowrank": lambda spec, p: _lowrank(spec, p["r"]),
+}
+
+
+def build_candidate(spec: BlockSpec, candidate: Candidate, seed: int = 0) -> nn.Sequential:
+    """Block ``spec``'s student of kind ``candidate``, seeded by block and candidate (never rank)."""
+    return _checked(spec, BUILDERS[candidate.kind](spec, candidate.params), unit_seed(seed, spec.index, candidate.name))
+
+
+def _checked(spec: BlockSpec, layers: Callable[[], list[nn.Module]], seed: int) -> nn.Sequential:
+    """The student made by ``layers`` under ``seed``, checked to give the teacher block's shape."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = nn.Sequential(*layers())
     with torch.no_grad():
         student.eval()
         got = tuple(student(torch.zeros(1, *spec.in_shape)).shape[1:])

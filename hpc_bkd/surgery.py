@@ -402,25 +402,30 @@ class SwappedForward:
     def __call__(self, x: torch.Tensor, students: dict[int, nn.Module]) -> dict[int, torch.Tensor]:
         """``{block index: output of the teacher with that block swapped for students[index]}``."""
         order = sorted(students)
+        return dict(zip(order, self.run(x, [(i, students[i]) for i in order])))
+
+    def run(self, x: torch.Tensor, swaps: Sequence[tuple[int, nn.Module]]) -> list[torch.Tensor]:
+        """The teacher's output with each ``(block index, student)`` of ``swaps`` swapped in alone,
+        in the order given (several students of one block share its prefix too)."""
+        order = sorted(range(len(swaps)), key=lambda j: swaps[j][0])
+        outputs: list = [None] * len(swaps)
         if not self.shares_prefix:
-            outputs = {}
-            for i in order:
-                with swapped(self.model, self.blocks[i], students[i]):
-                    outputs[i] = self.model(x)
+            for j in order:
+                with swapped(self.model, self.blocks[swaps[j][0]], swaps[j][1]):
+                    outputs[j] = self.model(x)
             return outputs
-        placeholder = self.nodes[0]
-        needed = {n for i in order for n in self.cut[i]}
-        env: dict = {placeholder: x}
-        self._execute(1, max(self.start[i] for i in order), env, needed)
-        outputs = {}
-        for j, i in enumerate(order):
-            later = {n for k in order[j + 1:] for n in self.cut[k]}
+        blocks = [swaps[j][0] for j in order]
+        env: dict = {self.nodes[0]: x}
+        self._execute(1, max(self.start[i] for i in blocks), env, {n for i in blocks for n in self.cut[i]})
+        for pos, j in enumerate(order):
+            i, student = swaps[j]
+            later = {n for k in blocks[pos + 1:] for n in self.cut[k]}
             # a suffix may modify its inputs in place (ReLU(inplace), residual +=): copy what later
             # blocks still read
             local = {n: env[n].clone() if n in later and isinstance(env[n], torch.Tensor) else env[n]
                      for n in self.cut[i]}
-            with swapped(self.model, self.blocks[i], students[i]):
-                outputs[i] = self._execute(self.start[i], len(self.nodes), local, set())
+            with swapped(self.model, self.blocks[i], student):
+                outputs[j] = self._execute(self.start[i], len(self.nodes), local, set())
         return outputs
 
 

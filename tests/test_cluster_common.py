@@ -53,12 +53,12 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
 
 
 def finished_blocks(run: Path) -> dict[str, tuple[int, bytes]]:
-    """block-NNN.pt name -> (mtime_ns, bytes) of every finished block."""
-    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted((run / "blocks").glob("block-???.pt"))}
+    """block-NNN-CANDIDATE.pt name -> (mtime_ns, bytes) of every finished unit (partials end in l.pt)."""
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted((run / "blocks").glob("block-???-*[0-9].pt"))}
 
 
 def wait_first_finished_block(run: Path, timeout: float = 120) -> None:
-    wait_for(lambda: list((run / "blocks").glob("block-???.pt")) if (run / "blocks").is_dir() else [],
+    wait_for(lambda: list((run / "blocks").glob("block-???-*[0-9].pt")) if (run / "blocks").is_dir() else [],
              timeout, f"a finished block under {run}")
 
 
@@ -85,8 +85,8 @@ def assert_resumed_like_reference(run: Path, reference: Path, finished_before: d
     assert any(b["resumed"] and not b["resumed_finished"] for b in report["blocks"]), "no block continued"
     assert not list((run / "blocks").glob("*.partial.pt"))
     for i in range(N_BLOCKS):
-        a = atomic_io.load(reference / "blocks" / f"block-{i:03d}.pt")
-        b = atomic_io.load(run / "blocks" / f"block-{i:03d}.pt")
+        a = atomic_io.load(reference / "blocks" / f"block-{i:03d}-separable-d1.pt")
+        b = atomic_io.load(run / "blocks" / f"block-{i:03d}-separable-d1.pt")
         assert a["fingerprint"] == b["fingerprint"]
         sa, sb = a["state_dict"], b["state_dict"]
         assert sa.keys() == sb.keys()

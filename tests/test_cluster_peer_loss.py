@@ -64,5 +64,5 @@ def test_plain_srun_ends_when_a_rank_dies_and_resubmission_resumes(slurm_cluster
     finished = finished_blocks(run)
     again = slurm_cluster.sbatch(None, "-n", "2", "--wrap", command)
     assert slurm_cluster.wait(again, timeout=180) == "COMPLETED", slurm_cluster.output(again)[-3000:]
-    assert f"resuming: {len(finished)} block(s) already finished" in slurm_cluster.output(again)
+    assert f"resuming: {len(finished)} unit(s) already finished" in slurm_cluster.output(again)
     assert_resumed_like_reference(run, long_reference, finished)

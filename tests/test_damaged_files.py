@@ -19,6 +19,7 @@ import torch
 from conftest import hpc
 
 from hpc_bkd import atomic_io
+from hpc_bkd.candidates import Candidate, job_units
 from hpc_bkd.costs import CostTable
 from hpc_bkd.rundir import RunDir
 
@@ -58,21 +59,23 @@ def test_load_names_a_damaged_file(tmp_path: Path):
 
 def test_damaged_block_and_partial_are_moved_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     run = RunDir(tmp_path)
-    for i in range(3):
-        run.save_block(i, {"fingerprint": "fp", "state_dict": {"w": torch.full((2,), float(i))}})
-    run.save_partial(1, "fp", {"step": 4})
-    intact = {i: run.block(i).read_bytes() for i in (0, 2)}
-    _truncate(run.block(1))
-    _truncate(run.block(1, partial=True))
+    units = job_units(3, [Candidate.parse("separable-d1")])
+    for u in units:
+        run.save_block(u, {"fingerprint": "fp", "state_dict": {"w": torch.full((2,), float(u.id))}})
+    run.save_partial(units[1], "fp", {"step": 4})
+    intact = {i: run.block(units[i]).read_bytes() for i in (0, 2)}
+    _truncate(run.block(units[1]))
+    _truncate(run.block(units[1], partial=True))
     with caplog.at_level(logging.WARNING, logger="hpc_bkd"):
-        assert run.finished_blocks("fp", 3) == [0, 2]
-        assert run.load_partial(1, "fp") is None
-    assert not run.block(1).exists() and len(_damaged(run.block(1))) == 1
-    assert not run.block(1, partial=True).exists() and len(_damaged(run.block(1, partial=True))) == 1
-    assert {i: run.block(i).read_bytes() for i in (0, 2)} == intact  # nothing else touched
-    assert f"{run.block(1)} is damaged" in caplog.text and "moved aside to" in caplog.text
-    assert "block 1 is trained again" in caplog.text and "block 1 starts from its beginning" in caplog.text
-    assert atomic_io.move_aside(run.block(1)) is None  # gone already (another rank moved it): no error
+        assert run.finished_units("fp", units) == [0, 2]
+        assert run.load_partial(units[1], "fp") is None
+    assert not run.block(units[1]).exists() and len(_damaged(run.block(units[1]))) == 1
+    assert not run.block(units[1], partial=True).exists() and len(_damaged(run.block(units[1], partial=True))) == 1
+    assert {i: run.block(units[i]).read_bytes() for i in (0, 2)} == intact  # nothing else touched
+    assert f"{run.block(units[1])} is damaged" in caplog.text and "moved aside to" in caplog.text
+    assert "unit 001-separable-d1 is trained again" in caplog.text
+    assert "unit 001-separable-d1 starts from its beginning" in caplog.text
+    assert atomic_io.move_aside(run.block(units[1])) is None  # gone already (another rank moved it): no error
 
 
 def test_damaged_progress_and_teacher_cache_restart_their_phase(tmp_path: Path):
@@ -108,13 +111,13 @@ def test_cli_run_resumes_after_a_damaged_block(tmp_path: Path, tiny_teacher: Pat
     args = ["distill", "-c", "tiny", "--run-dir", str(run), "--set", f"teacher.checkpoint={tiny_teacher}",
             "--set", "run.threads=1"]
     hpc(*args)
-    block = run / "blocks" / "block-003.pt"
+    block = run / "blocks" / "block-003-separable-d1.pt"
     _truncate(block)
-    others = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (run / "blocks").glob("block-???.pt")
+    others = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (run / "blocks").glob("block-???-*[0-9].pt")
               if p != block}
     resumed = hpc(*args)
-    assert f"{block} is damaged or unreadable" in resumed.stderr and "block 3 is trained again" in resumed.stderr
-    assert "resuming: 7 block(s) already finished" in resumed.stderr
+    assert f"{block} is damaged or unreadable" in resumed.stderr and "unit 003-separable-d1 is trained again" in resumed.stderr
+    assert "resuming: 7 unit(s) already finished" in resumed.stderr
     assert len(_damaged(block)) == 1 and atomic_io.load(block, ("state_dict",))
     for name, (mtime, data) in others.items():
         p = run / "blocks" / name
@@ -182,12 +185,12 @@ def test_cli_full_disk_then_resume_with_room(small_disk: Callable[[str], Path], 
     assert f"no space left on the device to write {run}/blocks/block-" in full.stderr, full.stderr
     assert "it needs" in full.stderr and "bytes free in" in full.stderr and "Traceback" not in full.stderr
     assert not list(run.glob("**/.*.tmp")) and not list(run.glob("**/*.damaged-*"))
-    saved = {p.name: p.read_bytes() for p in (run / "blocks").glob("block-???.pt")}
+    saved = {p.name: p.read_bytes() for p in (run / "blocks").glob("block-???-*[0-9].pt")}
     assert 0 < len(saved) < 8, sorted(saved)
     for name in saved:
         atomic_io.load(run / "blocks" / name, ("state_dict",))
     small_disk("8m")
     resumed = hpc(*args)
-    assert f"resuming: {len(saved)} block(s) already finished" in resumed.stderr
+    assert f"resuming: {len(saved)} unit(s) already finished" in resumed.stderr
     assert all((run / "blocks" / name).read_bytes() == data for name, data in saved.items())
-    assert len(list((run / "blocks").glob("block-???.pt"))) == 8 and (run / "report.json").is_file()
+    assert len(list((run / "blocks").glob("block-???-*[0-9].pt"))) == 8 and (run / "report.json").is_file()

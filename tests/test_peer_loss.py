@@ -40,7 +40,7 @@ def _rank_pid(rank: int, run: Path) -> int | None:
 
 
 def _blocks(run: Path) -> dict[str, tuple[int, bytes]]:
-    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (run / "blocks").glob("block-???.pt")}
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (run / "blocks").glob("block-???-*[0-9].pt")}
 
 
 @pytest.mark.parametrize("sig,rank", [(signal.SIGSTOP, 1), (signal.SIGSTOP, 0), (signal.SIGKILL, 1)])
@@ -76,10 +76,10 @@ def test_a_lost_rank_ends_the_job_and_the_rerun_resumes(tmp_path: Path, tiny_tea
 
     finished = _blocks(run)
     resumed = hpc(*args, np=2)
-    assert f"resuming: {len(finished)} block(s) already finished" in resumed.stderr
+    assert f"resuming: {len(finished)} unit(s) already finished" in resumed.stderr
     assert all(_blocks(run)[name] == kept for name, kept in finished.items())  # never retrained
     report = json.loads((run / "report.json").read_text())
-    assert {f"block-{b['index']:03d}.pt" for b in report["blocks"] if b["resumed_finished"]} == set(finished)
+    assert {f"block-{b['index']:03d}-{b['candidate']}.pt" for b in report["blocks"] if b["resumed_finished"]} == set(finished)
 
 
 def test_lost_peer_message_and_setting():

@@ -33,7 +33,7 @@ def test_tiny_job_end_to_end(tmp_path: Path, tiny_teacher: Path):
     assert max(report["export"]["max_abs_diff"].values()) < 1e-4
     saved = atomic_io.load(run / "student.pt")  # weights_only
     assert saved["accepted_blocks"] == report["accepted_blocks"]
-    block = atomic_io.load(run / "blocks" / "block-001.pt")["state_dict"]
+    block = atomic_io.load(run / "blocks" / "block-001-separable-d1.pt")["state_dict"]
     assert all(v.is_contiguous() for v in block.values()), "blocks train channels-last but save plain tensors"
     assert not list(run.glob("**/*.tmp")), "temporary files left behind"
     out = json.loads(hpc("evaluate", "-c", "tiny", "--run-dir", str(run),
@@ -50,8 +50,8 @@ def test_blocks_are_seeded_by_index_not_schedule(tmp_path: Path, tiny_teacher: P
     hpc("distill", *common, "--run-dir", str(tmp_path / "par"))
     hpc("distill", *common, "--run-dir", str(tmp_path / "seq"), "--set", "distill.schedule=sequential")
     for i in range(8):
-        a = atomic_io.load(tmp_path / "par" / "blocks" / f"block-{i:03d}.pt")["state_dict"]
-        b = atomic_io.load(tmp_path / "seq" / "blocks" / f"block-{i:03d}.pt")["state_dict"]
+        a = atomic_io.load(tmp_path / "par" / "blocks" / f"block-{i:03d}-separable-d1.pt")["state_dict"]
+        b = atomic_io.load(tmp_path / "seq" / "blocks" / f"block-{i:03d}-separable-d1.pt")["state_dict"]
         assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a), f"block {i} differs"
 
 
@@ -82,10 +82,10 @@ def test_run_dir_of_another_job_is_not_overwritten(tmp_path: Path, tiny_teacher:
     common = ["-c", "tiny", "--run-dir", str(tmp_path), "--set", f"teacher.checkpoint={tiny_teacher}",
               "--set", "finetune.epochs=0"]
     hpc("distill", *common)
-    before = (tmp_path / "blocks" / "block-000.pt").read_bytes()
+    before = (tmp_path / "blocks" / "block-000-separable-d1.pt").read_bytes()
     proc = hpc("distill", *common, "--set", "distill.lr=0.01", check=False)
     assert proc.returncode == 2 and "different job" in proc.stderr
-    assert (tmp_path / "blocks" / "block-000.pt").read_bytes() == before
+    assert (tmp_path / "blocks" / "block-000-separable-d1.pt").read_bytes() == before
 
 
 def test_config_keys_and_configs_commands():

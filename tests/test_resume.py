@@ -22,7 +22,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path: Path, tiny_teacher: 
     proc = subprocess.Popen([sys.executable, "-m", "hpc_bkd", "distill", *common, "--run-dir", str(run)],
                             cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (run / "blocks" / "block-001.pt").exists():
+    while not (run / "blocks" / "block-001-separable-d1.pt").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.02)
     time.sleep(0.1)  # into block 2, mid-epoch
@@ -31,7 +31,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path: Path, tiny_teacher: 
     assert proc.returncode == 3, err
     assert "re-run the same command to resume" in err
     assert not (run / "report.json").exists()
-    finished = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (run / "blocks").glob("block-???.pt")}
+    finished = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (run / "blocks").glob("block-???-*[0-9].pt")}
     assert len(finished) >= 2 and list((run / "blocks").glob("*.partial.pt"))
 
     resumed = hpc("distill", *common, "--run-dir", str(run))
@@ -46,8 +46,8 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path: Path, tiny_teacher: 
     assert any(b["resumed"] and not b["resumed_finished"] for b in report["blocks"]), "no block continued"
     assert not list((run / "blocks").glob("*.partial.pt"))
     for i in range(8):
-        a = atomic_io.load(tmp_path / "straight" / "blocks" / f"block-{i:03d}.pt")["state_dict"]
-        b = atomic_io.load(run / "blocks" / f"block-{i:03d}.pt")["state_dict"]
+        a = atomic_io.load(tmp_path / "straight" / "blocks" / f"block-{i:03d}-separable-d1.pt")["state_dict"]
+        b = atomic_io.load(run / "blocks" / f"block-{i:03d}-separable-d1.pt")["state_dict"]
         assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5) for k in a), f"block {i}"
 
 
@@ -86,15 +86,15 @@ def test_stop_while_fine_tuning_keeps_blocks_and_resumes(tmp_path: Path, tiny_te
     stopped = _stop_when(run, "finetune.partial.pt", args)
     assert stopped.returncode == 3, stopped.stderr
     assert "stop requested: fine-tune saved" in stopped.stderr and not (run / "report.json").exists()
-    blocks = {p.name: p.read_bytes() for p in (run / "blocks").glob("block-???.pt")}
+    blocks = {p.name: p.read_bytes() for p in (run / "blocks").glob("block-???-*[0-9].pt")}
     assert len(blocks) == 8
     costs = (run / "costs.json").read_bytes()
     resumed = hpc(*args)
-    assert "fine-tune: resuming at epoch" in resumed.stderr and "resuming: 8 block(s) already finished" in resumed.stderr
+    assert "fine-tune: resuming at epoch" in resumed.stderr and "resuming: 8 unit(s) already finished" in resumed.stderr
     # nothing left to plan: the first run's costs are reused, not measured again
-    assert "every block is finished: no cost measurement" in resumed.stderr
+    assert "every unit is finished: no cost measurement" in resumed.stderr
     assert (run / "costs.json").read_bytes() == costs
-    assert {p.name: p.read_bytes() for p in (run / "blocks").glob("block-???.pt")} == blocks
+    assert {p.name: p.read_bytes() for p in (run / "blocks").glob("block-???-*[0-9].pt")} == blocks
     report = json.loads((run / "report.json").read_text())
     assert [e["epoch"] for e in report["finetune"]] == [1, 2, 3, 4]
     assert not (run / "finetune.partial.pt").exists()

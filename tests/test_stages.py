@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hpc_bkd import pipeline, runtime
-from hpc_bkd.config import load_config
+from hpc_bkd.candidates import Candidate, job_units
+from hpc_bkd.config import job_candidates, load_config
 from hpc_bkd.distill import BlockResult, LocalDistiller
 from hpc_bkd.finetune import finetune
 from hpc_bkd.plan import BlockCost, Plan
@@ -37,28 +38,31 @@ def _through_plan(cfg, rt):
     data = pipeline.load_job_data(cfg, rt, clock)
     teacher = pipeline.share_teacher(cfg, rt, data, run_dir, clock)
     choice = pipeline.agree_schedule(cfg, rt, teacher, data)
-    resume = pipeline.find_finished(rt, run_dir, teacher)
-    costs = pipeline.measure_costs(cfg, rt, teacher, data, choice, resume, run_dir)
-    plan = pipeline.share_plan(cfg, rt, teacher, costs, resume, clock)
-    return clock, run_dir, data, teacher, choice, resume, costs, plan
+    units = job_units(len(teacher.blocks), job_candidates(cfg))
+    resume = pipeline.find_finished(rt, run_dir, teacher, units)
+    costs = pipeline.measure_costs(cfg, rt, teacher, units, data, choice, resume, run_dir)
+    plan = pipeline.share_plan(cfg, rt, units, costs, resume, clock)
+    return clock, run_dir, data, teacher, units, choice, resume, costs, plan
 
 
 def test_stages_in_order_give_a_job_record(tmp_path: Path, tiny_teacher: Path, rt):
     cfg = _cfg(tmp_path, tiny_teacher)
-    clock, run_dir, data, teacher, choice, resume, costs, plan = _through_plan(cfg, rt)
+    clock, run_dir, data, teacher, units, choice, resume, costs, plan = _through_plan(cfg, rt)
     assert run_dir.config.is_file() and json.loads(run_dir.config.read_text())["model"]["arch"] == "vgg11"
     assert len(teacher.blocks) == 8 and not teacher.model.training and len(teacher.fingerprint) == 16
     assert choice.cache.use and choice.schedule.uses_cache  # tiny data fits: the cached schedule
-    assert resume.finished == [] and resume.remaining(teacher.blocks) == teacher.blocks
+    assert [(u.block, u.candidate) for u in units] == [(i, "separable-d1") for i in range(8)]
+    assert resume.finished == [] and resume.remaining(units) == units
     assert costs is not None and costs.cost_model == "macs" and len(costs.costs) == 8
-    assert json.loads(run_dir.costs.read_text())["blocks"] == [b.name for b in teacher.blocks]
+    assert json.loads(run_dir.costs.read_text())["units"] == [u.key for u in units]
     assert plan.assignment == [list(range(8))] and plan.costs == costs.costs
-    outcome = pipeline.distill_owned(cfg, rt, teacher, data, run_dir, plan, choice, resume, "mpi")
+    outcome = pipeline.distill_owned(cfg, rt, teacher, units, data, run_dir, plan, choice, resume, "mpi")
     assert not outcome.interrupted and [r.index for r in outcome.results] == list(range(8))
-    assert all(run_dir.block(i).is_file() for i in range(8)) and outcome.cache is not None
+    assert all(run_dir.block(u).is_file() for u in units) and outcome.cache is not None
     outcomes = pipeline.gather_outcomes(rt, outcome, clock)
     pipeline.stop_if_interrupted(rt, outcomes, run_dir)  # nobody was stopped: returns
-    record = pipeline.report_job(cfg, rt, data, run_dir, teacher, choice, costs, plan, outcomes, resume, clock)
+    record = pipeline.report_job(cfg, rt, data, run_dir, teacher, units, choice, costs, plan, outcomes, resume,
+                                 clock)
     assert record.status == "completed" and [b.index for b in record.blocks] == list(range(8))
     assert record.accuracy.teacher_test == teacher.test_acc
     assert JobRecord.load(run_dir.report) == record
@@ -69,22 +73,22 @@ def test_a_second_run_resumes_every_block(tmp_path: Path, tiny_teacher: Path, rt
     cfg = _cfg(tmp_path, tiny_teacher, "finetune.epochs=0")
     record = pipeline.run_job(cfg, rt)
     assert record is not None
-    *_, teacher, choice, resume, costs, plan = _through_plan(cfg, rt)
+    *_, teacher, units, choice, resume, costs, plan = _through_plan(cfg, rt)
     assert resume.finished == list(range(8)) and plan.assignment == [[]]
     assert costs is not None and costs.costs == record.plan.costs  # read back, not re-measured
-    results = pipeline.collect_results([], resume, RunDir(cfg.run.dir))
+    results = pipeline.collect_results([], resume, RunDir(cfg.run.dir), units)
     assert all(r.resumed_finished for r in results.values())
-    assert all(torch.equal(results[b.index].state_dict[k], v)
-               for b in teacher.blocks for k, v in RunDir(cfg.run.dir).load_block(b.index)["state_dict"].items())
+    assert all(torch.equal(results[u.id].state_dict[k], v)
+               for u in units for k, v in RunDir(cfg.run.dir).load_block(u)["state_dict"].items())
 
 
 def test_distiller_stopped_then_resumed_trains_the_same_blocks(tmp_path: Path, tiny_teacher: Path, rt):
     cfg = _cfg(tmp_path, tiny_teacher)
-    _, run_dir, data, teacher, choice, *_ = _through_plan(cfg, rt)
-    blocks = teacher.blocks[:3]
+    _, run_dir, data, teacher, units, choice, *_ = _through_plan(cfg, rt)
+    owned = units[:3]
 
     def distill(store: BlockStore) -> tuple[list[BlockResult], bool]:
-        return LocalDistiller(teacher.model, blocks, data, cfg, store, rt.device, choice.schedule, 0,
+        return LocalDistiller(teacher.model, teacher.blocks, owned, data, cfg, store, rt.device, choice.schedule, 0,
                               teacher.val_acc).run()
 
     straight, interrupted = distill(BlockStore(RunDir(tmp_path / "a"), "fp"))
@@ -95,24 +99,25 @@ def test_distiller_stopped_then_resumed_trains_the_same_blocks(tmp_path: Path, t
         results, interrupted = distill(store)
     finally:
         runtime.clear_stop()
-    assert interrupted and results == [] and all(store.resume(b.index) is not None for b in blocks)
+    assert interrupted and results == [] and all(store.resume(u) is not None for u in owned)
     resumed, interrupted = distill(store)
     assert not interrupted and all(r.resumed for r in resumed)
     for a, b in zip(straight, resumed):
         assert a.state_dict.keys() == b.state_dict.keys()
         assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
-    assert not any(store.run_dir.block(b.index, partial=True).exists() for b in blocks)
+    assert not any(store.run_dir.block(u, partial=True).exists() for u in owned)
 
 
 def test_run_dir_refuses_blocks_of_another_job(tmp_path: Path):
     run_dir = RunDir(tmp_path)
-    BlockStore(run_dir, "job-a").save_finished(0, {"state_dict": {}, "metrics": {}})
-    assert run_dir.finished_blocks("job-a", 2) == [0]
+    units = job_units(2, [Candidate.parse("lowrank")])
+    BlockStore(run_dir, "job-a").save_finished(units[0], {"state_dict": {}, "metrics": {}})
+    assert run_dir.finished_units("job-a", units) == [0]
     with pytest.raises(RunDirConflict, match="different job"):
-        run_dir.finished_blocks("job-b", 2)
-    BlockStore(run_dir, "job-a").save_partial(1, {"epoch": 1})
+        run_dir.finished_units("job-b", units)
+    BlockStore(run_dir, "job-a").save_partial(units[1], {"epoch": 1})
     with pytest.raises(RunDirConflict):
-        BlockStore(run_dir, "job-b").resume(1)
+        BlockStore(run_dir, "job-b").resume(units[1])
 
 
 def test_finetune_keeps_its_best_epoch_and_resumes_from_its_partial(tmp_path: Path, tiny_teacher: Path, rt):

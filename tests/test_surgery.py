@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from hpc_bkd.candidates import Unit
 from hpc_bkd.models import build_model
 from hpc_bkd.students import build_student
 from hpc_bkd.surgery import (
@@ -173,8 +174,9 @@ def test_activation_matching_ignores_what_the_relu_discards():
         student.eval()
         out = student(inp)
     target = torch.where(out < 0, out - 5.0, out)  # differs from the output only where both are negative
-    plain = BlockTrainer(spec, student, opt, sched, 1, 1)
-    matched = BlockTrainer(spec, student, opt, sched, 1, 1, match_activation=True)
+    unit = Unit(spec.index, spec.index, "separable-d2")
+    plain = BlockTrainer(spec, unit, student, opt, sched, 1, 1)
+    matched = BlockTrainer(spec, unit, student, opt, sched, 1, 1, match_activation=True)
     student.eval()  # same output as above: BN in eval mode
     student.train = lambda mode=True: student  # keep eval mode inside backward()
     assert float(plain.backward(inp, target)) > 1.0

@@ -1,0 +1,241 @@
+"""Choosing the student: per block, the teacher's own block or one of its trained candidates.
+
+``select.method: tolerance`` is the paper's rule (one candidate; a block's student is kept when its
+swapped validation accuracy stays within ``distill.accept_tolerance`` of the teacher's).
+
+``select.method: budget`` chooses with numbers, as Puzzle and DONNA do for other model families:
+every option is measured alone in deploy form on this device (latency at each
+``select.latency_batches``, params, MACs), each trained unit brings its quality score from
+distillation (the KL divergence of the teacher's logits from those of the teacher with only that
+unit swapped in), and the choice is a multiple-choice knapsack solved exactly (``select.solve``).
+The whole model is predicted additively: the teacher's cost outside its blocks (stem, pooling,
+classifier: the whole teacher measured, minus its blocks) plus the chosen blocks. Every latency of a
+batch size is taken in one memory layout, the one the whole teacher runs fastest in, so the blocks
+add up to a model that could really run that way; the assembled student is then measured whole and
+reported beside the prediction (``check_prediction``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .candidates import TEACHER, Candidate, Unit
+from .config import ConfigError, SelectConfig
+from .data import Data, eval_batches
+from .deploy import deploy_form, fastest_layout, latency_ms, teacher_block
+from .distill import BlockResult
+from .finetune import accept_blocks
+from .records import FrontPointRecord, OptionRecord, SelectionRecord
+from .select import Infeasible, Option, Problem, pareto_front, solve, tightest_fraction
+from .students import build_candidate
+from .surgery import BlockSpec, total_macs
+
+log = logging.getLogger("hpc_bkd")
+
+REST = "rest"  # the pseudo-block of the teacher's layers outside every block: one option, always taken
+
+
+class BudgetError(ConfigError):
+    """No choice of students meets ``select.budget``; the message gives the tightest one that can
+    be met (every trained unit is kept: a re-run with that budget only chooses)."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The chosen unit per replaced block (a block absent keeps the teacher's), and how."""
+
+    units: dict[int, int]
+    selection: SelectionRecord | None = None
+
+
+def choose_students(cfg_select: SelectConfig, tolerance: float, teacher: nn.Module, blocks: Sequence[BlockSpec],
+                    units: Sequence[Unit], results: dict[int, BlockResult], teacher_val_acc: float,
+                    input_shape: Sequence[int], seed: int, device: torch.device, threads: int) -> Choice:
+    """The student's blocks, by the paper's tolerance rule or by an exact budgeted choice."""
+    if cfg_select.method == "tolerance":
+        by_block = {units[u].block: u for u in results}
+        accepted = accept_blocks({b: results[u].swapped_val_acc for b, u in by_block.items()}, teacher_val_acc,
+                                 tolerance)
+        return Choice({b: by_block[b] for b in accepted})
+    t0 = time.perf_counter()
+    batches = list(cfg_select.latency_batches)
+    measured = measure_options(teacher, blocks, units, results, input_shape, batches, seed, device, threads)
+    selection = select(cfg_select, measured, time.perf_counter() - t0)
+    for line in describe_selection(selection):
+        log.info("%s", line)
+    chosen = {o.block: o.unit for o in selection.options if o.chosen and o.unit is not None}
+    return Choice(chosen, selection)
+
+
+# ------------------------------------------------------------------------------ measuring options
+
+
+@dataclass(frozen=True)
+class MeasuredOptions:
+    """Every block's options measured alone, the whole teacher and its cost outside the blocks."""
+
+    options: list[list[OptionRecord]]
+    teacher: dict[str, float]
+    rest: dict[str, float]
+    layouts: dict[str, str]
+
+
+def _values(latency: dict[str, float], params: int, macs: int, kl: float = 0.0) -> dict[str, float]:
+    return {"kl": kl, **{f"latency_ms@{b}": v for b, v in latency.items()}, "params": float(params),
+            "macs": float(macs)}
+
+
+def option_values(o: OptionRecord) -> dict[str, float]:
+    return _values(o.latency_ms, o.params, o.macs, o.kl)
+
+
+def _measure(module: nn.Module, in_shape: Sequence[int], layouts: dict[int, str], device: torch.device,
+             threads: int) -> tuple[dict[str, float], int, int]:
+    """Latency per batch size (deploy form, fixed layout), parameters and MACs of ``module``."""
+    deployed = deploy_form(module)
+    latency = {str(b): latency_ms(deployed, in_shape, b, layout, device, threads) for b, layout in layouts.items()}
+    return latency, sum(p.numel() for p in deployed.parameters()), total_macs(deployed, in_shape)
+
+
+def measure_options(teacher: nn.Module, blocks: Sequence[BlockSpec], units: Sequence[Unit],
+                    results: dict[int, BlockResult], input_shape: Sequence[int], batches: Sequence[int], seed: int,
+                    device: torch.device, threads: int) -> MeasuredOptions:
+    """Each block's options (the teacher's block first, then its trained candidates in the
+    config's order), measured alone on ``device`` in the layout the whole teacher prefers."""
+    whole = deploy_form(teacher)
+    layouts = {b: fastest_layout(whole, input_shape, b, device, threads) for b in batches}
+    t_lat, t_params, t_macs = _measure(teacher, input_shape, layouts, device, threads)
+    teacher_values = _values(t_lat, t_params, t_macs)
+    options: list[list[OptionRecord]] = []
+    for spec in blocks:
+        lat, params, macs = _measure(teacher_block(teacher, spec), spec.in_shape, layouts, device, threads)
+        row = [OptionRecord(spec.index, TEACHER, None, 0.0, None, lat, params, macs, False)]
+        for u in (u for u in units if u.block == spec.index and u.id in results):
+            r = results[u.id]
+            if r.swapped_val_kl is None:
+                raise ValueError(f"unit {u.key} has no quality score (trained by an older version): delete "
+                                 f"its file under blocks/ to train it again")
+            student = build_candidate(spec, Candidate.parse(u.candidate), seed)
+            student.load_state_dict(r.state_dict)
+            lat, params, macs = _measure(student, spec.in_shape, layouts, device, threads)
+            row.append(OptionRecord(spec.index, u.candidate, u.id, r.swapped_val_kl, r.swapped_val_acc, lat,
+                                    params, macs, False))
+        options.append(row)
+    summed = {k: sum(option_values(row[0])[k] for row in options) for k in teacher_values}
+    rest = {k: teacher_values[k] - summed[k] for k in teacher_values}
+    for k in (k for k, v in rest.items() if v < 0):  # only timing noise makes the parts outweigh the whole
+        log.warning("selection: the teacher's blocks measured alone take longer (%s %.4g) than the whole teacher "
+                    "(%.4g): noisy timings (another load on this machine?); taking 0 for the rest", k, summed[k],
+                    teacher_values[k])
+        rest[k] = 0.0
+    return MeasuredOptions(options, teacher_values, rest, {str(b): v for b, v in layouts.items()})
+
+
+# ------------------------------------------------------------------------------ the choice
+
+
+def cost_keys(s: SelectConfig) -> list[str]:
+    """The summed values ``select.metric`` budgets or minimises."""
+    if s.metric == "latency":
+        return [f"latency_ms@{b}" for b in s.latency_batches]
+    return [s.metric]
+
+
+def problem_for(s: SelectConfig, m: MeasuredOptions, with_limits: bool = True) -> Problem:
+    """The knapsack: one option per block plus the rest of the teacher, for ``select``'s
+    objective (``with_limits=False``: no budget, for the tightest budget and the front)."""
+    keys = cost_keys(s)
+    blocks = [[Option(o.name, option_values(o)) for o in row] for row in m.options]
+    blocks.append([Option(REST, dict(m.rest))])
+    if s.objective == "quality":
+        limits = {k: s.budget * m.teacher[k] if s.budget_unit == "fraction" else s.budget for k in keys}
+        return Problem(blocks, {"kl": 1.0}, limits if with_limits else {})
+    return Problem(blocks, {k: 1.0 / m.teacher[k] for k in keys}, {"kl": s.budget} if with_limits else {})
+
+
+def _budget_error(s: SelectConfig, m: MeasuredOptions, exc: Infeasible) -> BudgetError:
+    keys = cost_keys(s)
+    if s.objective == "cost":
+        return BudgetError(f"select.budget {s.budget:g}: {exc}; every trained unit is saved: re-run with a "
+                           "larger select.budget to choose without training")
+    tight, _ = tightest_fraction(problem_for(s, m, with_limits=False), {k: m.teacher[k] for k in keys})
+    needed = (f"{tight:.3f}" if s.budget_unit == "fraction"
+              else ", ".join(f"{k} {tight * m.teacher[k]:.4g}" for k in keys))
+    return BudgetError(f"select.budget {s.budget:g} ({s.budget_unit} of the teacher's {s.metric}) cannot be met: "
+                       f"the tightest feasible budget is {needed}; every trained unit is saved: re-run with "
+                       f"select.budget of at least that to choose without training")
+
+
+def select(s: SelectConfig, m: MeasuredOptions, measure_s: float = 0.0) -> SelectionRecord:
+    """The exact choice under the budget, and the quality/cost front around it."""
+    problem = problem_for(s, m)
+    try:
+        solution = solve(problem)
+    except Infeasible as exc:
+        raise _budget_error(s, m, exc) from None
+    keys = cost_keys(s)
+    front = pareto_front(problem_for(s, m, with_limits=False), "kl", {k: m.teacher[k] for k in keys})
+    options = [[replace(o, chosen=j == solution.choice[b]) for j, o in enumerate(row)]
+               for b, row in enumerate(m.options)]
+    return SelectionRecord(
+        objective=s.objective, metric=s.metric, budget=s.budget, budget_unit=s.budget_unit,
+        limits=dict(problem.limits), layouts=m.layouts, teacher=m.teacher, rest=m.rest,
+        options=[o for row in options for o in row],
+        chosen=[row[solution.choice[b]].name for b, row in enumerate(m.options)],
+        predicted=dict(solution.totals), optimal=solution.optimal,
+        front=[FrontPointRecord(p.fraction, p.names[:-1], dict(p.totals)) for p in front], measure_s=measure_s)
+
+
+def describe_selection(s: SelectionRecord) -> list[str]:
+    """For people: the budget, the choice per block and the predicted whole-model figures."""
+    keys = [k for k in s.teacher if k.startswith("latency") or k in ("params", "macs")]
+    ratio = ", ".join(f"{k} {s.predicted[k] / s.teacher[k]:.2f}x the teacher's" for k in keys if s.teacher[k])
+    lines = [f"selection ({s.objective} under {s.metric} budget {s.budget:g} {s.budget_unit}"
+             f"{', optimal' if s.optimal else ''}): predicted summed KL {s.predicted['kl']:.4f}; {ratio}"]
+    for o in (o for o in s.options if o.chosen):
+        lat = ", ".join(f"{v:.3f} ms@{b}" for b, v in o.latency_ms.items())
+        lines.append(f"  block {o.block:2d}: {o.name:<18} KL {o.kl:.4f}  {lat}  {o.params:,} params")
+    return lines
+
+
+# ------------------------------------------------------------------------------ checking the model
+
+
+@torch.no_grad()
+def kl_to_teacher(student: nn.Module, teacher: nn.Module, data: Data, split: str, batch_size: int,
+                  device: torch.device) -> float:
+    """KL(teacher || student) on ``split``, nats per image: the whole student's quality loss, to
+    set beside the sum of its blocks' scores."""
+    student.eval()
+    teacher.eval()
+    total, n = 0.0, 0
+    for x, _ in eval_batches(data, getattr(data, split), batch_size):
+        x = x.to(device)
+        ref = F.log_softmax(teacher(x).float(), 1)
+        total += float(F.kl_div(F.log_softmax(student(x).float(), 1), ref, log_target=True, reduction="sum"))
+        n += len(x)
+    return total / max(n, 1)
+
+
+def check_prediction(selection: SelectionRecord, student: nn.Module, input_shape: Sequence[int],
+                     kl: dict[str, float], device: torch.device, threads: int) -> SelectionRecord:
+    """The assembled student measured whole (same layouts as its blocks) beside the prediction."""
+    whole = deploy_form(student)
+    measured = {f"latency_ms@{b}": latency_ms(whole, input_shape, int(b), layout, device, threads)
+                for b, layout in selection.layouts.items()}
+    measured.update({f"kl_{k}": v for k, v in kl.items()})
+    for b in selection.layouts:
+        key = f"latency_ms@{b}"
+        log.info("student latency at batch %s: predicted %.3f ms, measured %.3f ms (%+.1f %%); teacher %.3f ms", b,
+                 selection.predicted[key], measured[key], 100 * (measured[key] / selection.predicted[key] - 1),
+                 selection.teacher[key])
+    return replace(selection, measured=measured)
+
+
+__all__ = ["BudgetError", "Choice", "choose_students", "check_prediction", "kl_to_teacher", "REST"]
