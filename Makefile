@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 NP     ?= 2
 RUN_DIR ?= runs/default
 
-.PHONY: install run run-mpi lint test test-fast bench bench-paper-scale slurm-up slurm-down clean
+.PHONY: install run run-mpi lint test test-fast bench bench-paper-scale bench-data gpu-check slurm-up slurm-down clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench: install  ## benchmark: 1 vs 2 ranks, paper schedule, end-to-end KD, then 
 bench-paper-scale: install  ## 1-rank PBKD vs the paper's sequential schedule (and 2 ranks) on full-width VGG16
 	$(PY) -m benchmarks.bench --out bench/results-paper-scale --ranks 1,2 --no-kd --repeat 3 \
 	  --set model.width=1.0 --set teacher.epochs=3 --set teacher.lr=0.01 --set distill.epochs=2 --set finetune.epochs=0
+
+bench-data: install  ## streaming input: images/s by workers vs a ResNet18-at-224 rank, RSS 5k vs 20k images, data wait
+	$(PY) -m benchmarks.data_bench --out bench/results-data
 
 slurm-up:
 	bash tests/cluster/local-slurm.sh start

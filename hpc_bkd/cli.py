@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default="pt2,onnx",
                    help="comma-separated: pt2 (torch.export), onnx (needs the export extra); default: both")
     p.add_argument("--teacher", action="store_true", help="also export the teacher (the baseline to compare with)")
+    p = sub.add_parser("data-bench", help="decoded images/s of the input pipeline by worker count, next to what "
+                                          "a rank of the plan consumes")
+    add_job_arguments(p)
+    p.add_argument("--workers", default="1,2", help="comma-separated worker counts to time (default: 1,2)")
+    p.add_argument("--batches", type=int, default=20, help="batches timed per worker count (default: 20)")
+    p.add_argument("--ranks", type=int, default=1, help="ranks of the plan whose consumption is shown")
+    p.add_argument("--no-plan", action="store_true", help="time the input only, not the blocks")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     sub.add_parser("config-keys", help="every config key with its default and meaning")
     sub.add_parser("configs", help="list the shipped configs")
     return parser
@@ -176,7 +184,7 @@ def _cmd_run(args: argparse.Namespace, distill_only: bool = False) -> int:
     return EXIT_OK
 
 
-COMMANDS = ("run", "train-teacher", "plan", "distill", "evaluate", "export", "config-keys", "configs")
+COMMANDS = ("run", "train-teacher", "plan", "distill", "evaluate", "export", "data-bench", "config-keys", "configs")
 
 
 def normalize_argv(argv: Sequence[str]) -> list[str]:
@@ -190,6 +198,21 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         return ["run", *argv]
     return argv
+
+
+def _cmd_data_bench(args: argparse.Namespace) -> int:
+    """Input throughput by worker count against a rank's consumption (see ``databench``)."""
+    from .databench import describe, run_bench
+    from .runtime import init_runtime, setup_logging
+
+    cfg = job_config(args)
+    rt = init_runtime("cpu", cfg.run.threads)
+    setup_logging(rt.rank, rt.size)
+    bench = run_bench(cfg, [int(w) for w in args.workers.split(",")], args.batches, args.ranks, not args.no_plan)
+    print("\n".join(describe(bench)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(bench.to_json(), indent=2))
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_evaluate(args)
         if command == "export":
             return _cmd_export(args)
+        if command == "data-bench":
+            return _cmd_data_bench(args)
         return _cmd_run(args, distill_only=command == "distill")
     except PeerLost as exc:  # every rank left says it (which is lost may differ), then leaves alone
         return _leave_without_peers(exc, comm.rank, comm.size)

@@ -255,16 +255,26 @@ def _check_reading(cfg: DataConfig) -> None:
 
 def _normalization(cfg: DataConfig, train: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std: ImageNet's (``data.normalization: imagenet``, for teachers trained
-    with it), or the training images' (all of them in memory; the first ``STATS_SAMPLE`` of the
-    shuffled split when streaming, which is all of them for a small set)."""
+    with it), or the training images' (digits, CIFAR: all of them, as always; an ImageFolder, in
+    either storage: the first ``STATS_SAMPLE`` of the shuffled split, summed chunk by chunk, so a
+    rank's memory does not grow with the dataset and both storages agree to the bit)."""
     if cfg.normalization == "imagenet":
         return torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    if isinstance(train, ImageSet):
-        images = train.images
-    else:
-        images = torch.cat([x for x, _ in train.chunks(range(min(len(train), STATS_SAMPLE)), 256)])
-    pixels = images.float().div(255.0)
-    return pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    if cfg.dataset != "imagefolder":
+        assert isinstance(train, ImageSet)
+        pixels = train.images.float().div(255.0)
+        return pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for x, _ in train.chunks(range(min(len(train), STATS_SAMPLE)), 64):
+        pixels = x.double().div_(255.0)
+        total += pixels.sum(dim=(0, 2, 3))
+        squares += pixels.square().sum(dim=(0, 2, 3))
+        count += pixels.numel() // 3
+    mean = total / count
+    var = (squares - count * mean.square()) / max(count - 1, 1)
+    return mean.float(), var.clamp_min(0).sqrt().float().clamp_min(1e-3)
 
 
 # ------------------------------------------------------------------------------------ batches

@@ -3,17 +3,28 @@ same blocks as in-memory storage (data.storage: stream vs memory)."""
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from imagefolders import digits_folder
+from conftest import REPO
 
 from hpc_bkd import streaming
 from hpc_bkd.config import DataConfig
 from hpc_bkd.data import DataError, eval_batches, load_data, train_batch
 from hpc_bkd.decode import BadImage, decode
 from hpc_bkd.streaming import list_folder
+
+
+def digits_folder(root: Path, **kw) -> Path:
+    """``benchmarks.imagefolders.digits_folder`` (benchmarks/ is beside the package, not in it)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks.imagefolders import digits_folder as make
+
+    return make(root, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +155,33 @@ def test_stream_and_memory_train_identical_blocks(tmp_path):
     for a, b in zip(states["memory"], states["stream"]):
         sa, sb = a["state_dict"], b["state_dict"]
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_data_bench_shows_rates_next_to_consumption(folder, tmp_path):
+    from conftest import hpc
+
+    out = tmp_path / "bench.json"
+    proc = hpc("data-bench", "-c", "tiny", "--set", "data.dataset=imagefolder", "--set", f"data.root={folder}",
+               "--set", "data.storage=stream", "--set", "data.on_bad_image=skip", "--workers", "0,1",
+               "--batches", "3", "--ranks", "2", "--json", str(out), "--set", "run.threads=1")
+    assert "images/s" in proc.stdout and "a rank of the 2-rank plan consumes" in proc.stdout
+    bench = json.loads(out.read_text())
+    assert [r["workers"] for r in bench["rates"]] == [0, 1] and all(r["images_per_s"] > 0 for r in bench["rates"])
+    assert bench["consumed_per_rank_images_per_s"] > 0 and bench["bad_images"] == 1
+
+
+def test_cost_model_charges_the_input_and_the_cache_bytes():
+    from hpc_bkd.input_costs import with_input
+    from hpc_bkd.models import build_model
+    from hpc_bkd.plan import BlockCost
+    from hpc_bkd.surgery import find_blocks
+
+    blocks = find_blocks(build_model("vgg11", 10, 0.125), (3, 32, 32))[:2]
+    costs = [BlockCost(0.01, 0.02, 0.005), BlockCost(0.03, 0.02, 0.005)]
+    floored = with_input(costs, blocks, 64, input_s=0.02, cached=False, epochs=4)
+    assert [c.teacher for c in floored] == [0.02, 0.03] and [c.student for c in floored] == [0.02, 0.02]
+    cached = with_input(costs, blocks, 64, 0.0, cached=True, epochs=4, copy_rates=(1e-9, 1e-9))
+    extra = [c.student - 0.02 for c in cached]
+    nbytes = [4 * 64 * (math.prod(b.in_shape) + math.prod(b.out_shape)) for b in blocks]
+    assert extra == pytest.approx([n * 1e-9 * 1.25 for n in nbytes])  # fill once per run + gather every step
+    assert extra[0] > extra[1]  # the early, larger activations cost more to cache
