@@ -26,6 +26,7 @@ from .config import Config
 from .data import Data, steps_per_epoch, train_batch
 from .input_costs import copy_seconds_per_byte, input_seconds, with_input
 from .plan import BlockCost, TeamModel, member_rows, rank_cost, team_layouts
+from .precision import autocast
 from .schedule import Schedule
 from .students import TRAIN_FORMAT, block_loss, build_candidate, matches_activation
 from .surgery import BlockSpec, BlockTap, SwappedForward, total_macs
@@ -105,7 +106,8 @@ def block_costs(cfg: Config, teacher: nn.Module, specs: Sequence[BlockSpec], uni
     sizes = team_sizes(cfg, ranks, len(blocks))
     timer = Timer(teacher, blocks, students, device, cfg.distill.bn_groups,
                   [matches_activation(s, cfg.distill.match) for s in blocks], schedule.tap_each_block)
-    measured = timer.measure(batches, [1, *sizes], schedule.block_major)
+    with autocast(cfg.run.precision, device):  # timed in the arithmetic the run will use
+        measured = timer.measure(batches, [1, *sizes], schedule.block_major)
     input_s = input_seconds(data, cfg.data.batch_size, cfg.run.seed, cfg.data.augment, len(batches))
     rates = copy_seconds_per_byte(device) if cached else (0.0, 0.0)  # see input_costs: the cache's bytes
     measured = {m: with_input(c, blocks, cfg.data.batch_size, input_s, cached, cfg.distill.epochs, rates)

@@ -27,6 +27,7 @@ from torch import nn
 from .candidates import Candidate, Unit
 from .config import Config
 from .data import Data, batch_indices, eval_batches, steps_per_epoch, train_batch
+from .precision import Amp, autocast
 from .rundir import BlockStore
 from .runtime import stop_requested
 from .schedule import Schedule
@@ -107,6 +108,7 @@ class BlockTrainer:
     resumed: bool = False
     early_stopped: bool = False
     match_activation: bool = False  # compare ReLU(student) with ReLU(target), see distill.match
+    amp: Amp = field(default_factory=Amp)  # run.precision: autocast (and fp16's gradient scaler)
 
     @property
     def cursor(self) -> tuple[int, int]:
@@ -139,15 +141,17 @@ class BlockTrainer:
         the summed gradients equal the full-batch gradient. ``zero=False``: the gradients live in
         a team's ``StepBucket``, which was zeroed for this step."""
         self.student.train()
-        loss = block_loss(self.student(inp), target, self.match_activation) * weight
+        with self.amp.autocast():
+            out = self.student(inp)
+        loss = block_loss(out.float(), target.float(), self.match_activation) * weight  # fp32: no-ops
         if zero:
             self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.amp.backward(loss)
         return loss.detach()
 
     def update(self, loss: float) -> None:
         """The optimizer step, once gradients (and BN statistics) are final for this step."""
-        self.optimizer.step()
+        self.amp.step(self.optimizer)
         self.loss_sum += loss
         self.loss_count += 1
         self.step += 1
@@ -197,6 +201,7 @@ class LocalDistiller:
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=d.lr_decay)
         trainer = BlockTrainer(spec, unit, student, opt, sched, d.epochs, self.steps,
                                match_activation=matches_activation(spec, d.match))
+        trainer.amp = Amp(self.cfg.run.precision, self.device)
         saved = self.store.resume(unit)
         if saved is not None:
             trainer.load(saved)
@@ -317,7 +322,8 @@ class LocalDistiller:
     def _fill_cache(self, specs: list[BlockSpec]) -> None:
         self.cache = TeacherCache(specs, len(self.data.train), self.device)
         self.cache.fill(self.teacher, self.data.train, self.data.normalize,
-                        self.cfg.data.eval_batch_size, self.team, self.cfg.run.log_interval_s)
+                        self.cfg.data.eval_batch_size, self.team, self.cfg.run.log_interval_s,
+                        lambda: autocast(self.cfg.run.precision, self.device))
         if self.leader:
             log.info("teacher cache: %d images x %d block(s), %.0f MiB, filled in %.1fs%s", self.cache.images,
                      len(specs), self.cache.nbytes / 2**20, self.cache.fill_s,
@@ -340,7 +346,8 @@ class LocalDistiller:
         specs = sorted({t.spec.index: t.spec for t in group}.values(), key=lambda b: b.index)  # candidates share one
         key = tuple(b.index for b in specs)
         tap = self._taps.setdefault(key, BlockTap(self.teacher, specs, TRAIN_FORMAT))
-        return tap(x.to(self.device)), weight
+        with autocast(self.cfg.run.precision, self.device):
+            return tap(x.to(self.device)), weight
 
     def _step(self, group: list[BlockTrainer]) -> None:
         """One train step of every block in ``group`` on the batch at their common cursor."""

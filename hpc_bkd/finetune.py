@@ -16,6 +16,7 @@ from torch import nn
 from . import atomic_io
 from .config import Config, FinetuneConfig
 from .data import Data, steps_per_epoch, train_batch
+from .precision import Amp
 from .records import FinetuneEpoch
 from .runtime import Interrupted, stop_requested
 from .students import TRAIN_FORMAT
@@ -52,14 +53,18 @@ def _kd_optimizer(student: nn.Module, lr: float, steps: int, epochs: int
 
 def _kd_step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer,
              sched: torch.optim.lr_scheduler.LRScheduler, x: torch.Tensor, y: torch.Tensor,
-             cfg: FinetuneConfig) -> float:
-    """One KD step against the frozen teacher's logits; returns the loss."""
-    with torch.no_grad():
+             cfg: FinetuneConfig, amp: Amp | None = None) -> float:
+    """One KD step against the frozen teacher's logits; returns the loss. ``amp``: the forwards'
+    precision (``run.precision``; the loss is computed in float32 from their logits)."""
+    amp = amp or Amp()
+    with torch.no_grad(), amp.autocast():
         target = teacher(x)
-    loss = kd_loss(student(x.contiguous(memory_format=TRAIN_FORMAT)), target, y, cfg)
+    with amp.autocast():
+        logits = student(x.contiguous(memory_format=TRAIN_FORMAT))
+    loss = kd_loss(logits.float(), target.float(), y, cfg)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    amp.backward(loss)
+    amp.step(opt)
     sched.step()
     return loss.item()
 
@@ -80,6 +85,7 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
     bs = cfg.data.batch_size
     steps = steps_per_epoch(len(data.train), bs)
     opt, sched = _kd_optimizer(student, lr, steps, epochs)
+    amp = Amp(cfg.run.precision, device)
     history: list[dict[str, float]] = []
     start_epoch = start_step = 0
     loss_sum = 0.0
@@ -106,7 +112,7 @@ def kd_train(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, ep
                 log.warning("stop requested: %s saved at epoch %d step %d", label, epoch + 1, step)
                 raise Interrupted(str(partial))
             x, y = train_batch(data, bs, cfg.run.seed + seed_offset, epoch, step, cfg.data.augment)
-            loss_sum += _kd_step(student, teacher, opt, sched, x.to(device), y.to(device), cfg.finetune)
+            loss_sum += _kd_step(student, teacher, opt, sched, x.to(device), y.to(device), cfg.finetune, amp)
         if recalibrate_batches:  # running statistics lag weights that moved a lot this epoch
             recalibrate_bn(student, data, cfg, recalibrate_batches, device)
         val = accuracy(student, data, "val", cfg.data.eval_batch_size, device)

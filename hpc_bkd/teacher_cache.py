@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -105,12 +106,13 @@ class TeacherCache:
 
     @torch.no_grad()
     def fill(self, teacher: nn.Module, images, normalize, chunk: int, team=None,
-             log_interval_s: float = 30.0) -> None:
+             log_interval_s: float = 30.0, autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
         """Run ``teacher`` over ``images`` (the raw training images: a uint8 tensor, or a split
         with ``chunks``, ``data.ImageSet`` or a streamed ``streaming.StreamSet``; normalised per
         chunk) as deep as the deepest cached block. In a team each member runs (and reads) its
         share of the rows and the members then exchange them, so the team pays one teacher pass
-        between them."""
+        between them. ``autocast``: the teacher's arithmetic (``run.precision``); the cache holds
+        float32 whatever it is."""
         start = time.perf_counter()
         rows = team.row_range(self.images) if team is not None else range(self.images)
         tap = BlockTap(teacher, self.blocks)
@@ -118,7 +120,8 @@ class TeacherCache:
         last, i = start, rows.start
         for x in _chunks(images, rows, chunk):
             j = i + len(x)
-            pairs = tap(normalize(x).to(device))
+            with autocast():
+                pairs = tap(normalize(x).to(device))
             for b in self.blocks:
                 inp, target = pairs[b.index]
                 _store(self.inputs[b.index], i, j, inp)
