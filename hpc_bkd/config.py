@@ -298,6 +298,8 @@ def _coerce(section: str, key: str, hint: Any, value: Any) -> Any:
     origin, args = get_origin(hint), get_args(hint)
     if origin is list:  # a YAML list, or "a,b" from --set
         items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, int) and not isinstance(items, bool):  # `--set key=1`: a list of one
+            items = [items]
         if not isinstance(items, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         if args == (int,):

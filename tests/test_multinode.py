@@ -180,7 +180,7 @@ def one_rank_blocks(tmp_path_factory, tiny_teacher: Path) -> dict[int, dict]:
 
 
 def _blocks(run: Path) -> dict[int, dict]:
-    return {int(p.name[6:9]): atomic_io.load(p)["state_dict"] for p in sorted((run / "blocks").glob("block-???.pt"))}
+    return {int(p.name[6:9]): atomic_io.load(p)["state_dict"] for p in sorted((run / "blocks").glob("block-???-*[0-9].pt"))}
 
 
 @pytest.mark.parametrize("backend", ["mpi", "gloo"])
@@ -374,6 +374,6 @@ def test_node_private_run_directories(multinode_cluster, tmp_path: Path, tiny_te
     blocks = {b["index"]: b for b in report_of(on_n1)["blocks"]}
     assert all(blocks[int(b[6:9])]["resumed_finished"] for b in [*n1_done, *n2_done])
     for i in range(N_BLOCKS):  # rank 0's copies are the blocks the ranks trained
-        mine = on_n2 / "blocks" / f"block-{i:03d}.pt"
+        mine = on_n2 / "blocks" / f"block-{i:03d}-separable-d1.pt"
         if mine.is_file():
             assert atomic_io.load(mine)["state_dict"].keys() == atomic_io.load(on_n1 / "blocks" / mine.name)["state_dict"].keys()

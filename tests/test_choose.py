@@ -1,0 +1,134 @@
+"""Candidate students per block and the budgeted choice among them (#14): names, modules and seeds;
+a job that trains several candidates, chooses exactly under a budget, reports the front, refuses a
+budget nothing meets (naming the tightest one) without retraining, and trains only what a new
+candidate adds; a 2-rank job trains the same units as one rank."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import hpc
+
+from hpc_bkd import atomic_io, pipeline, runtime
+from hpc_bkd.candidates import Candidate, CandidateError, job_units, parse_candidates, unit_seed
+from hpc_bkd.choose import BudgetError, MeasuredOptions, select
+from hpc_bkd.config import ConfigError, load_config
+from hpc_bkd.export import load_run
+from hpc_bkd.models import build_model
+from hpc_bkd.records import JobRecord, OptionRecord
+from hpc_bkd.students import build_candidate
+from hpc_bkd.surgery import find_blocks
+
+TWO = "blocks.candidates=separable-d1,lowrank-r0.25"
+
+
+def test_candidate_names_are_canonical_and_bad_ones_name_the_valid_kinds():
+    names = [c.name for c in parse_candidates(["separable", "separable-d1", "separable-w0.5-d2", "lowrank",
+                                               "lowrank-r0.5", "separable-d2"])]
+    assert names == ["separable-d2", "separable-d1", "separable-d2-w0.5", "lowrank-r0.25", "lowrank-r0.5"]
+    with pytest.raises(CandidateError, match="valid kinds: separable .*lowrank"):
+        Candidate.parse("mobilenet-d1")
+    with pytest.raises(CandidateError, match="lowrank takes r"):
+        Candidate.parse("lowrank-d2")
+    with pytest.raises(CandidateError, match="must be > 0"):
+        Candidate.parse("separable-d0")
+    with pytest.raises(ConfigError, match="blocks.candidates: unknown candidate kind 'nope'"):
+        load_config("tiny", ["blocks.candidates=nope", "select.method=budget"])
+    with pytest.raises(ConfigError, match="tolerance .* takes one candidate"):
+        load_config("tiny", [TWO])
+    with pytest.raises(ConfigError, match="always an option"):
+        load_config("tiny", ["blocks.candidates=teacher,lowrank", "select.method=budget"])
+
+
+@pytest.mark.parametrize("arch", ["vgg11", "resnet18"])
+def test_every_kind_fits_every_block_and_is_seeded_by_block_and_candidate(arch: str):
+    model = build_model(arch, 10, 0.125).eval()
+    blocks = find_blocks(model, (3, 32, 32))
+    cands = parse_candidates(["separable-d1", "separable-d2-w0.5", "lowrank-r0.25"])
+    for spec in blocks:
+        for c in cands:  # build_candidate checks the output shape (stride-2 blocks included)
+            build_candidate(spec, c, seed=3)
+    a, b = build_candidate(blocks[1], cands[2], 3), build_candidate(blocks[1], cands[2], 3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert len({unit_seed(3, 1, c.name) for c in cands}) == 3 and unit_seed(3, 1, "x") != unit_seed(3, 2, "x")
+    units = job_units(len(blocks), cands)
+    assert [u.id for u in units] == list(range(len(units))) and units[4].key == f"001-{cands[1].name}"
+
+
+def _options(lat: list[list[float]], kl: list[list[float]]) -> MeasuredOptions:
+    rows = [[OptionRecord(b, "teacher" if j == 0 else f"c{j}", None if j == 0 else 10 * b + j, k, None,
+                          {"1": t}, 10, 100, False) for j, (t, k) in enumerate(zip(ts, ks))]
+            for b, (ts, ks) in enumerate(zip(lat, kl))]
+    teacher = {"kl": 0.0, "latency_ms@1": sum(r[0] for r in lat) + 1.0, "params": 30.0, "macs": 300.0}
+    return MeasuredOptions(rows, teacher, {"kl": 0.0, "latency_ms@1": 1.0, "params": 0.0, "macs": 0.0},
+                           {"1": "contiguous"})
+
+
+def test_select_is_exact_and_names_the_tightest_budget():
+    # teacher blocks 2 + 2 + 1 ms, rest 1 ms: 6 ms; candidates trade KL for latency
+    m = _options([[2.0, 1.0, 0.5], [2.0, 1.5], [1.0, 0.2]], [[0.0, 0.1, 0.4], [0.0, 0.05], [0.0, 0.3]])
+    s = load_config("tiny", ["select.method=budget", "select.latency_batches=1", "select.budget=0.75"]).select
+    chosen = select(s, m)  # 4.5 ms allowed: dropping 1.5 ms at least KL: c1 on block 0 and 1 (0.15) vs ...
+    assert chosen.predicted["latency_ms@1"] <= 4.5 + 1e-9 and chosen.optimal
+    assert chosen.chosen == ["c1", "c1", "teacher"] and chosen.predicted["kl"] == pytest.approx(0.15)
+    assert chosen.front[0].fraction == pytest.approx((1 + 0.5 + 1.5 + 0.2) / 6)
+    assert chosen.front[-1].totals["kl"] == 0.0
+    s = load_config("tiny", ["select.method=budget", "select.latency_batches=1", "select.budget=0.5"]).select
+    with pytest.raises(BudgetError, match=r"tightest feasible budget is 0\.533"):
+        select(s, m)
+    s = load_config("tiny", ["select.method=budget", "select.latency_batches=1", "select.objective=cost",
+                             "select.budget_unit=absolute", "select.budget=0.35"]).select
+    fastest = select(s, m)  # least latency with summed KL <= 0.35: 4.5 ms at KL 0.15 beats 4.7 ms at 0.35
+    assert fastest.chosen == ["c1", "c1", "teacher"] and fastest.predicted["latency_ms@1"] == pytest.approx(4.5)
+    with pytest.raises(ConfigError, match="budget_unit"):
+        load_config("tiny", ["select.method=budget", "select.objective=cost"])
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run / "blocks").glob("block-*.pt"))}
+
+
+def test_a_budgeted_job_chooses_reports_and_resumes_without_retraining(tmp_path: Path, tiny_teacher: Path):
+    rt = runtime.init_runtime("cpu", 1)
+    base = ["select.method=budget", f"teacher.checkpoint={tiny_teacher}", "run.threads=1", "finetune.epochs=0",
+            f"run.dir={tmp_path / 'run'}", "plan.cost_model=macs", "select.budget=1.0"]
+    record = pipeline.run_job(load_config("tiny", [TWO, *base]), rt)
+    assert record is not None and record.selection is not None
+    s = record.selection
+    assert len(record.blocks) == 16 and {b.candidate for b in record.blocks} == {"separable-d1", "lowrank-r0.25"}
+    assert all(b.swapped_val_kl is not None and b.swapped_val_kl >= 0 for b in record.blocks)
+    assert len(s.chosen) == 8 and all(s.predicted[k] <= s.limits[k] * (1 + 1e-9) for k in s.limits)
+    assert {"latency_ms@1", "latency_ms@64", "kl_assembled", "kl_finetuned"} <= set(s.measured)
+    assert [b.index for b in record.blocks if b.accepted] == record.accepted_blocks
+    assert (tmp_path / "run" / "pareto.png").is_file() and "selection: minimise summed KL" in \
+        (tmp_path / "run" / "summary.txt").read_text()
+    assert JobRecord.load(tmp_path / "run" / "report.json") == record
+    saved = load_run(tmp_path / "run")  # the student file names its chosen candidates
+    assert saved.students == {str(o.block): o.name for o in s.options if o.chosen and o.unit is not None}
+    trained = _files(tmp_path / "run")
+    with pytest.raises(BudgetError, match="tightest feasible budget is .*every trained unit is saved"):
+        pipeline.run_job(load_config("tiny", [TWO, *base, "select.budget=0.01"]), rt)
+    assert _files(tmp_path / "run") == trained  # nothing retrained, nothing rewritten
+    again = pipeline.run_job(load_config("tiny", ["blocks.candidates=separable-d1,lowrank-r0.25,separable-d2",
+                                                  *base]), rt)
+    assert again is not None and len(again.blocks) == 24
+    assert sum(b.resumed_finished for b in again.blocks) == 16  # a new candidate trains only its own units
+    assert {n: b for n, b in _files(tmp_path / "run").items() if n in trained} == trained
+
+
+@pytest.mark.mpi
+def test_two_ranks_train_the_same_candidates_as_one(tmp_path: Path, tiny_teacher: Path):
+    common = ["-c", "tiny", "--set", f"teacher.checkpoint={tiny_teacher}", "--set", "run.threads=1",
+              "--set", TWO, "--set", "select.method=budget", "--set", "select.budget=1.0",
+              "--set", "finetune.epochs=0", "--set", "plan.cost_model=macs"]
+    hpc("distill", *common, "--run-dir", str(tmp_path / "np1"))
+    hpc("distill", *common, "--run-dir", str(tmp_path / "np2"), np=2)
+    report = json.loads((tmp_path / "np2" / "report.json").read_text())
+    assert {b["rank"] for b in report["blocks"]} == {0, 1}  # the units were split between the ranks
+    one, two = _files(tmp_path / "np1"), _files(tmp_path / "np2")
+    assert one.keys() == two.keys() and len(one) == 16
+    for name in one:
+        a, b = (atomic_io.load(r / "blocks" / name)["state_dict"] for r in (tmp_path / "np1", tmp_path / "np2"))
+        assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5) for k in a), name
