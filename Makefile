@@ -44,6 +44,9 @@ bench-paper-scale: install  ## 1-rank PBKD vs the paper's sequential schedule (a
 bench-data: install  ## streaming input: images/s by workers vs a ResNet18-at-224 rank, RSS 5k vs 20k images, data wait
 	$(PY) -m benchmarks.data_bench --out bench/results-data
 
+gpu-check: install  ## on a CUDA GPU: default job, streaming bench, precision modes, inference; one JSON (< 8 min)
+	$(PY) -m benchmarks.gpu_check --out bench/results-gpu
+
 slurm-up:
 	bash tests/cluster/local-slurm.sh start
 

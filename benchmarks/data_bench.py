@@ -24,7 +24,8 @@ from pathlib import Path
 from .imagefolders import synthetic_folder
 
 RESNET18 = ["--set", "model.arch=torchvision:resnet18", "--set", "data.image_size=224",
-            "--set", "data.dataset=imagefolder", "--set", "data.storage=stream", "--set", "data.batch_size=32"]
+            "--set", "data.dataset=imagefolder", "--set", "data.storage=stream", "--set", "data.batch_size=32",
+            "--set", "data.train_limit=null", "--set", "data.augment=crop-flip"]  # ImageNet-style training reads
 
 
 def _cli(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
@@ -37,12 +38,12 @@ def _cli(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
 
 def linked_subset(src: Path, dst: Path, images: int) -> Path:
     """``dst``: a folder of links to the first ``images`` files of ``src`` (same split layout)."""
-    files = sorted(p for p in src.rglob("*.JPEG"))[:images]
+    files = sorted(src.rglob("*.JPEG"), key=lambda p: p.name)[:images]  # by number: both splits
     for f in files:
         link = dst / f.relative_to(src)
         if not link.exists():
             link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(f)
+            link.symlink_to(f.resolve())
     return dst
 
 

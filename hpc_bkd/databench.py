@@ -93,10 +93,14 @@ def rank_consumption(cfg: Config, data: Data, ranks: int, device: torch.device) 
     return make_plan(costs, ranks, cfg.plan.method).predicted
 
 
-def run_bench(cfg: Config, workers: list[int], batches: int, ranks: int, consumption: bool = True) -> DataBench:
-    data = load_data(cfg.data, cfg.run.seed)
+def run_bench(cfg: Config, workers: list[int], batches: int, ranks: int, consumption: bool = True,
+              device: torch.device | None = None) -> DataBench:
+    """Decode rates on this machine, and (``consumption``) what a rank of the plan for ``ranks``
+    ranks consumes on ``device`` (a GPU: batches are pinned and copied as a run does)."""
+    device = device or torch.device("cpu")
+    data = load_data(cfg.data, cfg.run.seed, device)
     rates = [decode_rate(data, cfg, w, batches) for w in (workers if data.storage == "stream" else [0])]
-    predicted = rank_consumption(cfg, data, ranks, torch.device("cpu")) if consumption else []
+    predicted = rank_consumption(cfg, data, ranks, device) if consumption else []
     bench = DataBench(data.storage, len(data.train), cfg.data.batch_size, cfg.data.image_size, cfg.data.augment,
                       rates, ranks, predicted, len(data.stats.bad_images))
     data.close()

@@ -185,3 +185,18 @@ def test_cost_model_charges_the_input_and_the_cache_bytes():
     nbytes = [4 * 64 * (math.prod(b.in_shape) + math.prod(b.out_shape)) for b in blocks]
     assert extra == pytest.approx([n * 1e-9 * 1.25 for n in nbytes])  # fill once per run + gather every step
     assert extra[0] > extra[1]  # the early, larger activations cost more to cache
+
+
+def test_gpu_check_says_there_is_no_gpu_and_stops(tmp_path):
+    """Without CUDA, `make gpu-check` says why in one line and exits 3 within seconds."""
+    import os
+    import subprocess
+    import time
+
+    from conftest import cli_env
+
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path)], cwd=REPO,
+                          env={**cli_env(), "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and "no CUDA GPU visible" in proc.stderr and "make gpu-check" in proc.stderr
+    assert time.time() - t0 < 60 and not os.listdir(tmp_path)
