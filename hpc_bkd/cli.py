@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     from mpi4py import MPI
 
-    from .peers import PeerLost
+    from .peers import HeartbeatSetupError, PeerLost
 
     comm = MPI.COMM_WORLD
     try:
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         from .teams import TeamRendezvousError
 
         clear = isinstance(exc, (DataError, TeacherMismatchError, RunDirConflict, FileNotFoundError, ValueError,
-                                 DamagedFile, DiskFull, TeamRendezvousError))
+                                 DamagedFile, DiskFull, TeamRendezvousError, HeartbeatSetupError))
         prefix = f"[rank {comm.rank}/{comm.size}] " if comm.size > 1 else ""
         if clear:
             advice = "; move it aside or delete it: running the job again rebuilds it" * isinstance(exc, DamagedFile)

@@ -50,6 +50,8 @@ class Runtime:
         """
         if self.size == 1:
             return
+        if self.peers is not None:  # a lost peer is never touched through MPI: its library may crash
+            self.peers.check()
         request = self.comm.Ibarrier()
         while not request.Test():
             if self.peers is not None:

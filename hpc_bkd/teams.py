@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .netaddr import LOOPBACK, interface_towards, offered_addresses, reachable
+
 TORCH_BACKENDS = ("nccl", "gloo")
 CPU = torch.device("cpu")
 
@@ -64,55 +66,6 @@ class TeamRendezvousError(RuntimeError):
     """A team's members cannot meet the leader: names the addresses and port tried and who failed."""
 
 
-def host_addresses() -> list[tuple[str, str]]:
-    """(interface, IPv4 address) of this host's interfaces that have one, loopback left out
-    (Linux's SIOCGIFADDR: each interface's primary address; nothing elsewhere)."""
-    import fcntl
-    import struct
-
-    found = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            try:
-                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
-            except OSError:  # down, or no IPv4 address
-                continue
-            addr = socket.inet_ntoa(packed[20:24])
-            if not addr.startswith("127."):
-                found.append((name, addr))
-    return found
-
-
-def _leader_candidates(host: str, addresses: list[tuple[str, str]]) -> list[str]:
-    """The leader's addresses to try, best first: the one its host name resolves to (what a
-    cluster's DNS says), then every other interface's. Never loopback: members on other nodes
-    would reach their own."""
-    try:
-        named = [socket.gethostbyname(host)]
-    except OSError:
-        named = []
-    ours = [a for _, a in addresses]
-    return list(dict.fromkeys([a for a in named if a in ours] + ours))
-
-
-def _reachable(candidates: list[str], port: int, timeout_s: float) -> list[str]:
-    """The candidate addresses this rank can open a TCP connection to (tried at once, so this
-    takes at most ``timeout_s``)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def connects(addr: str) -> bool:
-        try:
-            socket.create_connection((addr, port), timeout=timeout_s).close()
-            return True
-        except OSError:
-            return False
-
-    if not candidates:
-        return []
-    with ThreadPoolExecutor(len(candidates)) as pool:
-        return [a for a, ok in zip(candidates, pool.map(connects, candidates)) if ok]
-
-
 def _team_address(comm: Any, probe_s: float = PROBE_TIMEOUT_S) -> str:
     """Where members reach the leader's store: loopback when the team shares a node, else an
     address of the leader that every member has just connected to (``HPC_BKD_TEAM_ADDR``, the
@@ -122,13 +75,13 @@ def _team_address(comm: Any, probe_s: float = PROBE_TIMEOUT_S) -> str:
     seen = comm.allgather((host, os.environ.get("HPC_BKD_TEAM_ADDR")))
     leader_host, override = seen[0]  # the leader's word, whatever the members' environments say
     if not override and len({h for h, _ in seen}) == 1:
-        return "127.0.0.1"
+        return LOOPBACK
     listener, candidates = None, None
     if comm.rank == 0:
-        candidates = [override] if override else _leader_candidates(host, host_addresses())
+        candidates = [override] if override else offered_addresses(host)
         listener = socket.create_server(("", 0))  # a throwaway port, only to be connected to
     candidates, port = comm.bcast((candidates, listener.getsockname()[1] if listener else None), root=0)
-    reached = comm.allgather(_reachable(candidates, port, probe_s) if comm.rank or override else candidates)
+    reached = comm.allgather(reachable(candidates, port, probe_s) if comm.rank or override else candidates)
     if listener is not None:
         listener.close()
     for addr in candidates:
@@ -139,18 +92,6 @@ def _team_address(comm: Any, probe_s: float = PROBE_TIMEOUT_S) -> str:
         f"team of {comm.size} ranks: no address of the leader (team rank 0, on {leader_host}) that every member "
         f"reaches: tried {', '.join(candidates) or 'no address'} on test port {port}, {probe_s:g}s each ({who}); "
         "set HPC_BKD_TEAM_ADDR to a leader address every member reaches, or use distill.team_backend=mpi")
-
-
-def _interface_towards(addr: str) -> str | None:
-    """The name of this host's interface that traffic to ``addr`` leaves from (Gloo's device must
-    listen on an address the peers reach, not on whatever the host name resolves to)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((addr, 9))  # a UDP connect sends nothing: it only picks the route
-            local = s.getsockname()[0]
-        except OSError:
-            return None
-    return next((name for name, a in host_addresses() if a == local), None)
 
 
 def init_torch_group(comm: Any, backend: str, device: torch.device, timeout_s: float = 600.0,
@@ -170,7 +111,7 @@ def init_torch_group(comm: Any, backend: str, device: torch.device, timeout_s: f
     port = comm.bcast(port, root=0)
     kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
     env_before = os.environ.get("GLOO_SOCKET_IFNAME")
-    iface = _interface_towards(addr) if addr != "127.0.0.1" and backend == "gloo" and env_before is None else None
+    iface = interface_towards(addr) if addr != LOOPBACK and backend == "gloo" and env_before is None else None
     if iface:
         os.environ["GLOO_SOCKET_IFNAME"] = iface  # read when the group creates its device
     try:

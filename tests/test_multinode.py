@@ -66,9 +66,11 @@ def longer_overrides(teacher: Path, epochs: int = 30) -> list[str]:
 
 def srun_job(cluster, run: Path, overrides: list[str], launcher: str = "srun --kill-on-bad-exit=0",
              nodes: int = 2, per_node: int = 1) -> str:
-    """Submit `hpc_bkd distill` on ``nodes`` x ``per_node`` ranks started by ``launcher``."""
+    """Submit `hpc_bkd distill` on ``nodes`` x ``per_node`` ranks started by ``launcher`` (not
+    requeued by SLURM after a node failure: the tests resubmit by hand)."""
     command = f"{launcher} {sys.executable} -m hpc_bkd distill -c tiny --run-dir {run} " + " ".join(as_set_args(overrides))
-    return cluster.sbatch(None, f"--nodes={nodes}", f"--ntasks-per-node={per_node}", *CPU_ONLY, "--wrap", command)
+    return cluster.sbatch(None, f"--nodes={nodes}", f"--ntasks-per-node={per_node}", *CPU_ONLY, "--no-requeue",
+                          "--wrap", command)
 
 
 def report_of(run: Path) -> dict:
@@ -269,10 +271,6 @@ def _rank_pids(cluster, node: str, run: Path) -> list[int]:
     return found
 
 
-def _wait_for_more_blocks(run: Path, than: int, timeout: float = 120) -> None:
-    wait_for(lambda: len(finished_blocks(run)) > than, timeout, f"more than {than} finished blocks under {run}")
-
-
 def _ended(cluster, job: str, since: float, timeout: float) -> tuple[str, float]:
     """Wait for the job's end; returns its state and the seconds since ``since``."""
     state = cluster.wait(job, timeout=timeout, until=TERMINAL)
@@ -290,8 +288,9 @@ def _assert_kept(run: Path, before: dict) -> dict:
 def test_node_failure_ends_the_job_and_reruns_resume(multinode_cluster, tmp_path: Path, tiny_teacher: Path):
     """One run directory, four jobs of 2 nodes x 1 rank (run.peer_timeout_s=5):
     1. plain srun (no --kill-on-bad-exit), the rank on n2 SIGKILLed: rank 0 names it and exits 4;
-    2. plain srun, node n2 killed (link down, slurmd and everything on it SIGKILLed): the same;
-       the job ends when SLURM declares the node down (SlurmdTimeout, 20 s on this cluster);
+    2. plain srun, node n2 killed (link down, slurmd and everything on it SIGKILLed): rank 0 names
+       it after run.peer_timeout_s and exits 4; the job ends when SLURM declares the node down
+       (SlurmdTimeout, 10 s on this cluster);
     3. mpirun inside the allocation, node n2 killed: the same;
     4. a re-run completes. No job retrains a block an earlier one finished."""
     cluster, run = multinode_cluster, tmp_path / "run"
@@ -310,14 +309,15 @@ def test_node_failure_ends_the_job_and_reruns_resume(multinode_cluster, tmp_path
 
     for launcher, name in (("srun --kill-on-bad-exit=0", "plain srun"), ("mpirun -np 2", "mpirun")):
         job = srun_job(cluster, run, overrides, launcher=launcher)
-        _wait_for_more_blocks(run, len(kept))
-        wait_for(lambda: _rank_pids(cluster, "n2", run), 30, "the rank on n2")
+        wait_for(lambda job=job: "[rank 1/2] INFO block" in cluster.output(job), 120, "rank 1 to distill")
         died = cluster.kill_node("n2")
+        wait_for(lambda job=job: "lost rank 1 on host n2" in cluster.output(job), PEER_TIMEOUT_S + 30,
+                 "rank 0 to name the lost rank")
+        record(f"{name}, node killed -> rank 0 names the lost rank and exits", time.monotonic() - died, cluster)
         state, took = _ended(cluster, job, died, PEER_TIMEOUT_S + 120)
         out = cluster.output(job)
-        record(f"{name}, node killed -> job exit", took, cluster)
+        record(f"{name}, node killed -> SLURM job ended", took, cluster)
         assert state in ("FAILED", "NODE_FAIL"), (state, out[-3000:])
-        assert "lost rank 1 on host n2" in out, out[-3000:]
         cluster.revive_node("n2")
         wait_for(lambda job=job: not stepd_alive(job), 60, f"job {job}'s step daemons to exit")
         kept = _assert_kept(run, kept)

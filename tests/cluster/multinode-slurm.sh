@@ -27,7 +27,7 @@
 # Knobs (env): HPC_BKD_MN_DIR (/tmp/hpc_bkd-mn), HPC_BKD_MN_NODES (2), HPC_BKD_MN_PREFIX (hbkd:
 #   names of the namespaces hbkd-nI, links hbkd-nI and bridge hbkdbr), HPC_BKD_MN_NET (10.231.0),
 #   HPC_BKD_MN_PORT (7817 slurmctld, +1 slurmd), HPC_BKD_MN_CPUS (CPUs per node, 2),
-#   HPC_BKD_MN_SLURMD_TIMEOUT (20 s: how soon slurmctld declares a silent node DOWN),
+#   HPC_BKD_MN_SLURMD_TIMEOUT (10 s: how soon slurmctld declares a silent node DOWN),
 #   HPC_BKD_MN_TIMEOUT (60 s to get ready). Distinct DIR/PREFIX/NET/PORT = independent clusters.
 # Exit codes: 0 ok, 1 failed, 2 usage, 3 not root, 4 SLURM/munge/iproute2 not installed.
 set -euo pipefail
@@ -37,7 +37,7 @@ PFX=${HPC_BKD_MN_PREFIX:-hbkd}
 NET=${HPC_BKD_MN_NET:-10.231.0}
 PORT=${HPC_BKD_MN_PORT:-7817}
 CPUS=${HPC_BKD_MN_CPUS:-2}
-SD_TIMEOUT=${HPC_BKD_MN_SLURMD_TIMEOUT:-20}
+SD_TIMEOUT=${HPC_BKD_MN_SLURMD_TIMEOUT:-10}
 WAIT_S=${HPC_BKD_MN_TIMEOUT:-60}
 PART=mn
 BR=${PFX}br
