@@ -28,7 +28,7 @@ from torch import nn
 from .candidates import TEACHER, Candidate, Unit
 from .config import ConfigError, SelectConfig
 from .data import Data, eval_batches
-from .deploy import deploy_form, fastest_layout, latency_ms, teacher_block
+from .deploy import deploy_form, fastest_layout, latency_table, teacher_block
 from .distill import BlockResult
 from .finetune import accept_blocks
 from .records import FrontPointRecord, OptionRecord, SelectionRecord
@@ -95,46 +95,57 @@ def option_values(o: OptionRecord) -> dict[str, float]:
     return _values(o.latency_ms, o.params, o.macs, o.kl)
 
 
-def _measure(module: nn.Module, in_shape: Sequence[int], layouts: dict[int, str], device: torch.device,
-             threads: int) -> tuple[dict[str, float], int, int]:
-    """Latency per batch size (deploy form, fixed layout), parameters and MACs of ``module``."""
-    deployed = deploy_form(module)
-    latency = {str(b): latency_ms(deployed, in_shape, b, layout, device, threads) for b, layout in layouts.items()}
-    return latency, sum(p.numel() for p in deployed.parameters()), total_macs(deployed, in_shape)
-
-
 def measure_options(teacher: nn.Module, blocks: Sequence[BlockSpec], units: Sequence[Unit],
                     results: dict[int, BlockResult], input_shape: Sequence[int], batches: Sequence[int], seed: int,
                     device: torch.device, threads: int) -> MeasuredOptions:
     """Each block's options (the teacher's block first, then its trained candidates in the
-    config's order), measured alone on ``device`` in the layout the whole teacher prefers."""
+    config's order), measured alone on ``device`` in the layout the whole teacher prefers, in the
+    same interleaved rounds as the whole teacher (``deploy.latency_table``)."""
     whole = deploy_form(teacher)
     layouts = {b: fastest_layout(whole, input_shape, b, device, threads) for b in batches}
-    t_lat, t_params, t_macs = _measure(teacher, input_shape, layouts, device, threads)
-    teacher_values = _values(t_lat, t_params, t_macs)
-    options: list[list[OptionRecord]] = []
+    items: list[tuple[nn.Module, Sequence[int]]] = [(whole, input_shape)]
+    rows: list[list[tuple[BlockSpec, Unit | None]]] = []
     for spec in blocks:
-        lat, params, macs = _measure(teacher_block(teacher, spec), spec.in_shape, layouts, device, threads)
-        row = [OptionRecord(spec.index, TEACHER, None, 0.0, None, lat, params, macs, False)]
+        row: list[tuple[BlockSpec, Unit | None]] = [(spec, None)]
+        items.append((deploy_form(teacher_block(teacher, spec)), spec.in_shape))
         for u in (u for u in units if u.block == spec.index and u.id in results):
-            r = results[u.id]
-            if r.swapped_val_kl is None:
-                raise ValueError(f"unit {u.key} has no quality score (trained by an older version): delete "
-                                 f"its file under blocks/ to train it again")
             student = build_candidate(spec, Candidate.parse(u.candidate), seed)
-            student.load_state_dict(r.state_dict)
-            lat, params, macs = _measure(student, spec.in_shape, layouts, device, threads)
-            row.append(OptionRecord(spec.index, u.candidate, u.id, r.swapped_val_kl, r.swapped_val_acc, lat,
-                                    params, macs, False))
-        options.append(row)
-    summed = {k: sum(option_values(row[0])[k] for row in options) for k in teacher_values}
-    rest = {k: teacher_values[k] - summed[k] for k in teacher_values}
-    for k in (k for k, v in rest.items() if v < 0):  # only timing noise makes the parts outweigh the whole
+            student.load_state_dict(results[u.id].state_dict)
+            items.append((deploy_form(student), spec.in_shape))
+            row.append((spec, u))
+        rows.append(row)
+    latency = iter(latency_table(items, layouts, device, threads))
+    sizes = iter([(sum(p.numel() for p in m.parameters()), total_macs(m, shape)) for m, shape in items])
+    t_lat, (t_params, t_macs) = next(latency), next(sizes)
+    options = [[_option(spec, u, results, next(latency), *next(sizes)) for spec, u in row] for row in rows]
+    return _with_rest(options, _values(t_lat, t_params, t_macs), {str(b): v for b, v in layouts.items()})
+
+
+def _option(spec: BlockSpec, unit: Unit | None, results: dict[int, BlockResult], latency: dict[str, float],
+            params: int, macs: int) -> OptionRecord:
+    if unit is None:
+        return OptionRecord(spec.index, TEACHER, None, 0.0, None, latency, params, macs, False)
+    r = results[unit.id]
+    if r.swapped_val_kl is None:
+        raise ValueError(f"unit {unit.key} has no quality score (trained by an older version): delete its file "
+                         "under blocks/ to train it again")
+    return OptionRecord(spec.index, unit.candidate, unit.id, r.swapped_val_kl, r.swapped_val_acc, latency, params,
+                        macs, False)
+
+
+def _with_rest(options: list[list[OptionRecord]], teacher: dict[str, float], layouts: dict[str, str]
+               ) -> MeasuredOptions:
+    """The teacher's cost outside its blocks: the whole minus its blocks. Where timing noise makes
+    the parts outweigh the whole, the whole is taken as their sum (so keeping every teacher block
+    still meets a budget of 1.0) and the log says so."""
+    summed = {k: sum(option_values(row[0])[k] for row in options) for k in teacher}
+    teacher = dict(teacher)
+    for k in (k for k in teacher if summed[k] > teacher[k]):
         log.warning("selection: the teacher's blocks measured alone take longer (%s %.4g) than the whole teacher "
-                    "(%.4g): noisy timings (another load on this machine?); taking 0 for the rest", k, summed[k],
-                    teacher_values[k])
-        rest[k] = 0.0
-    return MeasuredOptions(options, teacher_values, rest, {str(b): v for b, v in layouts.items()})
+                    "(%.4g): noisy timings (another load on this machine?); taking their sum as the teacher's",
+                    k, summed[k], teacher[k])
+        teacher[k] = summed[k]
+    return MeasuredOptions(options, teacher, {k: teacher[k] - summed[k] for k in teacher}, layouts)
 
 
 # ------------------------------------------------------------------------------ the choice
@@ -223,18 +234,21 @@ def kl_to_teacher(student: nn.Module, teacher: nn.Module, data: Data, split: str
     return total / max(n, 1)
 
 
-def check_prediction(selection: SelectionRecord, student: nn.Module, input_shape: Sequence[int],
+def check_prediction(selection: SelectionRecord, student: nn.Module, teacher: nn.Module, input_shape: Sequence[int],
                      kl: dict[str, float], device: torch.device, threads: int) -> SelectionRecord:
-    """The assembled student measured whole (same layouts as its blocks) beside the prediction."""
-    whole = deploy_form(student)
-    measured = {f"latency_ms@{b}": latency_ms(whole, input_shape, int(b), layout, device, threads)
-                for b, layout in selection.layouts.items()}
+    """The assembled student measured whole beside the prediction (same layouts as its blocks),
+    with the whole teacher timed again in the same rounds, so the speed-up is a like-for-like one."""
+    layouts = {int(b): layout for b, layout in selection.layouts.items()}
+    got, ref = latency_table([(deploy_form(student), input_shape), (deploy_form(teacher), input_shape)], layouts,
+                             device, threads)
+    measured = {f"latency_ms@{b}": v for b, v in got.items()}
+    measured.update({f"teacher_latency_ms@{b}": v for b, v in ref.items()})
     measured.update({f"kl_{k}": v for k, v in kl.items()})
     for b in selection.layouts:
         key = f"latency_ms@{b}"
-        log.info("student latency at batch %s: predicted %.3f ms, measured %.3f ms (%+.1f %%); teacher %.3f ms", b,
-                 selection.predicted[key], measured[key], 100 * (measured[key] / selection.predicted[key] - 1),
-                 selection.teacher[key])
+        log.info("student latency at batch %s: predicted %.3f ms, measured %.3f ms (%+.1f %%); teacher %.3f ms "
+                 "(%.2fx)", b, selection.predicted[key], measured[key],
+                 100 * (measured[key] / selection.predicted[key] - 1), ref[b], ref[b] / measured[key])
     return replace(selection, measured=measured)
 
 

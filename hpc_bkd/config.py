@@ -163,8 +163,13 @@ class PlanConfig:
     # every rank at once (rank 0 plans with the median; with hybrid, a team member's rows too).
     # macs: estimate from multiply-accumulate counts (no measurement).
     cost_model: Literal["measured", "macs"] = "measured"
-    # Batches timed per block when cost_model is measured (after one warm-up batch).
+    # Batches timed per unit when cost_model is measured (after one warm-up batch): at most this
+    # many, and fewer when timing them would take more than plan.measure_share of the distillation.
     measure_batches: int = 5
+    # The most of the distillation's predicted time the cost measurement may take (each timed batch
+    # steps every unit once per team size; distillation steps each unit epochs x steps times,
+    # spread over the ranks). At least one batch is timed after the warm-up whatever this says.
+    measure_share: float = 0.05
     # exact: branch-and-bound optimum; lpt: longest-processing-time + local search; auto: exact for
     # small problems, else lpt.
     method: Literal["auto", "exact", "lpt"] = "auto"
@@ -344,6 +349,7 @@ def _check_ranges(cfg: Config) -> None:
         "data.eval_batch_size": cfg.data.eval_batch_size, "blocks.student_depth": cfg.blocks.student_depth,
         "blocks.student_width": cfg.blocks.student_width, "distill.lr": cfg.distill.lr,
         "model.width": cfg.model.width, "plan.measure_batches": cfg.plan.measure_batches,
+        "plan.measure_share": cfg.plan.measure_share,
         "distill.epochs": cfg.distill.epochs, "distill.bn_groups": cfg.distill.bn_groups,
     }
     for key, value in positive.items():

@@ -101,9 +101,11 @@ def block_costs(cfg: Config, teacher: nn.Module, specs: Sequence[BlockSpec], uni
     teacher_passes = 1.0 / cfg.distill.epochs if cached else 1.0
     if cfg.plan.cost_model == "macs":
         return CostTable(with_validation(mac_costs(blocks, students), 0.0, teacher_passes=teacher_passes), {}, "macs")
-    batches = [train_batch(data, cfg.data.batch_size, cfg.run.seed, 0, k)[0]
-               for k in range(cfg.plan.measure_batches + 1)]
     sizes = team_sizes(cfg, ranks, len(blocks))
+    steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
+    timed = timed_batches(cfg.plan.measure_batches, cfg.plan.measure_share, cfg.distill.epochs * steps, ranks,
+                          1 + len(sizes))
+    batches = [train_batch(data, cfg.data.batch_size, cfg.run.seed, 0, k)[0] for k in range(timed + 1)]
     timer = Timer(teacher, blocks, students, device, cfg.distill.bn_groups,
                   [matches_activation(s, cfg.distill.match) for s in blocks], schedule.tap_each_block)
     with autocast(cfg.run.precision, device):  # timed in the arithmetic the run will use
@@ -114,12 +116,21 @@ def block_costs(cfg: Config, teacher: nn.Module, specs: Sequence[BlockSpec], uni
                 for m, c in measured.items()}
     passes, shares_prefix = 0.0, True
     if cfg.distill.validate_every_epoch:
-        steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
         passes = len(data.val) / cfg.data.batch_size / steps  # validation batches per train step
         shares_prefix = SwappedForward(teacher, blocks).shares_prefix
     measured = {m: with_validation(c, passes, shares_prefix, teacher_passes) for m, c in measured.items()}
     whole = rank_cost(range(len(blocks)), measured[1])
     return CostTable(measured[1], {m: rank_cost(range(len(blocks)), measured[m]) / whole for m in sizes}, "measured")
+
+
+def timed_batches(most: int, share: float, train_steps: int, ranks: int, team_sizes: int) -> int:
+    """Batches to time after the warm-up so that measuring stays within ``share`` of the
+    distillation it plans, whatever the number of units or candidates: a measured batch steps
+    every unit once per team size on every rank at once, the distillation steps every unit
+    ``train_steps`` times spread over ``ranks``, so the ratio is (1 + timed) x team_sizes x ranks /
+    train_steps. At least one, at most ``most``."""
+    allowed = int(share * train_steps / (team_sizes * ranks)) - 1
+    return max(1, min(most, allowed))
 
 
 def with_validation(costs: Sequence[BlockCost], passes: float, shared_prefix: bool = True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import statistics
 import time
@@ -259,14 +260,33 @@ def fastest_layout(model: nn.Module, input_shape: Sequence[int], batch: int, dev
 
 def latency_ms(model: nn.Module, input_shape: Sequence[int], batch: int, layout: str, device: torch.device,
                threads: int | None = None) -> float:
-    """Milliseconds of one forward of ``model`` (already in deploy form) on a ``batch`` in
-    ``layout``: the figure a budgeted choice adds up, block by block, for one fixed layout. The
-    lower median of two halves timed in a row, so a burst of other load on the machine during
-    one half does not inflate the figure."""
-    m, x = _as_layout(copy.deepcopy(model).to(device), random_input(input_shape, batch, device), layout)
-    runs, warmup = (40, 5) if batch == 1 else (10, 2)
+    """Milliseconds of one forward of ``model`` (already in deploy form) on a ``batch`` in ``layout``."""
+    return latency_table([(model, input_shape)], {batch: layout}, device, threads)[0][str(batch)]
+
+
+def latency_table(items: Sequence[tuple[nn.Module, Sequence[int]]], layouts: dict[int, str], device: torch.device,
+                  threads: int | None = None, rounds: int = 3) -> list[dict[str, float]]:
+    """Milliseconds of one forward of each ``(model in deploy form, input shape)`` at each batch
+    size of ``layouts`` (in that layout): the figures a budgeted choice adds up, block by block.
+
+    Every item is timed in ``rounds`` interleaved rounds and keeps its fastest round's median, so a
+    burst of other load on the machine slows one round of every item alike instead of inflating
+    some items and not others (parts that outweigh their whole)."""
+    prepared = []
+    for model, shape in items:
+        per_batch = {}
+        for batch, layout in layouts.items():
+            per_batch[batch] = _as_layout(copy.deepcopy(model).to(device), random_input(shape, batch, device), layout)
+        prepared.append(per_batch)
+    best: list[dict[str, float]] = [{str(b): float("inf") for b in layouts} for _ in items]
     with cpu_threads(threads), torch.inference_mode():
-        return min(_halves(forward_times(lambda: m(x), runs, warmup, device)))
+        for _ in range(rounds):
+            for row, per_batch in zip(best, prepared):
+                for batch, (m, x) in per_batch.items():
+                    runs, warmup = (15, 3) if batch == 1 else (4, 1)
+                    row[str(batch)] = min(row[str(batch)], statistics.median(
+                        forward_times(functools.partial(m, x), runs, warmup, device)))
+    return best
 
 
 # ------------------------------------------------------------------------------------ comparison

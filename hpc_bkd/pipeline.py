@@ -507,7 +507,8 @@ def report_job(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher: P
     student = make_student(cfg, rt, data, run_dir, teacher, units, results, chosen, clock)
     selection = chosen.selection
     if selection is not None:
-        selection = check_prediction(selection, student.model, data.input_shape, student.kl, rt.device, rt.threads)
+        selection = check_prediction(selection, student.model, teacher.model, data.input_shape, student.kl, rt.device,
+                                     rt.threads)
         clock.mark("select")
     timing = TimingPlan(batch_size=cfg.data.eval_batch_size, threads=rt.threads)
     inference = measure_deployed(rt, data, teacher, student, timing) if cfg.run.measure_inference else None

@@ -213,3 +213,25 @@ def test_bench_children_find_the_baseline_from_any_directory(tmp_path: Path):
                           timeout=120, cwd=tmp_path, env=_env(1))
     assert proc.returncode == 0, proc.stderr
     assert "--run-dir" in proc.stdout and "--blocks" in proc.stdout
+
+
+@pytest.mark.slow
+def test_select_bench_trains_once_and_chooses_per_budget(tmp_path: Path):
+    """benchmarks.select_bench on the tiny job: one set of units, a student per budget, each
+    reported with its predicted and measured latency; the tool's table, JSON and plot."""
+    out = tmp_path / "select"
+    cmd = [sys.executable, "-m", "benchmarks.select_bench", "--config", "tiny", "--out", str(out),
+           "--budgets", "1.0,2.0", "--set", "blocks.candidates=separable-d1,lowrank-r0.25",
+           "--set", "select.latency_batches=1", "--set", "finetune.epochs=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "select.json").read_text())
+    assert [r["budget"] for r in result["budgets"]] == [1.0, 2.0] and (out / "budgets.png").is_file()
+    assert result["candidates"]["candidates"] == 2 and result["candidates"]["ratio"] > 0
+    for row in result["budgets"]:
+        lat = row["latency_ms"]["1"]
+        assert lat["predicted"] <= row["budget"] * lat["teacher"] * (1 + 1e-9) and lat["measured"] > 0
+        assert len(row["chosen"]) == 8 and row["front"]
+    budgets = {b: JobRecord.load(out / "runs" / f"budget-{b:g}" / "report.json") for b in (1.0, 2.0)}
+    assert all(sum(x.resumed_finished for x in r.blocks) == 16 for r in budgets.values())  # trained once
+    assert "distillation: 2 candidates" in proc.stdout
