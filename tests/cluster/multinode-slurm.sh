@@ -171,6 +171,9 @@ SlurmdParameters=config_overrides
 JobRequeue=1
 MinJobAge=300
 SlurmdTimeout=$SD_TIMEOUT
+# how long slurmctld waits on one RPC, e.g. the ping of a node that vanished: with SlurmdTimeout,
+# how soon a dead node's job ends (default 10 s)
+MessageTimeout=5
 KillWait=30
 MailProg=/bin/true
 EOF
