@@ -74,7 +74,7 @@ def synthetic_folder(root: Path, images: int, size: int = 224, classes: int = 10
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     for i in range(images):
-        split = "val" if i % 10 == 9 else "train"
+        split = "val" if (i // classes) % 10 == 9 else "train"  # every class in both splits
         folder = root / split / f"c{i % classes:04d}"
         path = folder / f"{i:07d}.JPEG"
         if path.exists():

@@ -206,21 +206,6 @@ def _cmd_data_bench(args: argparse.Namespace) -> int:
     from .runtime import init_runtime, setup_logging
 
     cfg = job_config(args)
-    rt = init_runtime("cpu", cfg.run.threads)
-    setup_logging(rt.rank, rt.size)
-    bench = run_bench(cfg, [int(w) for w in args.workers.split(",")], args.batches, args.ranks, not args.no_plan)
-    print("\n".join(describe(bench)))
-    if args.json:
-        Path(args.json).write_text(json.dumps(bench.to_json(), indent=2))
-    return EXIT_OK
-
-
-def _cmd_data_bench(args: argparse.Namespace) -> int:
-    """Input throughput by worker count against a rank's consumption (see ``databench``)."""
-    from .databench import describe, run_bench
-    from .runtime import init_runtime, setup_logging
-
-    cfg = job_config(args)
     rt = init_runtime(cfg.run.device, cfg.run.threads)
     setup_logging(rt.rank, rt.size)
     bench = run_bench(cfg, [int(w) for w in args.workers.split(",")], args.batches, args.ranks, not args.no_plan,
