@@ -131,23 +131,27 @@ class KDRecord(JsonRecord):
 
 
 def build_baseline_student(cfg: Config, num_classes: int, blocks: Sequence[BlockSpec], seed: int | None = None,
-                           replace: list[int] | None = None) -> nn.Module:
+                           replace: dict[int, str] | None = None) -> nn.Module:
     """The PBKD student architecture with all weights freshly initialised (no teacher weights).
 
-    ``replace``: the blocks that get a student block (default all); the others keep the teacher's
-    layers, freshly initialised, as in a PBKD student whose block was not accepted.
+    ``replace``: block -> candidate student it gets (default: every block, the job's first
+    candidate); the others keep the teacher's layers, freshly initialised, as in a PBKD student
+    that kept the teacher's block.
     """
+    from hpc_bkd.candidates import Candidate
+    from hpc_bkd.config import job_candidates
     from hpc_bkd.models import build_model
-    from hpc_bkd.students import build_student
+    from hpc_bkd.students import build_candidate
     from hpc_bkd.surgery import replace_blocks
 
     seed = cfg.run.seed if seed is None else seed
-    b = cfg.blocks
+    first = job_candidates(cfg)[0].name
+    kinds = replace if replace is not None else {s.index: first for s in blocks}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 17)
         model = build_model(cfg.model.arch, num_classes, cfg.model.width)
-    students: dict[int, nn.Module] = {s.index: build_student(s, b.student_depth, b.student_width, seed)
-                                      for s in blocks if replace is None or s.index in replace}
+    students: dict[int, nn.Module] = {s.index: build_candidate(s, Candidate.parse(kinds[s.index]), seed)
+                                      for s in blocks if s.index in kinds}
     return replace_blocks(model, students, blocks)
 
 
@@ -184,7 +188,7 @@ class _Prepared:
     models: ModelSizes
 
 
-def _prepare(cfg: Config, run_dir: Path, device: torch.device, replace: list[int] | None) -> _Prepared:
+def _prepare(cfg: Config, run_dir: Path, device: torch.device, replace: dict[int, str] | None) -> _Prepared:
     from hpc_bkd.data import describe, load_data
     from hpc_bkd.rundir import RunDir
     from hpc_bkd.surgery import find_blocks
@@ -202,11 +206,11 @@ def _prepare(cfg: Config, run_dir: Path, device: torch.device, replace: list[int
                          test_acc=accuracy(teacher, data, "test", ebs, device))
     blocks = find_blocks(teacher.cpu(), data.input_shape, cfg.blocks.granularity)
     teacher.to(device)
-    unknown = sorted(set(replace or []) - {b.index for b in blocks})
+    unknown = sorted(set(replace or {}) - {b.index for b in blocks})
     if unknown:
         raise ValueError(f"--blocks: no block(s) {unknown}; this teacher has blocks 0..{len(blocks) - 1}")
     replaced = [b.index for b in blocks if replace is None or b.index in replace]
-    student = build_baseline_student(cfg, data.num_classes, blocks, replace=replaced)
+    student = build_baseline_student(cfg, data.num_classes, blocks, replace=replace)
     models = ModelSizes(teacher=_model_size(teacher, data.input_shape),
                         student=_model_size(student, data.input_shape))
     teacher.to(device)
@@ -246,7 +250,7 @@ def _train(cfg: Config, prep: _Prepared, epochs: int, lr: float,
 
 
 def run_baseline(cfg: Config, epochs: int | None = None, lr: float | None = None, within: float = 1.0,
-                 run_dir: Path | None = None, write: bool = True, replace: list[int] | None = None) -> KDRecord:
+                 run_dir: Path | None = None, write: bool = True, replace: dict[int, str] | None = None) -> KDRecord:
     """Train the baseline student; returns (and writes ``run_dir/kd_baseline.json``) its record.
 
     ``replace``: block indices given a student block (default: every block, the full PBKD student).
@@ -310,19 +314,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: teacher.epochs)")
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: teacher.lr, a from-scratch rate)")
     p.add_argument("--blocks", default=None,
-                   help="comma-separated block indices to replace (default: all; e.g. the blocks a PBKD run accepted)")
+                   help="comma-separated blocks to replace, each INDEX (the job's first candidate) or "
+                        "INDEX:CANDIDATE (default: all; e.g. the blocks a PBKD run replaced and with what)")
     p.add_argument("--within", type=float, default=1.0,
                    help="report when accuracy first comes within this many points of the teacher (default 1)")
     return p
 
 
-def _parse_blocks(text: str | None) -> list[int] | None:
+def _parse_blocks(text: str | None, cfg: Config) -> dict[int, str] | None:
+    """``--blocks 0,3`` or ``--blocks 0:lowrank-r0.25,3:separable-d1``: block -> candidate."""
+    from hpc_bkd.config import job_candidates
+
     if text is None:
         return None
+    first = job_candidates(cfg)[0].name
     try:
-        return sorted({int(x) for x in text.split(",") if x.strip()})
+        pairs = [x.strip().split(":", 1) for x in text.split(",") if x.strip()]
+        return {int(p[0]): p[1] if len(p) > 1 else first for p in pairs}
     except ValueError:
-        raise ConfigError(f"--blocks: expected comma-separated block indices, got {text!r}") from None
+        raise ConfigError(f"--blocks: expected comma-separated INDEX or INDEX:CANDIDATE, got {text!r}") from None
 
 
 def _summary(record: KDRecord, within: float) -> str:
@@ -339,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(0, 1)
     try:
-        record = run_baseline(job_config(args), args.epochs, args.lr, args.within, replace=_parse_blocks(args.blocks))
+        record = run_baseline(job_config(args), args.epochs, args.lr, args.within, replace=_parse_blocks(args.blocks, job_config(args)))
     except ConfigError as exc:
         print(f"hpc-bkd baseline: config error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -333,7 +333,8 @@ def pbkd_metrics(record: JobRecord, n_train: int) -> dict[str, Any]:
         "block_images_per_s": sum(_block_images(record, steps).values()) / distill_s if distill_s else None,
         "ranks": _rank_rows(record, steps),
         "accuracy": to_plain(record.accuracy), "accepted_blocks": len(record.accepted_blocks),
-        "blocks": len(record.blocks), "accepted": record.accepted_blocks,
+        "blocks": len({b.index for b in record.blocks}),  # a record per unit: several per block with candidates
+        "accepted": [f"{b.index}:{b.candidate}" if b.candidate else str(b.index) for b in record.blocks if b.accepted],
         "student_test_acc": record.accuracy.student_after_finetune,
         "time_to_within": first_reaching(timeline, record.accuracy.teacher_val - TARGETS["within_points"]),
         "timeline": timeline, "energy": to_plain(record.energy), "energy_text": energy_text,
@@ -803,7 +804,7 @@ def _train_teacher(setup: Setup) -> bool:
     return True
 
 
-def _command(setup: Setup, spec: RunSpec, run_dir: Path, accepted: list[int] | None) -> list[str]:
+def _command(setup: Setup, spec: RunSpec, run_dir: Path, accepted: list[str] | None) -> list[str]:
     extra = sum((["--set", s] for s in spec.sets), [])
     if spec.kind == "kd":
         cmd = [sys.executable, "-m", "benchmarks.baseline", *setup.shared, *extra, "--run-dir", str(run_dir),
@@ -811,13 +812,13 @@ def _command(setup: Setup, spec: RunSpec, run_dir: Path, accepted: list[int] | N
         if setup.kd_epochs is not None:
             cmd += ["--epochs", str(setup.kd_epochs)]
         if accepted is not None:  # the very architecture PBKD-1 produced (rejected blocks stay teacher layers)
-            cmd += ["--blocks", ",".join(map(str, accepted))]
+            cmd += ["--blocks", ",".join(accepted)]
         return cmd
     cmd = [sys.executable, "-m", "hpc_bkd", "run", *setup.shared, *extra, "--run-dir", str(run_dir)]
     return [setup.mpirun, "-np", str(spec.ranks), *cmd] if spec.ranks > 1 else cmd
 
 
-def _run_one(setup: Setup, spec: RunSpec, round_: int, accepted: list[int] | None, n_train: int) -> dict[str, Any]:
+def _run_one(setup: Setup, spec: RunSpec, round_: int, accepted: list[str] | None, n_train: int) -> dict[str, Any]:
     """Run (or, with --reuse, re-read) one round of one configuration; its entry in bench.json."""
     tag = spec.name if setup.rounds == 1 else f"{spec.name}-r{round_ + 1}"
     run_dir = setup.out / "runs" / tag

@@ -182,7 +182,7 @@ def test_pbkd_metrics_from_a_job_record():
         assert row["block_images_per_s"] == pytest.approx(images / rank["busy_s"])
         assert row["energy"] == {**{k: None for k in ("gpu_j", "cpu_package_j", "gpu_unavailable",
                                                        "cpu_unavailable")}, **rank["energy"]}
-    assert m["accuracy"] == data["accuracy"] and m["accepted"] == data["accepted_blocks"]
+    assert m["accuracy"] == data["accuracy"] and m["accepted"] == [str(i) for i in data["accepted_blocks"]]
     assert m["student_test_acc"] == data["accuracy"]["student_after_finetune"]
     start = sum(data["phases_s"][k] for k in ("plan", "broadcast", "distill+gather", "assemble"))
     assert m["timeline"][0]["time_s"] == pytest.approx(start + data["finetune"][0]["time_s"])

@@ -50,16 +50,20 @@ def test_readme_examples_run(tmp_path: Path):
 
 @pytest.mark.slow
 def test_default_job_meets_targets(tmp_path: Path):
-    """The README's first command's job: teacher >= 97 %, student within 1 point, conv weights <= 30 %."""
+    """The README's first command's job: teacher >= 97 %, student within 1 point, chosen within its
+    latency budget (predicted; the measured speed-up is a benchmark figure, in the README)."""
     proc = subprocess.run([sys.executable, "-m", "hpc_bkd", "--run-dir", str(tmp_path)], cwd=tmp_path,
                           env=cli_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     acc, models = report["accuracy"], report["models"]
     assert acc["teacher_test"] >= 97.0
-    assert models["student"]["conv_params"] <= 0.30 * models["teacher"]["conv_params"], models
+    assert models["student"]["macs"] < models["teacher"]["macs"], models
+    sel = report["selection"]
+    assert sel["chosen"].count("teacher") < len(sel["chosen"]) and sel["optimal"]
+    assert all(sel["predicted"][k] <= limit * (1 + 1e-9) for k, limit in sel["limits"].items())
+    assert {"latency_ms@1", "latency_ms@64", "teacher_latency_ms@1", "teacher_latency_ms@64"} <= set(sel["measured"])
     gap = acc["teacher_test"] - acc["student_after_finetune"]
-    # measured 0.56 with the shipped seed; -0.27 to 0.84 over fine-tuning seeds 0-3 (1 image = 0.28)
     assert gap <= 1.0, f"student is {gap:.2f} points below the teacher; the target is <= 1.0 ({acc})"
 
 
