@@ -15,7 +15,8 @@ Modules, each with one job:
 * deploy (folded BatchNorm, inference measurement), export (standalone files, ``load_student``);
 * rundir (every file of a run directory), atomic_io (atomic writes, safe loads), records (the job
   record: the one report schema), report (summary and plots), pipeline (the stages);
-* runtime (MPI, device, threads, logging, signals), energy, cli_args and cli (the command line);
+* runtime (MPI, device, threads, logging, signals), peers (the heartbeat that names a lost rank),
+  netaddr (addresses the nodes reach each other on), energy, cli_args and cli (the command line);
   launchers live in ``hpc_bkd.launch`` (submitit), the sbatch scripts in ``slurm/``.
 """
 __version__ = "0.1.0"

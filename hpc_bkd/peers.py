@@ -198,8 +198,10 @@ class Heartbeat:
         if not watched:
             self._done.wait(wait_s)
             return
-        readable, _, _ = select.select(list(watched), [], [], wait_s)
-        for fd in readable:
+        poller = select.poll()  # not select(): no limit of 1024 descriptors on rank 0 of a big job
+        for fd in watched:
+            poller.register(fd, select.POLLIN)
+        for fd, _event in poller.poll(wait_s * 1000):
             peer = watched[fd]
             try:
                 data = self.links[peer].recv(65536)
