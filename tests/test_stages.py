@@ -82,8 +82,12 @@ def test_a_second_run_resumes_every_block(tmp_path: Path, tiny_teacher: Path, rt
                for u in units for k, v in RunDir(cfg.run.dir).load_block(u)["state_dict"].items())
 
 
-def test_distiller_stopped_then_resumed_trains_the_same_blocks(tmp_path: Path, tiny_teacher: Path, rt):
-    cfg = _cfg(tmp_path, tiny_teacher)
+@pytest.mark.parametrize("candidates", [[], ["blocks.candidates=separable-d1,lowrank-r0.25", "select.method=budget"]])
+def test_distiller_stopped_then_resumed_trains_the_same_blocks(tmp_path: Path, tiny_teacher: Path, rt,
+                                                              candidates: list[str], monkeypatch):
+    """Stopped mid-unit and resumed from its checkpoints: the same weights as a straight run (with
+    two candidates, units 0-2 are both candidates of block 0 and the first of block 1)."""
+    cfg = _cfg(tmp_path, tiny_teacher, *candidates)
     _, run_dir, data, teacher, units, choice, *_ = _through_plan(cfg, rt)
     owned = units[:3]
 
@@ -94,12 +98,22 @@ def test_distiller_stopped_then_resumed_trains_the_same_blocks(tmp_path: Path, t
     straight, interrupted = distill(BlockStore(RunDir(tmp_path / "a"), "fp"))
     assert not interrupted and len(straight) == 3
     store = BlockStore(RunDir(tmp_path / "b"), "fp")
-    runtime.request_stop()
+    step, steps = LocalDistiller._step, []
+
+    def stop_after_four(self, group):  # a stop request (SIGTERM) in the middle of the first unit
+        step(self, group)
+        steps.append(1)
+        if len(steps) == 4:
+            runtime.request_stop()
+
+    monkeypatch.setattr(LocalDistiller, "_step", stop_after_four)
     try:
         results, interrupted = distill(store)
     finally:
         runtime.clear_stop()
+        monkeypatch.undo()
     assert interrupted and results == [] and all(store.resume(u) is not None for u in owned)
+    assert store.resume(owned[0])["step"] == 4  # mid-epoch of the first unit
     resumed, interrupted = distill(store)
     assert not interrupted and all(r.resumed for r in resumed)
     for a, b in zip(straight, resumed):
