@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_bkd import atomic_io
+from hpc_bkd.cli_args import EXIT_BAD_INPUT
 from hpc_bkd.config import job_candidates, load_config
 from hpc_bkd.records import JobRecord
 from hpc_bkd.runtime import available_cores, cpu_model
@@ -37,11 +38,17 @@ REPO = Path(__file__).resolve().parents[1]
 KEEP = ("teacher.pt", "costs.json", "blocks", "config.json")  # what a budget's run reuses
 
 
+class Infeasible(Exception):
+    """A budget no choice meets (the run says the tightest that can be)."""
+
+
 def _hpc(args: list[str], log: Path) -> None:
     """One real ``python -m hpc_bkd`` run, its output in ``log``; a failure names the log."""
     with log.open("w") as out:
         code = subprocess.run([sys.executable, "-m", "hpc_bkd", *args], stdout=out, stderr=subprocess.STDOUT,
                               cwd=REPO).returncode
+    if code == EXIT_BAD_INPUT and "cannot be met" in log.read_text():
+        raise Infeasible(log.read_text().strip().splitlines()[-1])
     if code:
         raise SystemExit(f"`hpc_bkd {' '.join(args)}` exited {code}; see {log}")
 
@@ -74,7 +81,7 @@ def budget_row(budget: float, r: JobRecord) -> dict[str, Any]:
                "measured": s.measured[f"latency_ms@{b}"], "teacher_predicted": s.teacher[f"latency_ms@{b}"]}
            for b in s.layouts}
     return {"budget": budget, "latency_ms": lat, "kl_predicted": s.predicted["kl"],
-            "kl_measured": s.measured.get("kl_assembled"), "chosen": s.chosen,
+            "kl_measured": s.measured.get("kl_recalibrated"), "chosen": s.chosen,
             "teacher_test": r.accuracy.teacher_test, "student_test": r.accuracy.student_after_finetune,
             "params": r.models.student.params, "teacher_params": r.models.teacher.params,
             "front": [{"fraction": p.fraction, **p.totals} for p in s.front]}
@@ -150,15 +157,22 @@ def main(argv: list[str] | None = None) -> int:
              "ratio": distill_time(every) / distill_time(one),
              "plan_share_one": one.phases_s.get("plan", 0.0) / distill_time(one),
              "plan_share_all": every.phases_s.get("plan", 0.0) / distill_time(every)}
-    rows = [budget_row(b, run_budget(out / "runs" / "all", out, common, b))
-            for b in (float(x) for x in args.budgets.split(","))]
-    text = table(rows, ratio)
+    rows, infeasible = [], []
+    for b in (float(x) for x in args.budgets.split(",")):
+        try:
+            rows.append(budget_row(b, run_budget(out / "runs" / "all", out, common, b)))
+        except Infeasible as exc:
+            infeasible.append({"budget": b, "message": str(exc)})
+            print(f"budget {b:g}: {exc}")
+    text = table(rows, ratio) + "".join(f"\nbudget {x['budget']:g}: {x['message']}" for x in infeasible)
     print(text)
     hardware = {"cpu": cpu_model(), "cores": available_cores()}
     atomic_io.write_json(out / "select.json", {"config": args.config, "overrides": args.set, "hardware": hardware,
-                                               "candidates": ratio, "budgets": rows, "wall_s": time.time() - started})
+                                               "candidates": ratio, "budgets": rows, "infeasible": infeasible,
+                                               "wall_s": time.time() - started})
     atomic_io.write_text(out / "select.txt", text + "\n")
-    plot(rows, out / "budgets.png")
+    if rows:
+        plot(rows, out / "budgets.png")
     print(f"wrote {out / 'select.json'}, {out / 'select.txt'}, {out / 'budgets.png'}")
     return 0
 

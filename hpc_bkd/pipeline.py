@@ -465,6 +465,7 @@ def make_student(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher:
     kl = {"assembled": _val_kl(cfg, rt, data, teacher, student)} if chosen.selection else {}
     recalibrate_bn(student, data, cfg, cfg.finetune.recalibrate_bn_batches, rt.device)
     recalibrated = accuracy(student, data, "test", cfg.data.eval_batch_size, rt.device)
+    kl.update({"recalibrated": _val_kl(cfg, rt, data, teacher, student)} if chosen.selection else {})
     log.info("assembled student: %d/%d blocks replaced, test acc %.2f%% (%.2f%% after BN recalibration)",
              len(accepted), len(teacher.blocks), before, recalibrated)
     clock.mark("assemble")

@@ -152,8 +152,8 @@ def _selection_lines(r: JobRecord) -> list[str]:
              f"{' of the teacher' if s.budget_unit == 'fraction' else ''} ({'optimal' if s.optimal else 'not proven'}"
              f"; layouts {', '.join(f'batch {b}: {v}' for b, v in s.layouts.items())})",
              f"  {'':<18} {'teacher':>12} {'predicted':>12} {'measured':>12} {'error':>7}"]
-    for k in keys + ["kl"]:
-        meas = s.measured.get(k if k != "kl" else "kl_assembled")
+    for k in keys + ["kl"]:  # the whole student's KL after BN recalibration: what its blocks' scores predict
+        meas = s.measured.get(k if k != "kl" else "kl_recalibrated")
         err = f"{100 * (meas / s.predicted[k] - 1):+6.1f}%" if meas is not None and s.predicted[k] else ""
         lines.append(f"  {k:<18} {s.teacher[k]:>12.4g} {s.predicted[k]:>12.4g} "
                      f"{meas if meas is not None else float('nan'):>12.4g} {err:>7}")
@@ -184,7 +184,7 @@ def pareto_plot(record: JobRecord, path: Path) -> None:
             label="exact front (predicted)")
     ax.plot([s.predicted[key]], [s.predicted["kl"]], "*", ms=16, color="tab:red", label="chosen (predicted)")
     if key in s.measured:
-        ax.plot([s.measured[key]], [s.measured.get("kl_assembled", s.predicted["kl"])], "x", ms=12,
+        ax.plot([s.measured[key]], [s.measured.get("kl_recalibrated", s.predicted["kl"])], "x", ms=12,
                 color="tab:red", label="chosen (measured whole)")
     ax.plot([s.teacher[key]], [0.0], "s", ms=9, color="black", label="teacher")
     if s.budget_unit == "fraction" and s.objective == "quality":

@@ -100,7 +100,7 @@ def test_a_budgeted_job_chooses_reports_and_resumes_without_retraining(tmp_path:
     assert len(record.blocks) == 16 and {b.candidate for b in record.blocks} == {"separable-d1", "lowrank-r0.25"}
     assert all(b.swapped_val_kl is not None and b.swapped_val_kl >= 0 for b in record.blocks)
     assert len(s.chosen) == 8 and all(s.predicted[k] <= s.limits[k] * (1 + 1e-9) for k in s.limits)
-    assert {"latency_ms@1", "latency_ms@64", "kl_assembled", "kl_finetuned"} <= set(s.measured)
+    assert {"latency_ms@1", "latency_ms@64", "kl_assembled", "kl_recalibrated", "kl_finetuned"} <= set(s.measured)
     assert [b.index for b in record.blocks if b.accepted] == record.accepted_blocks
     assert (tmp_path / "run" / "pareto.png").is_file() and "selection: minimise summed KL" in \
         (tmp_path / "run" / "summary.txt").read_text()
