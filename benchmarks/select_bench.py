@@ -5,10 +5,11 @@
 
 (from the repository root)
 
-1. ``one``: the job with its first candidate alone (distillation only), and ``all``: with every
-   candidate of ``blocks.candidates``; the same teacher (trained once by ``train-teacher``), the same
-   threads. Their distillation times give the cost of more candidates (shared teacher activations
-   make it grow less than linearly), and each run's plan phase its share of the distillation.
+1. ``one-<candidate>``: the job with each candidate alone (distillation only), and ``all``: with
+   every candidate of ``blocks.candidates``; the same teacher (trained once by ``train-teacher``),
+   the same threads. Their distillation times give the cost of more candidates (against the first
+   alone, and against all of them trained alone: shared teacher activations make it less), and
+   each run's plan phase its share of the distillation.
 2. For every budget: a copy of ``all``'s run directory (teacher, trained units, costs) re-run with
    ``select.budget`` = that budget: nothing is trained again; the choice is made, the student
    assembled, fine-tuned, measured whole and reported.
@@ -90,6 +91,7 @@ def budget_row(budget: float, r: JobRecord) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]], ratio: dict[str, Any]) -> str:
     batches = list(rows[0]["latency_ms"]) if rows else []
     head = f"{'budget':>6} " + " ".join(f"{'ms@' + b + ' pred/meas (teacher)':>30}" for b in batches) + \
+        " " + " ".join(f"{'x teacher@' + b + ' pred/meas':>22}" for b in batches) + \
         f" {'speedup':>8} {'KL pred/meas':>14} {'test acc (teacher)':>19}  replaced"
     lines = [head]
     for r in rows:
@@ -98,14 +100,21 @@ def table(rows: list[dict[str, Any]], ratio: dict[str, Any]) -> str:
             x = r["latency_ms"][b]
             err = 100 * (x["measured"] / x["predicted"] - 1)
             cells.append(f"{x['predicted']:>8.3f}/{x['measured']:<8.3f}{err:+5.0f}% ({x['teacher']:.3f})")
+        # the same as fractions of the teacher timed in the same pass: drift of the machine between passes cancels
+        rel = [f"{x['predicted'] / x['teacher_predicted']:.3f}/{x['measured'] / x['teacher']:.3f}"
+               f"{100 * (x['measured'] / x['teacher'] / (x['predicted'] / x['teacher_predicted']) - 1):+5.0f}%"
+               for x in (r["latency_ms"][b] for b in batches)]
+        cells += [f"{c:>22}" for c in rel]
         speed = "/".join(f"{r['latency_ms'][b]['teacher'] / r['latency_ms'][b]['measured']:.2f}" for b in batches)
         kl_meas = f"{r['kl_measured']:.3f}" if r["kl_measured"] is not None else "-"
         replaced = sum(c != "teacher" for c in r["chosen"])
         lines.append(f"{r['budget']:>6g} " + " ".join(f"{c:>30}" for c in cells) + f" {speed:>8} "
                      f"{r['kl_predicted']:>6.3f}/{kl_meas:<7} {r['student_test']:>7.2f} ({r['teacher_test']:.2f})"
                      f"  {replaced}/{len(r['chosen'])}")
+    alone = ", ".join(f"{n} {t:.1f}s" for n, t in ratio["alone_s"].items())
     lines.append(f"distillation: {ratio['candidates']} candidates {ratio['all_s']:.1f}s vs 1 candidate "
-                 f"{ratio['one_s']:.1f}s = {ratio['ratio']:.2f}x for {ratio['candidates']}x the units; cost "
+                 f"{ratio['one_s']:.1f}s = {ratio['ratio']:.2f}x for {ratio['candidates']}x the units; "
+                 f"{ratio['ratio_to_alone']:.2f}x the candidates trained alone ({alone}); cost "
                  f"measurement {100 * ratio['plan_share_all']:.1f}% ({ratio['candidates']} candidates) and "
                  f"{100 * ratio['plan_share_one']:.1f}% (1) of the distillation")
     return "\n".join(lines)
@@ -144,17 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     sets = [*args.set, f"run.threads={available_cores()}", "run.export=false", "run.measure_inference=false",
             "select.method=budget"]
     cfg = load_config(args.config, sets)
-    first = job_candidates(cfg)[0].name
     teacher_dir = out / "runs" / "teacher"
     _hpc(["train-teacher", "-c", args.config, "--run-dir", str(teacher_dir), *_sets(sets)], out / "teacher.log")
     common = ["-c", args.config, *_sets([*sets, f"teacher.checkpoint={teacher_dir / 'teacher.pt'}"])]
     train = ["finetune.epochs=0", "select.budget=1.0"]  # always feasible: these runs only train
-    for name, extra in (("one", [f"blocks.candidates={first}", *train]), ("all", train)):
+    names = [c.name for c in job_candidates(cfg)]
+    singles = {}
+    for name, extra in [*((f"one-{n}", [f"blocks.candidates={n}", *train]) for n in names), ("all", train)]:
         shutil.rmtree(out / "runs" / name, ignore_errors=True)
         _hpc(["run", *common, "--run-dir", str(out / "runs" / name), *_sets(extra)], out / f"{name}.log")
-    one, every = (JobRecord.load(out / "runs" / n / "report.json") for n in ("one", "all"))
-    ratio = {"candidates": len(job_candidates(cfg)), "one_s": distill_time(one), "all_s": distill_time(every),
-             "ratio": distill_time(every) / distill_time(one),
+        singles[name] = JobRecord.load(out / "runs" / name / "report.json")
+    every, one = singles.pop("all"), singles[f"one-{names[0]}"]
+    alone = sum(distill_time(r) for r in singles.values())
+    ratio = {"candidates": len(names), "one_s": distill_time(one), "all_s": distill_time(every),
+             "alone_s": {n.removeprefix("one-"): distill_time(r) for n, r in singles.items()},
+             "ratio": distill_time(every) / distill_time(one), "ratio_to_alone": distill_time(every) / alone,
              "plan_share_one": one.phases_s.get("plan", 0.0) / distill_time(one),
              "plan_share_all": every.phases_s.get("plan", 0.0) / distill_time(every)}
     rows, infeasible = [], []

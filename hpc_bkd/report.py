@@ -157,6 +157,10 @@ def _selection_lines(r: JobRecord) -> list[str]:
         err = f"{100 * (meas / s.predicted[k] - 1):+6.1f}%" if meas is not None and s.predicted[k] else ""
         lines.append(f"  {k:<18} {s.teacher[k]:>12.4g} {s.predicted[k]:>12.4g} "
                      f"{meas if meas is not None else float('nan'):>12.4g} {err:>7}")
+        ref = s.measured.get(f"teacher_{k}")
+        if meas is not None and ref:  # as fractions of the teacher timed in the same pass: machine drift cancels
+            lines.append(f"  {'  x teacher':<18} {1.0:>12.3f} {s.predicted[k] / s.teacher[k]:>12.3f} "
+                         f"{meas / ref:>12.3f} {100 * ((meas / ref) / (s.predicted[k] / s.teacher[k]) - 1):+6.1f}%")
     lines.append(f"  {'block':>5} {'chosen':<18} {'KL':>7} " + " ".join(f"{'ms@' + b:>9}" for b in s.layouts)
                  + f" {'params':>9}  (teacher block: " + " ".join(f"ms@{b}" for b in s.layouts) + ")")
     teacher_rows = {o.block: o for o in s.options if o.unit is None}
