@@ -106,10 +106,17 @@ def block_costs(cfg: Config, teacher: nn.Module, specs: Sequence[BlockSpec], uni
     timed = timed_batches(cfg.plan.measure_batches, cfg.plan.measure_share, cfg.distill.epochs * steps, ranks,
                           1 + len(sizes))
     batches = [train_batch(data, cfg.data.batch_size, cfg.run.seed, 0, k)[0] for k in range(timed + 1)]
-    timer = Timer(teacher, blocks, students, device, cfg.distill.bn_groups,
-                  [matches_activation(s, cfg.distill.match) for s in blocks], schedule.tap_each_block)
+    stand_in = same_work(units, specs, cfg.distill.match)
+    timed_units = sorted(set(stand_in))
+    timer = Timer(teacher, [blocks[j] for j in timed_units], [students[j] for j in timed_units], device,
+                  cfg.distill.bn_groups, [matches_activation(blocks[j], cfg.distill.match) for j in timed_units],
+                  schedule.tap_each_block, prefixes=blocks)
     with autocast(cfg.run.precision, device):  # timed in the arithmetic the run will use
-        measured = timer.measure(batches, [1, *sizes], schedule.block_major)
+        timed_costs = timer.measure(batches, [1, *sizes], schedule.block_major)
+    position = {j: p for p, j in enumerate(timed_units)}
+    measured = {m: [BlockCost(timer.prefix_costs(m)[b.index], c[position[stand_in[j]]].student,
+                              c[position[stand_in[j]]].forward) for j, b in enumerate(blocks)]
+                for m, c in timed_costs.items()}
     input_s = input_seconds(data, cfg.data.batch_size, cfg.run.seed, cfg.data.augment, len(batches))
     rates = copy_seconds_per_byte(device) if cached else (0.0, 0.0)  # see input_costs: the cache's bytes
     measured = {m: with_input(c, blocks, cfg.data.batch_size, input_s, cached, cfg.distill.epochs, rates)
@@ -121,6 +128,19 @@ def block_costs(cfg: Config, teacher: nn.Module, specs: Sequence[BlockSpec], uni
     measured = {m: with_validation(c, passes, shares_prefix, teacher_passes) for m, c in measured.items()}
     whole = rank_cost(range(len(blocks)), measured[1])
     return CostTable(measured[1], {m: rank_cost(range(len(blocks)), measured[m]) / whole for m in sizes}, "measured")
+
+
+def same_work(units: Sequence[Unit], specs: Sequence[BlockSpec], match: str) -> list[int]:
+    """For each unit, the first unit whose student step is the same work: the same candidate on
+    the same shapes, stride and loss (VGG16 has 13 blocks but 9 such shapes). Only those are timed
+    ("measure a few, predict the rest"); every block's teacher prefix is still timed."""
+    first: dict[tuple, int] = {}
+    out = []
+    for j, u in enumerate(units):
+        b = specs[u.block]
+        key = (u.candidate, b.in_shape, b.out_shape, b.stride, b.nonnegative_output, matches_activation(b, match))
+        out.append(first.setdefault(key, j))
+    return out
 
 
 def timed_batches(most: int, share: float, train_steps: int, ranks: int, team_sizes: int) -> int:
@@ -184,10 +204,13 @@ class Timer:
 
     def __init__(self, teacher: nn.Module, blocks: Sequence[BlockSpec], students: Sequence[nn.Module],
                  device: torch.device, bn_groups: int = 1, match_activation: Sequence[bool] | None = None,
-                 tap_each_block: bool = False) -> None:
+                 tap_each_block: bool = False, prefixes: Sequence[BlockSpec] = ()) -> None:
         self.blocks, self.device, self.bn_groups = list(blocks), device, bn_groups
         teacher = teacher.to(device).eval()
-        unique = sorted({b.index: b for b in blocks}.values(), key=lambda b: b.index)  # candidates share a block
+        # every block whose teacher prefix is timed (the students' blocks, and ``prefixes``): candidates
+        # share a block, and a student timed for several identical blocks stands for all of them
+        unique = sorted({b.index: b for b in [*blocks, *prefixes]}.values(), key=lambda b: b.index)
+        self.prefix_times: dict[int, dict[int, list[float]]] = {}
         self.taps = ([BlockTap(teacher, [b], TRAIN_FORMAT, self.now) for b in unique] if tap_each_block
                      else [BlockTap(teacher, unique, TRAIN_FORMAT, self.now)])
         self.layout = GhostLayout(bn_groups) if bn_groups > 1 else None
@@ -211,6 +234,7 @@ class Timer:
         distiller's order: every student on one batch before the next, or with ``block_major``
         (cached and sequential schedules) one student through every batch before the next."""
         self.times = {m: {key: {j: [] for j in range(len(self.blocks))} for key in _FIELDS} for m in members}
+        self.prefix_times = {m: {b.index: [] for tap in self.taps for b in tap.blocks} for m in members}
         kept = []
         for k, batch in enumerate(batches):
             for m in members:
@@ -233,10 +257,16 @@ class Timer:
             t0 = self.now()
             pairs.update(tap(x))
             if k:
+                for b in tap.blocks:
+                    self.prefix_times[m][b.index].append(tap.stamps[b.index] - t0)
                 for j, b in enumerate(self.blocks):
-                    if b.index in tap.stamps and any(t.index == b.index for t in tap.blocks):
+                    if any(t.index == b.index for t in tap.blocks):
                         self.times[m]["teacher"][j].append(tap.stamps[b.index] - t0)
         return pairs
+
+    def prefix_costs(self, members: int = 1) -> dict[int, float]:
+        """The median teacher prefix per timed block (after ``measure``), by block index."""
+        return {i: statistics.median(t) for i, t in self.prefix_times[members].items()}
 
     def _student(self, j: int, k: int, m: int, n: int, pairs: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One timed train step and forward of student ``j`` on batch ``k`` (``n`` rows in all, the

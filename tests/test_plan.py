@@ -66,11 +66,11 @@ def test_plan_cli_from_costs_needs_no_model(tmp_path):
 def test_plan_cli_on_torchvision_models():
     for arch, count in [("torchvision:vgg16_bn", 13), ("torchvision:resnet50", 16)]:
         out = hpc("plan", "--set", f"model.arch={arch}", "--set", "plan.cost_model=macs", "--ranks", "4",
-                  "--json").stdout
+                  "--json").stdout  # the default job's two candidates per block: two units per block
         plan = json.loads(out)
         assert len(plan["blocks"]) == count
-        p = plan["plan"]  # every block once, counted per team (a team's members share its blocks)
-        assert sorted(sum((p["assignment"][team[0]] for team in p["teams"]), [])) == list(range(count))
+        p = plan["plan"]  # every unit once, counted per team (a team's members share its units)
+        assert sorted(sum((p["assignment"][team[0]] for team in p["teams"]), [])) == list(range(2 * count))
 
 
 def test_hybrid_uses_spare_ranks_and_never_loses():
