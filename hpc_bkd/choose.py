@@ -54,23 +54,56 @@ class Choice:
     selection: SelectionRecord | None = None
 
 
-def choose_students(cfg_select: SelectConfig, tolerance: float, teacher: nn.Module, blocks: Sequence[BlockSpec],
-                    units: Sequence[Unit], results: dict[int, BlockResult], teacher_val_acc: float,
-                    input_shape: Sequence[int], seed: int, device: torch.device, threads: int) -> Choice:
-    """The student's blocks, by the paper's tolerance rule or by an exact budgeted choice."""
-    if cfg_select.method == "tolerance":
-        by_block = {units[u].block: u for u in results}
-        accepted = accept_blocks({b: results[u].swapped_val_acc for b, u in by_block.items()}, teacher_val_acc,
-                                 tolerance)
+@dataclass(frozen=True)
+class TrainedUnits:
+    """What a choice is made from: the teacher, its blocks, the job's units and their results,
+    and where the student will run (the device and threads its options are timed on)."""
+
+    teacher: nn.Module
+    blocks: Sequence[BlockSpec]
+    units: Sequence[Unit]
+    results: dict[int, BlockResult]
+    teacher_val_acc: float
+    input_shape: Sequence[int]
+    seed: int
+    device: torch.device
+    threads: int
+
+
+class ToleranceRule:
+    """The paper's rule: one candidate; a block's student is kept when its swapped validation
+    accuracy is within ``distill.accept_tolerance`` points of the teacher's."""
+
+    def __init__(self, tolerance: float) -> None:
+        self.tolerance = tolerance
+
+    def choose(self, t: TrainedUnits) -> Choice:
+        by_block = {t.units[u].block: u for u in t.results}
+        accepted = accept_blocks({b: t.results[u].swapped_val_acc for b, u in by_block.items()}, t.teacher_val_acc,
+                                 self.tolerance)
         return Choice({b: by_block[b] for b in accepted})
-    t0 = time.perf_counter()
-    batches = list(cfg_select.latency_batches)
-    measured = measure_options(teacher, blocks, units, results, input_shape, batches, seed, device, threads)
-    selection = select(cfg_select, measured, time.perf_counter() - t0)
-    for line in describe_selection(selection):
-        log.info("%s", line)
-    chosen = {o.block: o.unit for o in selection.options if o.chosen and o.unit is not None}
-    return Choice(chosen, selection)
+
+
+class BudgetChoice:
+    """Per block the teacher's block or a candidate, chosen exactly under ``select``'s budget from
+    every option measured alone (see the module's docstring)."""
+
+    def __init__(self, cfg: SelectConfig) -> None:
+        self.cfg = cfg
+
+    def choose(self, t: TrainedUnits) -> Choice:
+        t0 = time.perf_counter()
+        measured = measure_options(t, list(self.cfg.latency_batches))
+        selection = select(self.cfg, measured, time.perf_counter() - t0)
+        for line in describe_selection(selection):
+            log.info("%s", line)
+        return Choice({o.block: o.unit for o in selection.options if o.chosen and o.unit is not None}, selection)
+
+
+def choose_students(cfg: SelectConfig, tolerance: float, trained: TrainedUnits) -> Choice:
+    """The student's blocks, by ``select.method``."""
+    rule = ToleranceRule(tolerance) if cfg.method == "tolerance" else BudgetChoice(cfg)
+    return rule.choose(trained)
 
 
 # ------------------------------------------------------------------------------ measuring options
@@ -95,29 +128,27 @@ def option_values(o: OptionRecord) -> dict[str, float]:
     return _values(o.latency_ms, o.params, o.macs, o.kl)
 
 
-def measure_options(teacher: nn.Module, blocks: Sequence[BlockSpec], units: Sequence[Unit],
-                    results: dict[int, BlockResult], input_shape: Sequence[int], batches: Sequence[int], seed: int,
-                    device: torch.device, threads: int) -> MeasuredOptions:
+def measure_options(t: TrainedUnits, batches: Sequence[int]) -> MeasuredOptions:
     """Each block's options (the teacher's block first, then its trained candidates in the
-    config's order), measured alone on ``device`` in the layout the whole teacher prefers, in the
-    same interleaved rounds as the whole teacher (``deploy.latency_table``)."""
-    whole = deploy_form(teacher)
-    layouts = {b: fastest_layout(whole, input_shape, b, device, threads) for b in batches}
-    items: list[tuple[nn.Module, Sequence[int]]] = [(whole, input_shape)]
+    config's order), measured alone on the job's device in the layout the whole teacher prefers,
+    in the same interleaved rounds as the whole teacher (``deploy.latency_table``)."""
+    whole = deploy_form(t.teacher)
+    layouts = {b: fastest_layout(whole, t.input_shape, b, t.device, t.threads) for b in batches}
+    items: list[tuple[nn.Module, Sequence[int]]] = [(whole, t.input_shape)]
     rows: list[list[tuple[BlockSpec, Unit | None]]] = []
-    for spec in blocks:
+    for spec in t.blocks:
         row: list[tuple[BlockSpec, Unit | None]] = [(spec, None)]
-        items.append((deploy_form(teacher_block(teacher, spec)), spec.in_shape))
-        for u in (u for u in units if u.block == spec.index and u.id in results):
-            student = build_candidate(spec, Candidate.parse(u.candidate), seed)
-            student.load_state_dict(results[u.id].state_dict)
+        items.append((deploy_form(teacher_block(t.teacher, spec)), spec.in_shape))
+        for u in (u for u in t.units if u.block == spec.index and u.id in t.results):
+            student = build_candidate(spec, Candidate.parse(u.candidate), t.seed)
+            student.load_state_dict(t.results[u.id].state_dict)
             items.append((deploy_form(student), spec.in_shape))
             row.append((spec, u))
         rows.append(row)
-    latency = iter(latency_table(items, layouts, device, threads))
+    latency = iter(latency_table(items, layouts, t.device, t.threads))
     sizes = iter([(sum(p.numel() for p in m.parameters()), total_macs(m, shape)) for m, shape in items])
     t_lat, (t_params, t_macs) = next(latency), next(sizes)
-    options = [[_option(spec, u, results, next(latency), *next(sizes)) for spec, u in row] for row in rows]
+    options = [[_option(spec, u, t.results, next(latency), *next(sizes)) for spec, u in row] for row in rows]
     return _with_rest(options, _values(t_lat, t_params, t_macs), {str(b): v for b, v in layouts.items()})
 
 
@@ -252,4 +283,5 @@ def check_prediction(selection: SelectionRecord, student: nn.Module, teacher: nn
     return replace(selection, measured=measured)
 
 
-__all__ = ["BudgetError", "Choice", "choose_students", "check_prediction", "kl_to_teacher", "REST"]
+__all__ = ["BudgetError", "Choice", "TrainedUnits", "choose_students", "check_prediction", "kl_to_teacher",
+           "REST"]

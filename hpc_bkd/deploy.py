@@ -258,12 +258,6 @@ def fastest_layout(model: nn.Module, input_shape: Sequence[int], batch: int, dev
                               device)[0]
 
 
-def latency_ms(model: nn.Module, input_shape: Sequence[int], batch: int, layout: str, device: torch.device,
-               threads: int | None = None) -> float:
-    """Milliseconds of one forward of ``model`` (already in deploy form) on a ``batch`` in ``layout``."""
-    return latency_table([(model, input_shape)], {batch: layout}, device, threads)[0][str(batch)]
-
-
 def latency_table(items: Sequence[tuple[nn.Module, Sequence[int]]], layouts: dict[int, str], device: torch.device,
                   threads: int | None = None, rounds: int = 3) -> list[dict[str, float]]:
     """Milliseconds of one forward of each ``(model in deploy form, input shape)`` at each batch

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import atomic_io
 from .candidates import Candidate, Unit, job_units
-from .choose import Choice, check_prediction, choose_students, kl_to_teacher
+from .choose import Choice, TrainedUnits, check_prediction, choose_students, kl_to_teacher
 from .config import Config, ConfigError, job_candidates
 from .costs import CostTable, block_costs
 from .data import Data, describe, load_data
@@ -502,8 +502,9 @@ def report_job(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher: P
     assembled and fine-tuned, its measured speed and its standalone export, then the job record."""
     assert costs is not None
     results = collect_results(outcomes, resume, run_dir, units)
-    chosen = choose_students(cfg.select, cfg.distill.accept_tolerance, teacher.model, teacher.blocks, units, results,
-                             teacher.val_acc, data.input_shape, cfg.run.seed, rt.device, rt.threads)
+    chosen = choose_students(cfg.select, cfg.distill.accept_tolerance,
+                             TrainedUnits(teacher.model, teacher.blocks, units, results, teacher.val_acc,
+                                          data.input_shape, cfg.run.seed, rt.device, rt.threads))
     clock.mark("select")
     student = make_student(cfg, rt, data, run_dir, teacher, units, results, chosen, clock)
     selection = chosen.selection
