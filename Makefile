@@ -35,7 +35,8 @@ bench: install  ## benchmark: 1 vs 2 ranks, paper schedule, end-to-end KD, then 
 	$(PY) -m benchmarks.bench --out bench/results --repeat 3
 	$(PY) -m benchmarks.inference --out bench/results/inference --run-dir bench/results/runs/pbkd-1-r1
 	$(PY) -m benchmarks.select_bench --out bench/results/select --budgets 0.89,0.9,0.93,0.96 \
-	  --set blocks.candidates=separable-d1,lowrank-r0.25,separable-d2
+	  --set blocks.candidates=separable-d1,lowrank-r0.25,separable-d2 \
+	  --set select.objective=quality --set select.budget_unit=fraction
 
 # The schedule comparison on the workload the paper and issue #4 describe: a full-width VGG16-BN
 # (64-512 channels) at 32x32, batch 64; 2 distillation epochs, no fine-tuning, no KD baseline.
@@ -47,11 +48,13 @@ bench-paper-scale: install  ## 1-rank PBKD vs the paper's sequential schedule (a
 # and measure each student whole; also 1 vs all candidates' distillation time and the cost measurement's share.
 bench-select: install  ## candidates trained once, students chosen at several budgets: accuracy vs measured latency
 	$(PY) -m benchmarks.select_bench --out bench/results-select --budgets 0.89,0.9,0.93,0.96 \
-	  --set blocks.candidates=separable-d1,lowrank-r0.25,separable-d2
+	  --set blocks.candidates=separable-d1,lowrank-r0.25,separable-d2 \
+	  --set select.objective=quality --set select.budget_unit=fraction
 
 bench-select-paper-scale: install  ## the same on full-width VGG16-BN at 32x32 (the paper-scale workload)
 	$(PY) -m benchmarks.select_bench --out bench/results-select-paper-scale --budgets 0.3,0.35,0.4,0.5,0.6 \
 	  --set blocks.candidates=separable-d1,lowrank-r0.25,separable-d2 --set select.latency_batches=64 \
+	  --set select.objective=quality --set select.budget_unit=fraction \
 	  --set model.width=1.0 --set teacher.epochs=3 --set teacher.lr=0.01 --set distill.epochs=2 --set finetune.epochs=3
 
 bench-data: install  ## streaming input: images/s by workers vs a ResNet18-at-224 rank, RSS 5k vs 20k images, data wait

@@ -32,7 +32,7 @@ from .deploy import deploy_form, fastest_layout, latency_table, teacher_block
 from .distill import BlockResult
 from .finetune import accept_blocks
 from .records import FrontPointRecord, OptionRecord, SelectionRecord
-from .select import Infeasible, Option, Problem, pareto_front, solve, tightest_fraction
+from .select import Infeasible, Option, Problem, Solution, pareto_front, solve, tightest_fraction
 from .students import build_candidate
 from .surgery import BlockSpec, total_macs
 
@@ -198,7 +198,18 @@ def problem_for(s: SelectConfig, m: MeasuredOptions, with_limits: bool = True) -
     if s.objective == "quality":
         limits = {k: s.budget * m.teacher[k] if s.budget_unit == "fraction" else s.budget for k in keys}
         return Problem(blocks, {"kl": 1.0}, limits if with_limits else {})
-    return Problem(blocks, {k: 1.0 / m.teacher[k] for k in keys}, {"kl": s.budget} if with_limits else {})
+    # the least KL among the choices whose largest cost fraction is least (see ``solve_for``)
+    return Problem(blocks, {"kl": 1.0}, {"kl": s.budget} if with_limits else {})
+
+
+def solve_for(s: SelectConfig, problem: Problem, m: MeasuredOptions) -> Solution:
+    """quality: the least summed KL within the cost budget. cost: the fastest (or smallest) student
+    within the KL budget, as the smallest largest fraction of the teacher's cost over the batch
+    sizes (a sum could trade one batch size for another; this never makes any slower than the
+    teacher, which always fits), ties to the least KL."""
+    if s.objective == "quality":
+        return solve(problem)
+    return tightest_fraction(problem, {k: m.teacher[k] for k in cost_keys(s)})[1]
 
 
 def _budget_error(s: SelectConfig, m: MeasuredOptions, exc: Infeasible) -> BudgetError:
@@ -218,7 +229,7 @@ def select(s: SelectConfig, m: MeasuredOptions, measure_s: float = 0.0) -> Selec
     """The exact choice under the budget, and the quality/cost front around it."""
     problem = problem_for(s, m)
     try:
-        solution = solve(problem)
+        solution = solve_for(s, problem, m)
     except Infeasible as exc:
         raise _budget_error(s, m, exc) from None
     keys = cost_keys(s)

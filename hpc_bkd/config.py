@@ -190,8 +190,9 @@ class SelectConfig:
     method: Literal["tolerance", "budget"] = "tolerance"
     # quality: minimise the summed quality loss (per block, the KL divergence of the teacher's
     # logits from those of the teacher with only that block swapped, on the validation split)
-    # with select.metric within select.budget. cost: minimise select.metric with the summed
-    # quality loss within select.budget (nats per image).
+    # with select.metric within select.budget. cost: the fastest (smallest) student whose summed
+    # quality loss is within select.budget (nats per image): the least largest fraction of the
+    # teacher's select.metric over select.latency_batches, so never slower than the teacher at any.
     objective: Literal["quality", "cost"] = "quality"
     # latency: the deploy-form latency of the whole model at every batch size of
     # select.latency_batches, predicted as the teacher's minus its replaced blocks plus the chosen
