@@ -230,7 +230,8 @@ def test_select_bench_trains_once_and_chooses_per_budget(tmp_path: Path):
     assert result["candidates"]["candidates"] == 2 and result["candidates"]["ratio"] > 0
     for row in result["budgets"]:
         lat = row["latency_ms"]["1"]
-        assert lat["predicted"] <= row["budget"] * lat["teacher"] * (1 + 1e-9) and lat["measured"] > 0
+        # the budget holds against the teacher timed with the options (the prediction's pass)
+        assert lat["predicted"] <= row["budget"] * lat["teacher_predicted"] * (1 + 1e-9) and lat["measured"] > 0
         assert len(row["chosen"]) == 8 and row["front"]
     budgets = {b: JobRecord.load(out / "runs" / f"budget-{b:g}" / "report.json") for b in (1.0, 2.0)}
     assert all(sum(x.resumed_finished for x in r.blocks) == 16 for r in budgets.values())  # trained once
