@@ -104,7 +104,7 @@ def test_more_ranks_than_blocks_on_two_cores(tmp_path: Path, tiny_teacher: Path)
     """6 ranks, 5 blocks (VGG stages), 2 cores, pure block split: the spare rank is reported idle."""
     proc = hpc("run", "-c", "tiny", "--run-dir", str(tmp_path), "--set", f"teacher.checkpoint={tiny_teacher}",
                "--set", "blocks.granularity=unit", "--set", "plan.hybrid=false", np=6, timeout=400)
-    assert "idle: no blocks for this rank" in proc.stderr
+    assert "idle: no units for this rank" in proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["world_size"] == 6 and len(report["blocks"]) == 5
     assert len(report["plan"]["idle_ranks"]) == 1
