@@ -123,7 +123,7 @@ class BlockTrainer:
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "loss_sum": self.loss_sum, "loss_count": self.loss_count, "best_acc": self.best_acc,
                 "best_kl": self.best_kl, "best_state": self.best_state, "history": self.history, "train_time": self.train_time,
-                "spans": [list(s) for s in self.spans]}
+                "spans": [list(s) for s in self.spans], "early_stopped": self.early_stopped}
 
     def load(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
@@ -133,6 +133,7 @@ class BlockTrainer:
                     "train_time"):
             setattr(self, key, state[key])
         self.spans = [tuple(s) for s in state["spans"]]
+        self.early_stopped = state.get("early_stopped", False)  # absent from checkpoints of older versions
         self.resumed = True
 
     def backward(self, inp: torch.Tensor, target: torch.Tensor, weight: float = 1.0, zero: bool = True) -> torch.Tensor:
@@ -375,8 +376,12 @@ class LocalDistiller:
     def run(self, finished: Sequence[int] = ()) -> tuple[list[BlockResult], bool]:
         """Train every owned block not in ``finished``; returns (results, interrupted). Only a
         team's leader returns results."""
-        results: list[BlockResult] = []
-        active = [self._trainer(u) for u in self.units if u.id not in set(finished)]
+        trainers = [self._trainer(u) for u in self.units if u.id not in set(finished)]
+        # done but not saved as finished: the process ended between the unit's last checkpoint and
+        # its finished file (SIGKILL, a lost node); one more step would train an epoch too many
+        done = [self._finish(t) for t in trainers if t.done]
+        results = done if self.leader else []  # only a team's leader returns results
+        active = [t for t in trainers if not t.done]
         progress = _Progress(sum(t.epochs * t.steps for t in active),
                              sum(t.epoch * t.steps + t.step for t in active), self.cfg.run.log_interval_s, self.rank)
         if self.schedule.uses_cache and active:

@@ -122,6 +122,47 @@ def test_distiller_stopped_then_resumed_trains_the_same_blocks(tmp_path: Path, t
     assert not any(store.run_dir.block(u, partial=True).exists() for u in owned)
 
 
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after the raise runs in this process."""
+
+
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_unit_killed_after_its_last_checkpoint_is_finished_not_trained_again(tmp_path: Path, tiny_teacher: Path,
+                                                                             rt, monkeypatch, early_stop: bool):
+    """A kill between a unit's last checkpoint (its epochs done, or early-stopped) and its finished
+    file: the next run writes the finished file from that checkpoint and trains no further epoch."""
+    extra = ["distill.epochs=2", *(["distill.early_stop_tolerance=100"] if early_stop else [])]
+    cfg = _cfg(tmp_path, tiny_teacher, *extra)
+    _, _, data, teacher, units, _, *_ = _through_plan(cfg, rt)
+    owned = units[:2]
+
+    def distill(store: BlockStore) -> list[BlockResult]:
+        results, interrupted = LocalDistiller(teacher.model, teacher.blocks, owned, data, cfg, store, rt.device,
+                                              SequentialSchedule(), 0, teacher.val_acc).run()
+        assert not interrupted
+        return results
+
+    straight = distill(BlockStore(RunDir(tmp_path / "a"), "fp"))
+    store = BlockStore(RunDir(tmp_path / "b"), "fp")
+
+    def killed(self, unit, result):
+        raise _Killed
+
+    monkeypatch.setattr(BlockStore, "save_finished", killed)
+    with pytest.raises(_Killed):
+        distill(store)
+    monkeypatch.undo()
+    saved = store.resume(owned[0])
+    assert saved is not None and saved["epoch"] == (1 if early_stop else 2) and saved["step"] == 0
+    resumed = distill(store)
+    assert [r.epochs for r in resumed] == [r.epochs for r in straight] == [1 if early_stop else 2] * 2
+    assert [r.early_stopped for r in resumed] == [early_stop] * 2
+    assert resumed[0].resumed and resumed[0].history == straight[0].history
+    for a, b in zip(straight, resumed):
+        assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert not any(store.run_dir.block(u, partial=True).exists() for u in owned)
+
+
 def test_run_dir_refuses_blocks_of_another_job(tmp_path: Path):
     run_dir = RunDir(tmp_path)
     units = job_units(2, [Candidate.parse("lowrank")])
