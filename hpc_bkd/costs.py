@@ -24,8 +24,8 @@ from . import atomic_io
 from .candidates import Candidate, Unit
 from .config import Config
 from .data import Data, steps_per_epoch, train_batch
-from .input_costs import copy_seconds_per_byte, input_seconds, with_input
-from .plan import BlockCost, TeamModel, member_rows, rank_cost, team_layouts
+from .input_costs import InputCosts, copy_seconds_per_byte, input_seconds, shared_speed, with_input
+from .plan import BlockCost, Feed, TeamModel, member_rows, rank_cost, team_layouts
 from .precision import autocast
 from .schedule import Schedule
 from .students import TRAIN_FORMAT, block_loss, build_candidate, matches_activation
@@ -47,6 +47,7 @@ class CostTable:
     member_share: dict[int, float]
     cost_model: str
     per_rank: list[list[BlockCost]] = field(default_factory=list)
+    feed: Feed = Feed()  # the input pipeline: seconds per whole batch at best, and its drag on compute
 
     @classmethod
     def combine(cls, measured: Sequence[CostTable]) -> CostTable:
@@ -55,12 +56,13 @@ class CostTable:
         costs = [BlockCost(*(statistics.median(getattr(r[i], f) for r in per_rank) for f in _FIELDS))
                  for i in range(len(per_rank[0]))]
         shares = {m: statistics.median(t.member_share[m] for t in measured) for m in measured[0].member_share}
-        return cls(costs, shares, measured[0].cost_model, per_rank)
+        feed = Feed(*(statistics.median(getattr(m.feed, f) for m in measured) for f in ("seconds", "drag")))
+        return cls(costs, shares, measured[0].cost_model, per_rank, feed)
 
     def to_json(self, units: Sequence[Unit], **context: Any) -> dict[str, Any]:
         """``costs.json``: the table, the units it is for and the ``context`` it was measured in."""
         return {"cost_model": self.cost_model, **context, "units": [u.key for u in units],
-                "costs": [vars(c) for c in self.costs], "member_share": self.member_share,
+                "costs": [vars(c) for c in self.costs], "member_share": self.member_share, "feed": vars(self.feed),
                 "per_rank": [[vars(c) for c in r] for r in self.per_rank]}
 
     @classmethod
@@ -73,7 +75,8 @@ class CostTable:
                 return None
             return cls([BlockCost(**c) for c in stored["costs"]],
                        {int(m): v for m, v in stored["member_share"].items()}, stored["cost_model"],
-                       [[BlockCost(**c) for c in r] for r in stored.get("per_rank", [])])
+                       [[BlockCost(**c) for c in r] for r in stored.get("per_rank", [])],
+                       Feed(**stored.get("feed", {})))
         except FileNotFoundError:
             return None
         except (atomic_io.DamagedFile, OSError, ValueError, KeyError, TypeError) as exc:
@@ -92,10 +95,11 @@ def team_sizes(cfg: Config, ranks: int, n_units: int) -> list[int]:
 
 
 def block_costs(cfg: Config, teacher: nn.Module, specs: Sequence[BlockSpec], units: Sequence[Unit], data: Data,
-                device: torch.device, ranks: int, schedule: Schedule, cached: bool) -> CostTable:
+                device: torch.device, ranks: int, schedule: Schedule, cached: bool, exchange: float = 0.0) -> CostTable:
     """This rank's cost table for the job's ``units`` (students of the teacher's blocks ``specs``),
     timed in the order ``schedule`` steps them. ``cached``: the teacher's activations are cached,
-    so training pays its teacher pass once per run, not every epoch."""
+    so training pays its teacher pass once per run, not every epoch; ``exchange``: seconds per byte
+    a team member receives when a team exchanges its cache rows."""
     blocks = [specs[u.block] for u in units]
     students = [build_candidate(specs[u.block], Candidate.parse(u.candidate), cfg.run.seed) for u in units]
     teacher_passes = 1.0 / cfg.distill.epochs if cached else 1.0
@@ -105,7 +109,9 @@ def block_costs(cfg: Config, teacher: nn.Module, specs: Sequence[BlockSpec], uni
     steps = steps_per_epoch(len(data.train), cfg.data.batch_size)
     timed = timed_batches(cfg.plan.measure_batches, cfg.plan.measure_share, cfg.distill.epochs * steps, ranks,
                           1 + len(sizes))
-    batches = [train_batch(data, cfg.data.batch_size, cfg.run.seed, 0, k)[0] for k in range(timed + 1)]
+    batches = [train_batch(data, cfg.data.batch_size, cfg.run.seed, 0, k, cfg.data.augment)[0]
+               for k in range(timed + 1)]
+    data.close()  # no worker decodes beside the timed compute: the input's share is priced apart (input_costs)
     stand_in = same_work(units, specs, cfg.distill.match)
     timed_units = sorted(set(stand_in))
     timer = Timer(teacher, [blocks[j] for j in timed_units], [students[j] for j in timed_units], device,
@@ -117,9 +123,8 @@ def block_costs(cfg: Config, teacher: nn.Module, specs: Sequence[BlockSpec], uni
     measured = {m: [BlockCost(timer.prefix_costs(m)[b.index], c[position[stand_in[j]]].student,
                               c[position[stand_in[j]]].forward) for j, b in enumerate(blocks)]
                 for m, c in timed_costs.items()}
-    input_s = input_seconds(data, cfg.data.batch_size, cfg.run.seed, cfg.data.augment, len(batches))
-    rates = copy_seconds_per_byte(device) if cached else (0.0, 0.0)  # see input_costs: the cache's bytes
-    measured = {m: with_input(c, blocks, cfg.data.batch_size, input_s, cached, cfg.distill.epochs, rates)
+    inputs = measure_inputs(cfg, data, device, len(batches), cached, exchange)
+    measured = {m: with_input(c, blocks, cfg.data.batch_size, inputs, cached, cfg.distill.epochs, m)
                 for m, c in measured.items()}
     passes, shares_prefix = 0.0, True
     if cfg.distill.validate_every_epoch:
@@ -127,7 +132,20 @@ def block_costs(cfg: Config, teacher: nn.Module, specs: Sequence[BlockSpec], uni
         shares_prefix = SwappedForward(teacher, blocks).shares_prefix
     measured = {m: with_validation(c, passes, shares_prefix, teacher_passes) for m, c in measured.items()}
     whole = rank_cost(range(len(blocks)), measured[1])
-    return CostTable(measured[1], {m: rank_cost(range(len(blocks)), measured[m]) / whole for m in sizes}, "measured")
+    return CostTable(measured[1], {m: rank_cost(range(len(blocks)), measured[m]) / whole for m in sizes}, "measured",
+                     feed=inputs.feed)
+
+
+def measure_inputs(cfg: Config, data: Data, device: torch.device, batches: int, cached: bool,
+                   exchange: float) -> InputCosts:
+    """This rank's ``input_costs.InputCosts``: the input pipeline's rate and its overlap with
+    compute, and with the teacher cache its copy rates (``exchange``: measured by every rank at
+    once beforehand, ``input_costs.exchange_seconds_per_byte``)."""
+    d = cfg.data
+    seconds = input_seconds(data, d.batch_size, cfg.run.seed, d.augment, batches)
+    speed = shared_speed(data, d.batch_size, cfg.run.seed, d.augment, seconds, device)
+    store, gather = copy_seconds_per_byte(device) if cached else (0.0, 0.0)
+    return InputCosts(seconds, speed, store, gather, exchange if cached else 0.0)
 
 
 def same_work(units: Sequence[Unit], specs: Sequence[BlockSpec], match: str) -> list[int]:

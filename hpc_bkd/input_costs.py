@@ -1,21 +1,27 @@
 """What feeding the students costs, folded into the per-block costs the planner sees.
 
-Two costs the block timing (``costs.Timer``) does not see:
+Costs the block timing (``costs.Timer``, on batches fetched beforehand) does not see:
 
 * **The input pipeline.** Every rank that trains a block reads every batch (its rows of it). With
-  streamed data the workers decode batches while the rank computes, so a rank's step cannot be
-  faster than the workers deliver: the measured seconds per batch (``input_seconds``, timed on
-  every rank at once, so ranks' workers sharing a node slow each other as they will) are a floor
-  under the teacher term, the term a rank pays once per batch whatever it owns
-  (``plan.rank_cost`` takes its maximum over the rank's blocks). When data, not compute, is the
-  bottleneck the plan's makespan is the input time plus the students' steps.
+  streamed data the workers decode batches while the rank computes. How much of that overlaps is
+  the machine's: on cores of their own the workers are hidden until they are the bottleneck (a
+  batch takes max(C, I): compute C, input I); where they share the rank's cores both slow down,
+  and without workers (the rank decodes between its steps) a batch takes C + I. So the rank's
+  compute speed while its workers decode (``shared_speed``, p: 1 on cores of their own, 0.5 with
+  none) is measured, the teacher term (paid once per batch whatever a rank owns) carries what
+  decoding takes from the compute, I (1 - p)/p, and the plan bounds each rank by its input
+  (``plan.Feed.bound``): a batch takes max(C + I(1 - p)/p, I + C(1 - p)/p), the time of the
+  slower of the two sharing the machine. ``input_seconds`` is timed on every rank at once, so ranks' workers
+  sharing a node slow each other as they will.
 * **The teacher cache's bytes.** Filling the cache is not only a teacher pass: every image's input
   and target of every cached block are copied into the cache (channels-last), and every step
   gathers its rows back. Both are proportional to the bytes a block caches, so each block is
   charged its own bytes at this device's measured copy rate: the fill once per run (``1/epochs``
   of a step's share) and the gather every step. A rank owning the big early blocks of a
-  full-width network then pays for them, which the teacher-pass-only price hid (issue #16: a team
-  at 0.80 efficiency was chosen over a block split at 1.01).
+  full-width network then pays for them, which the teacher-pass-only price hid. A team's member
+  fills its share of the rows and receives the others' (``Team.allgather_rows_``), at the rate
+  this job's ranks exchange rows (``exchange_seconds_per_byte``, first-touch buffers as the fill
+  writes into); that exchange is what made teams lose to block splits at paper scale (issue #16).
 """
 from __future__ import annotations
 
@@ -23,11 +29,13 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .data import Data, train_batch
-from .plan import BlockCost
+from .plan import BlockCost, Feed
 from .surgery import BlockSpec
 
 
@@ -70,16 +78,98 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def with_input(costs: Sequence[BlockCost], blocks: Sequence[BlockSpec], batch_size: int, input_s: float,
-               cached: bool, epochs: int, copy_rates: tuple[float, float] = (0.0, 0.0)) -> list[BlockCost]:
-    """``costs`` with the input floor under each teacher term and, when ``cached``, each block's
-    cache traffic (fill spread over the run's steps, gather every step) added to its student term."""
-    store, gather = copy_rates
+def shared_speed(data: Data, batch_size: int, seed: int, augment: str, input_s: float,
+                 device: torch.device, window_s: float = 0.1, pairs: int = 2) -> float:
+    """p: this rank's compute speed while its input workers decode, as a fraction of its speed
+    alone. A small convolution (the kind of work a rank does) is counted for a short window with
+    no worker busy, then again just after a fresh feed has handed over its first batch (its
+    workers are then decoding the ``data.prefetch`` batches after it); the best of ``pairs`` such
+    windows each. 1 for data in memory or compute on a GPU; 0.5 without workers (the rank
+    decodes between its steps: nothing overlaps)."""
+    pool = getattr(data.train, "pool", None)
+    if data.storage != "stream" or device.type == "cuda" or pool is None or input_s <= 0:
+        return 1.0
+    opts = pool.opts
+    if opts.workers == 0:
+        return 0.5
+    window = min(window_s, 0.5 * (opts.prefetch - 1) * opts.workers * input_s)  # the workers stay busy that long
+    if window < 0.005:
+        return 1.0
+    x, w = torch.randn(8, 32, 32, 32), torch.randn(32, 32, 3, 3)
+
+    def rate() -> float:
+        n, t0 = 0, time.perf_counter()
+        while (t := time.perf_counter() - t0) < window:
+            torch.nn.functional.conv2d(x, w, padding=1)
+            n += 1
+        return n / t
+
+    alone, shared = 0.0, 0.0
+    for k in range(pairs):
+        pool.close()  # no feed prefetching in the background while timing alone
+        alone = max(alone, rate())
+        train_batch(data, batch_size, seed, 1 + k, 0, augment)  # a fresh feed: its workers decode what follows
+        shared = max(shared, rate())
+    pool.close()
+    return min(1.0, max(0.25, shared / alone))
+
+
+def exchange_seconds_per_byte(comm: Any, nbytes: int = 64 * 2**20) -> float:
+    """Seconds per byte a rank receives when the ranks exchange rows as a team's cache fill does
+    (an MPI allgather into freshly allocated memory: the first touch of its pages is part of the
+    price). Collective: every rank calls it."""
+    from mpi4py import MPI
+
+    n = comm.size
+    if n == 1:
+        return 0.0
+    per_rank = nbytes // 4
+    buf = torch.empty(n * per_rank)
+    buf[comm.rank * per_rank:(comm.rank + 1) * per_rank].fill_(1.0)
+    comm.Barrier()
+    t0 = time.perf_counter()
+    comm.Allgatherv(MPI.IN_PLACE, [buf.numpy(), ([per_rank] * n, [k * per_rank for k in range(n)]), MPI.FLOAT])
+    seconds = time.perf_counter() - t0
+    return comm.allreduce(seconds, op=MPI.MAX) / ((n - 1) * per_rank * 4)
+
+
+@dataclass(frozen=True)
+class InputCosts:
+    """What feeding the students costs on this rank (see the module's docstring)."""
+
+    seconds: float = 0.0       # per batch the input pipeline delivers (0: data in memory)
+    shared_speed: float = 1.0  # p: compute speed while the workers decode, vs alone
+    store: float = 0.0         # s/byte: the cache fill's channels-last copy
+    gather: float = 0.0        # s/byte: a cached step's row gather
+    exchange: float = 0.0      # s/byte received: a team's exchange of the rows its members filled
+
+    @property
+    def feed(self) -> Feed:
+        """What the planner applies per rank (``plan.Feed.bound``)."""
+        return Feed(self.seconds, (1 - self.shared_speed) / self.shared_speed)
+
+    def teacher_term(self, teacher: float, members: int = 1) -> float:
+        """The per-batch term a rank pays whatever it owns, with what its workers' decoding takes
+        from its compute, I (1 - p)/p (a member reads only its rows: I/members); the plan's
+        ``Feed.bound`` adds the data-bound side."""
+        return teacher + self.seconds / members * self.feed.drag
+
+    def cache_seconds(self, nbytes: float, epochs: int, members: int = 1) -> float:
+        """Per step, a block caching ``nbytes`` per batch: the fill (this member's rows stored,
+        the others' received) spread over the run's steps, and the gather of its rows."""
+        fill = nbytes / members * self.store + nbytes * (members - 1) / members * self.exchange
+        return fill / max(epochs, 1) + nbytes / members * self.gather
+
+
+def with_input(costs: Sequence[BlockCost], blocks: Sequence[BlockSpec], batch_size: int, inputs: InputCosts,
+               cached: bool, epochs: int, members: int = 1) -> list[BlockCost]:
+    """``costs`` (of the busiest member of a team of ``members``) with the input pipeline in each
+    teacher term and, when ``cached``, each block's cache traffic added to its student term."""
     out = []
     for c, b in zip(costs, blocks):
         student = c.student
         if cached:
-            nbytes = 4 * batch_size * (math.prod(b.in_shape) + math.prod(b.out_shape))
-            student += nbytes * (store / max(epochs, 1) + gather)
-        out.append(BlockCost(max(c.teacher, input_s), student, c.forward))
+            student += inputs.cache_seconds(4 * batch_size * (math.prod(b.in_shape) + math.prod(b.out_shape)), epochs,
+                                            members)
+        out.append(BlockCost(inputs.teacher_term(c.teacher, members), student, c.forward))
     return out

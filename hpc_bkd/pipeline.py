@@ -36,13 +36,14 @@ from . import atomic_io
 from .candidates import Candidate, Unit, job_units
 from .choose import Choice, TrainedUnits, check_prediction, choose_students, kl_to_teacher
 from .config import Config, ConfigError, job_candidates
-from .costs import CostTable, block_costs
+from .costs import CostTable, block_costs, team_sizes
 from .data import Data, describe, load_data
 from .deploy import TimingPlan, measure_models
 from .distill import BlockResult, LocalDistiller
 from .energy import EnergyMeter
 from .export import export_run, missing_extra
 from .finetune import finetune, recalibrate_bn
+from .input_costs import exchange_seconds_per_byte
 from .models import build_model
 from .peers import watching_peers
 from .plan import Plan, TeamModel, describe_plan, make_plan
@@ -309,12 +310,13 @@ def measure_costs(cfg: Config, rt: Runtime, teacher: PreparedTeacher, units: lis
     """Rank 0's cost table of every unit (None elsewhere): every rank measures at once, so
     contention between ranks is in the figures; a re-run with every unit finished plans nothing and
     takes the first run's costs for its report (rank 0 alone measures if it has none)."""
-    def measure(ranks: int) -> CostTable:
+    def measure(ranks: int, exchange: float = 0.0) -> CostTable:
         return block_costs(cfg, teacher.model, teacher.blocks, units, data, rt.device, ranks, choice.schedule,
-                           choice.cache.use)
+                           choice.cache.use, exchange)
 
     if resume.remaining(units):
-        measured = rt.gather(measure(rt.size))
+        teams_cache = choice.cache.use and team_sizes(cfg, rt.size, len(units))  # members exchange cache rows
+        measured = rt.gather(measure(rt.size, exchange_seconds_per_byte(rt.comm) if teams_cache else 0.0))
     elif not rt.is_root:
         return None
     else:
@@ -342,7 +344,7 @@ def share_plan(cfg: Config, rt: Runtime, units: list[Unit], costs: CostTable | N
         remaining = [u.id for u in resume.remaining(units)]
         plan = make_plan([costs.costs[i] for i in remaining], rt.size, cfg.plan.method, cfg.plan.hybrid,
                          cfg.plan.teams, tm=TeamModel.for_groups(cfg.distill.bn_groups, costs.member_share),
-                         ).for_blocks(remaining, costs.costs)
+                         feed=costs.feed).for_blocks(remaining, costs.costs)
         if resume.finished:
             keys = [units[i].key for i in resume.finished]
             log.info("resuming: %d unit(s) already finished (%s), %d to train", len(keys),
@@ -603,7 +605,7 @@ def plan_only(cfg: Config, ranks: int) -> PlanPreview:
     costs = block_costs(cfg, teacher, blocks, units, data, rt.device, ranks,
                         schedule_for(cfg.distill.schedule, cache.use), cache.use)
     plan = make_plan(costs.costs, ranks, cfg.plan.method, cfg.plan.hybrid, cfg.plan.teams,
-                     tm=TeamModel.for_groups(cfg.distill.bn_groups, costs.member_share))
+                     tm=TeamModel.for_groups(cfg.distill.bn_groups, costs.member_share), feed=costs.feed)
     return PlanPreview(cfg.model.arch, cfg.blocks.granularity, costs, cache.to_record(), blocks, plan)
 
 

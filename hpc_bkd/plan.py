@@ -316,15 +316,38 @@ def _assign(costs: list[BlockCost], sizes: list[int], tm: TeamModel, method: str
     return bins, used, optimal
 
 
+@dataclass(frozen=True)
+class Feed:
+    """The input pipeline as the planner sees it (``input_costs``): a whole batch takes at least
+    ``seconds`` to arrive, and decoding takes ``drag`` = (1 - p)/p of itself from the compute it
+    overlaps (p: the compute's speed meanwhile). The teacher terms already carry seconds x drag."""
+
+    seconds: float = 0.0
+    drag: float = 0.0
+
+    def bound(self, load: float, members: int = 1) -> float:
+        """A busy team's seconds per batch with its input: max(C + I drag, I + C drag), C its
+        compute and I its input (a member reads its share of the rows); monotone in ``load``."""
+        if load <= 0 or self.seconds <= 0:
+            return load
+        feed = self.seconds / members
+        compute = load - feed * self.drag
+        return max(load, feed + compute * self.drag)
+
+
 def make_plan(costs: Sequence[BlockCost], ranks: int, method: str = "auto", hybrid: bool = False,
-              teams: int | None = None, node_limit: int = 200_000, tm: TeamModel = TeamModel()) -> Plan:
+              teams: int | None = None, node_limit: int = 200_000, tm: TeamModel = TeamModel(),
+              feed: Feed = Feed()) -> Plan:
     """Assign blocks to ``ranks`` ranks (or, if ``hybrid``, to teams of ranks) minimising the
-    predicted makespan. ``tm`` says what teams cost and how large they may be."""
+    predicted makespan. ``tm`` says what teams cost and how large they may be; ``feed`` what the
+    input pipeline adds: every busy rank waits for its input whatever it owns, so the feed is
+    applied to each layout's best assignment (``Feed.bound`` is monotone: with equal teams it does
+    not change which assignment is best)."""
     if ranks < 1:
         raise ValueError("ranks must be >= 1")
     n = len(costs)
     costs = list(costs)
-    sequential = rank_cost(range(n), costs)
+    sequential = feed.bound(rank_cost(range(n), costs))
     if n == 0:
         return Plan(ranks, [[] for _ in range(ranks)], [0.0] * ranks, 0.0, 0.0, 0.0, "trivial", True, costs)
     best = None
@@ -332,7 +355,7 @@ def make_plan(costs: Sequence[BlockCost], ranks: int, method: str = "auto", hybr
         if not all(tm.allows(m) for m in sizes):
             continue
         bins, used, optimal = _assign(costs, sizes, tm, method, node_limit)
-        span = _span(bins, costs, sizes, tm)[0]
+        span = max(feed.bound(team_cost(b, costs, m, tm), m) for b, m in zip(bins, sizes))
         if best is None or span < best[0] - 1e-12:
             best = (span, sizes, bins, used, optimal)
     if best is None:
@@ -352,11 +375,12 @@ def make_plan(costs: Sequence[BlockCost], ranks: int, method: str = "auto", hybr
         team_ranks.append(members)
         for _ in members:
             assignment.append(sorted(bins[t]))
-            predicted.append(team_cost(bins[t], costs, sizes[t], tm))
+            predicted.append(feed.bound(team_cost(bins[t], costs, sizes[t], tm), sizes[t]))
     makespan = max(predicted)
-    bound = lower_bound(costs, ranks)
+    bound = max(lower_bound(costs, ranks), feed.seconds)
     if hybrid and ranks > 1:
-        bound = min(bound, (max(c.teacher for c in costs) + sum(c.student for c in costs)) / tm.best_speedup(ranks))
+        bound = min(bound, max((max(c.teacher for c in costs) + sum(c.student for c in costs)) / tm.best_speedup(ranks),
+                               feed.seconds / ranks))
     if math.isclose(makespan, bound, rel_tol=1e-9):
         optimal = True
     return Plan(ranks, assignment, predicted, makespan, bound, sequential, used, optimal, costs, team_ranks)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import hpc
 
-from hpc_bkd.plan import BlockCost, costs_from_json, lower_bound, make_plan, rank_cost
+from hpc_bkd.plan import BlockCost, Feed, costs_from_json, lower_bound, make_plan, rank_cost
 
 
 def brute_force(costs, ranks):
@@ -95,6 +95,26 @@ def test_hybrid_takes_a_team_only_when_it_pays():
     assert (hybrid.teams == [[0, 1]]) == (team.makespan < pure.makespan)
     one_block = [BlockCost(0.3, 0.5)]  # one dominant block, four ranks: only a team can help
     assert make_plan(one_block, 4, hybrid=True).makespan < make_plan(one_block, 4).makespan
+
+
+def test_the_input_bounds_every_busy_rank_and_favours_teams():
+    """Streamed data delivers a whole batch in ``Feed.seconds`` at best: no busy rank beats it, an
+    idle one is not held to it, and a team member reads (so waits for) only its rows. Where
+    decoding slows the compute it overlaps (drag = 1: nothing overlaps) input and compute add up."""
+    costs = [BlockCost(0.01, 0.02), BlockCost(0.02, 0.02), BlockCost(0.03, 0.02)]
+    free = make_plan(costs, 4)
+    fed = make_plan(costs, 4, feed=Feed(0.05))
+    assert fed.assignment == free.assignment and len(fed.idle_ranks) == 1
+    assert fed.predicted == [0.05 if owned else 0.0 for owned in fed.assignment]
+    assert fed.makespan == fed.lower_bound == 0.05 and fed.sequential == pytest.approx(0.09)
+    assert make_plan(costs, 1, feed=Feed(0.2)).makespan == 0.2
+    team = make_plan(costs, 4, hybrid=True, feed=Feed(0.2))  # the split waits 0.2 s, a 4-rank team 0.05 s
+    assert team.teams == [[0, 1, 2, 3]] and team.makespan == pytest.approx(max(0.09 / 4 * 1.6, 0.05))
+    # the teacher terms carry seconds x drag (input_costs); the bound adds compute x drag when data-bound
+    drag = 0.25
+    assert Feed(0.2, drag).bound(0.09 + 0.2 * drag) == pytest.approx(0.2 + 0.09 * drag)  # data-bound
+    assert Feed(0.02, drag).bound(0.09 + 0.02 * drag) == pytest.approx(0.09 + 0.02 * drag)  # compute-bound
+    assert Feed(0.05, 1.0).bound(0.09 + 0.05) == pytest.approx(0.14)  # no overlap: C + I either way
 
 
 def test_ghost_batch_teams_are_cheap_and_bounded_by_the_groups():

@@ -171,20 +171,44 @@ def test_data_bench_shows_rates_next_to_consumption(folder, tmp_path):
 
 
 def test_cost_model_charges_the_input_and_the_cache_bytes():
-    from hpc_bkd.input_costs import with_input
+    from hpc_bkd.input_costs import InputCosts, with_input
     from hpc_bkd.models import build_model
     from hpc_bkd.plan import BlockCost
     from hpc_bkd.surgery import find_blocks
 
     blocks = find_blocks(build_model("vgg11", 10, 0.125), (3, 32, 32))[:2]
     costs = [BlockCost(0.01, 0.02, 0.005), BlockCost(0.03, 0.02, 0.005)]
-    floored = with_input(costs, blocks, 64, input_s=0.02, cached=False, epochs=4)
-    assert [c.teacher for c in floored] == [0.02, 0.03] and [c.student for c in floored] == [0.02, 0.02]
-    cached = with_input(costs, blocks, 64, 0.0, cached=True, epochs=4, copy_rates=(1e-9, 1e-9))
+    # workers on cores of their own (p = 1): hidden, the input is only the plan's floor (test_plan)
+    hidden = with_input(costs, blocks, 64, InputCosts(seconds=0.02), cached=False, epochs=4)
+    assert [c.teacher for c in hidden] == [0.01, 0.03] and [c.student for c in hidden] == [0.02, 0.02]
+    # no workers (p = 0.5): nothing overlaps, input and compute add up
+    shared = with_input(costs, blocks, 64, InputCosts(seconds=0.02, shared_speed=0.5), cached=False, epochs=4)
+    assert [c.teacher for c in shared] == pytest.approx([0.03, 0.05])
+    assert [c.teacher for c in with_input(costs, blocks, 64, InputCosts(0.02, 0.5), False, 4, members=2)] == \
+        pytest.approx([0.02, 0.04])  # a team member reads half the rows
+    cached = with_input(costs, blocks, 64, InputCosts(store=1e-9, gather=1e-9), cached=True, epochs=4)
     extra = [c.student - 0.02 for c in cached]
     nbytes = [4 * 64 * (math.prod(b.in_shape) + math.prod(b.out_shape)) for b in blocks]
     assert extra == pytest.approx([n * 1e-9 * 1.25 for n in nbytes])  # fill once per run + gather every step
     assert extra[0] > extra[1]  # the early, larger activations cost more to cache
+    # a member of a team of 2 stores and gathers half the rows and receives the other half
+    member = with_input(costs, blocks, 64, InputCosts(store=1e-9, gather=1e-9, exchange=4e-9), True, 4, members=2)
+    assert [c.student - 0.02 for c in member] == pytest.approx([n * (0.5e-9 + 2e-9) / 4 + n * 0.5e-9 for n in nbytes])
+
+
+def test_shared_speed_is_measured_only_for_streamed_data(folder):
+    from hpc_bkd.input_costs import input_seconds, shared_speed
+
+    cpu = torch.device("cpu")
+    assert shared_speed(load_data(DataConfig(dataset="digits"), 0), 64, 0, "none", 0.1, cpu) == 1.0
+    data = load_data(stream_cfg(folder, workers=0), 0)  # decoded between steps: nothing overlaps
+    assert shared_speed(data, 32, 0, "crop-flip", input_seconds(data, 32, 0, "crop-flip", 3), cpu) == 0.5
+    data = load_data(stream_cfg(folder, workers=1), 0)
+    seconds = input_seconds(data, 32, 0, "crop-flip", 3)
+    fetched = data.stats.batches
+    speed = shared_speed(data, 32, 0, "crop-flip", seconds, cpu)
+    assert data.stats.batches > fetched and 0.25 <= speed <= 1.0  # timed beside fresh feeds' workers
+    assert not data.train.pool.feeds  # and left no worker decoding in the background
 
 
 def test_gpu_check_says_there_is_no_gpu_and_stops(tmp_path):
