@@ -25,7 +25,7 @@ from .candidates import Candidate, Unit
 from .config import Config
 from .data import Data, steps_per_epoch, train_batch
 from .input_costs import InputCosts, copy_seconds_per_byte, input_seconds, shared_speed, with_input
-from .plan import BlockCost, Feed, TeamModel, member_rows, rank_cost, team_layouts
+from .plan import BlockCost, TeamModel, member_rows, rank_cost, team_layouts
 from .precision import autocast
 from .schedule import Schedule
 from .students import TRAIN_FORMAT, block_loss, build_candidate, matches_activation
@@ -47,7 +47,7 @@ class CostTable:
     member_share: dict[int, float]
     cost_model: str
     per_rank: list[list[BlockCost]] = field(default_factory=list)
-    feed: Feed = Feed()  # the input pipeline: seconds per whole batch at best, and its drag on compute
+    inputs: InputCosts = InputCosts()  # the input pipeline and the cache's copies (the median rank's)
 
     @classmethod
     def combine(cls, measured: Sequence[CostTable]) -> CostTable:
@@ -56,13 +56,14 @@ class CostTable:
         costs = [BlockCost(*(statistics.median(getattr(r[i], f) for r in per_rank) for f in _FIELDS))
                  for i in range(len(per_rank[0]))]
         shares = {m: statistics.median(t.member_share[m] for t in measured) for m in measured[0].member_share}
-        feed = Feed(*(statistics.median(getattr(m.feed, f) for m in measured) for f in ("seconds", "drag")))
-        return cls(costs, shares, measured[0].cost_model, per_rank, feed)
+        inputs = InputCosts(**{f: statistics.median(getattr(m.inputs, f) for m in measured)
+                               for f in InputCosts.__dataclass_fields__})
+        return cls(costs, shares, measured[0].cost_model, per_rank, inputs)
 
     def to_json(self, units: Sequence[Unit], **context: Any) -> dict[str, Any]:
         """``costs.json``: the table, the units it is for and the ``context`` it was measured in."""
         return {"cost_model": self.cost_model, **context, "units": [u.key for u in units],
-                "costs": [vars(c) for c in self.costs], "member_share": self.member_share, "feed": vars(self.feed),
+                "costs": [vars(c) for c in self.costs], "member_share": self.member_share, "inputs": vars(self.inputs),
                 "per_rank": [[vars(c) for c in r] for r in self.per_rank]}
 
     @classmethod
@@ -76,7 +77,7 @@ class CostTable:
             return cls([BlockCost(**c) for c in stored["costs"]],
                        {int(m): v for m, v in stored["member_share"].items()}, stored["cost_model"],
                        [[BlockCost(**c) for c in r] for r in stored.get("per_rank", [])],
-                       Feed(**stored.get("feed", {})))
+                       InputCosts(**stored.get("inputs", {})))
         except FileNotFoundError:
             return None
         except (atomic_io.DamagedFile, OSError, ValueError, KeyError, TypeError) as exc:
@@ -133,7 +134,7 @@ def block_costs(cfg: Config, teacher: nn.Module, specs: Sequence[BlockSpec], uni
     measured = {m: with_validation(c, passes, shares_prefix, teacher_passes) for m, c in measured.items()}
     whole = rank_cost(range(len(blocks)), measured[1])
     return CostTable(measured[1], {m: rank_cost(range(len(blocks)), measured[m]) / whole for m in sizes}, "measured",
-                     feed=inputs.feed)
+                     inputs=inputs)
 
 
 def measure_inputs(cfg: Config, data: Data, device: torch.device, batches: int, cached: bool,

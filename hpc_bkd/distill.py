@@ -123,7 +123,7 @@ class BlockTrainer:
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "loss_sum": self.loss_sum, "loss_count": self.loss_count, "best_acc": self.best_acc,
                 "best_kl": self.best_kl, "best_state": self.best_state, "history": self.history, "train_time": self.train_time,
-                "spans": [list(s) for s in self.spans], "early_stopped": self.early_stopped}
+                "spans": [list(s) for s in self.spans], "early_stopped": self.early_stopped, "amp": self.amp.state_dict()}
 
     def load(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
@@ -134,6 +134,7 @@ class BlockTrainer:
             setattr(self, key, state[key])
         self.spans = [tuple(s) for s in state["spans"]]
         self.early_stopped = state.get("early_stopped", False)  # absent from checkpoints of older versions
+        self.amp.load_state_dict(state.get("amp", {}))
         self.resumed = True
 
     def backward(self, inp: torch.Tensor, target: torch.Tensor, weight: float = 1.0, zero: bool = True) -> torch.Tensor:
@@ -325,10 +326,11 @@ class LocalDistiller:
         self.cache.fill(self.teacher, self.data.train, self.data.normalize,
                         self.cfg.data.eval_batch_size, self.team, self.cfg.run.log_interval_s,
                         lambda: autocast(self.cfg.run.precision, self.device))
-        if self.leader:
-            log.info("teacher cache: %d images x %d block(s), %.0f MiB, filled in %.1fs%s", self.cache.images,
-                     len(specs), self.cache.nbytes / 2**20, self.cache.fill_s,
-                     f" (team of {self.team.size}: 1/{self.team.size} of the rows each)" if self.team else "")
+        # every member says it: each fills its own rows, and their exchange is timed on each
+        log.info("teacher cache: %d images x %d block(s), %.0f MiB, filled in %.1fs%s", self.cache.images,
+                 len(specs), self.cache.nbytes / 2**20, self.cache.fill_s,
+                 f" (team of {self.team.size}: 1/{self.team.size} of the rows each, then {self.cache.exchange_s:.1f}s "
+                 "exchanging them)" if self.team else "")
 
     def _inputs_and_targets(self, group: list[BlockTrainer], epoch: int, step: int
                             ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], float]:

@@ -20,7 +20,7 @@ import importlib.util
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from torch import nn
 
 from . import __version__, atomic_io
 from .config import Config, config_from_dict
+from .data import Data, eval_batches, load_data
 from .deploy import (
     InferenceMeasurement,
     TimingPlan,
@@ -264,29 +265,45 @@ def _loaders(fmt: str, threads: int | None) -> Callable[[Path], Callable[[torch.
 
 @dataclass(frozen=True)
 class EvalSplit:
-    """The run's test split as normalised batches, and the normalisation a deployer must repeat."""
+    """The run's test split, read batch by batch each time it is walked (a streamed ImageNet
+    validation set is 30 GB as float batches: it is never held whole), and the normalisation a
+    deployer must repeat."""
 
-    batches: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    data: Data
+    batch_size: int
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised (images, labels) batches, in order."""
+        return eval_batches(self.data, self.data.test, self.batch_size)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.data.mean.tolist())
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.data.std.tolist())
+
+    @property
+    def images(self) -> int:
+        return len(self.data.test)
 
 
 def load_eval_split(cfg: Config) -> EvalSplit:
     """The job's data, loaded as the job loaded it (same seed): the same test images, the same
     training-set mean and std."""
-    from .data import eval_batches, load_data
-
-    data = load_data(cfg.data, cfg.run.seed)
-    return EvalSplit(tuple(eval_batches(data, data.test, cfg.data.eval_batch_size)),
-                     tuple(data.mean.tolist()), tuple(data.std.tolist()))
+    return EvalSplit(load_data(cfg.data, cfg.run.seed), cfg.data.eval_batch_size)
 
 
 @torch.inference_mode()
 def _evaluate(run: Callable[[torch.Tensor], torch.Tensor], split: EvalSplit) -> tuple[torch.Tensor, float]:
     """Logits of the whole test split and top-1 accuracy in percent."""
-    logits = torch.cat([run(x) for x, _ in split.batches])
-    labels = torch.cat([y for _, y in split.batches])
-    return logits, 100.0 * int((logits.argmax(1) == labels).sum()) / max(len(labels), 1)
+    logits, labels = [], []
+    for x, y in split.batches():
+        logits.append(run(x))
+        labels.append(y)
+    out, truth = torch.cat(logits), torch.cat(labels)
+    return out, 100.0 * int((out.argmax(1) == truth).sum()) / max(len(truth), 1)
 
 
 def _class_names(cfg: Config) -> list[str] | None:
@@ -388,7 +405,7 @@ def _model_card(run: RunModels, split: EvalSplit, files: dict[str, dict[str, Pat
                   "granularity": cfg.blocks.granularity, "blocks": len(run.blocks),
                   "accepted_blocks": list(run.accepted), "students": dict(run.students)},
         "test_accuracy": {"student": checked["student"][0], "teacher": checked["teacher"][0],
-                          "images": sum(len(y) for _, y in split.batches)},
+                          "images": split.images},
         "checks": {role: c[1] for role, c in checked.items()},
         "size": {role: vars(model_size(m, run.input_shape)) for role, m in (("student", run.student),
                                                                               ("teacher", run.teacher))},

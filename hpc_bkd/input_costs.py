@@ -114,7 +114,7 @@ def shared_speed(data: Data, batch_size: int, seed: int, augment: str, input_s: 
     return min(1.0, max(0.25, shared / alone))
 
 
-def exchange_seconds_per_byte(comm: Any, nbytes: int = 64 * 2**20) -> float:
+def exchange_seconds_per_byte(comm: Any, nbytes: int = 128 * 2**20) -> float:
     """Seconds per byte a rank receives when the ranks exchange rows as a team's cache fill does
     (an MPI allgather into freshly allocated memory: the first touch of its pages is part of the
     price). Collective: every rank calls it."""
@@ -123,7 +123,7 @@ def exchange_seconds_per_byte(comm: Any, nbytes: int = 64 * 2**20) -> float:
     n = comm.size
     if n == 1:
         return 0.0
-    per_rank = nbytes // 4
+    per_rank = max(1, nbytes // n // 4)  # the whole buffer is ``nbytes``, however many ranks
     buf = torch.empty(n * per_rank)
     buf[comm.rank * per_rank:(comm.rank + 1) * per_rank].fill_(1.0)
     comm.Barrier()
@@ -142,6 +142,18 @@ class InputCosts:
     store: float = 0.0         # s/byte: the cache fill's channels-last copy
     gather: float = 0.0        # s/byte: a cached step's row gather
     exchange: float = 0.0      # s/byte received: a team's exchange of the rows its members filled
+
+    def describe(self) -> str:
+        """One log line for people, or "" when there is nothing to say (data in memory, no cache)."""
+        parts = []
+        if self.seconds > 0:
+            parts.append(f"input pipeline {self.seconds:.4f}s/batch, compute at {self.shared_speed:.2f}x of its speed "
+                         "while the workers decode")
+        if self.store > 0:
+            parts.append(f"teacher cache copies at {1 / self.store / 2**30:.1f} GiB/s (fill), "
+                         f"{1 / max(self.gather, 1e-15) / 2**30:.1f} GiB/s (gather)"
+                         + (f", team row exchange {1 / self.exchange / 2**30:.2f} GiB/s" if self.exchange > 0 else ""))
+        return "; ".join(parts)
 
     @property
     def feed(self) -> Feed:

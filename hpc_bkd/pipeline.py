@@ -328,6 +328,8 @@ def measure_costs(cfg: Config, rt: Runtime, teacher: PreparedTeacher, units: lis
     if measured is None:  # not rank 0
         return None
     table = CostTable.combine(measured)
+    if table.inputs.describe():
+        log.info("costs: %s", table.inputs.describe())
     atomic_io.write_json(run_dir.costs, table.to_json(
         units, device=str(rt.device), threads=rt.threads, batch_size=cfg.data.batch_size,
         teacher_cache=choice.cache.use, teacher_passes_per_step=1.0 / cfg.distill.epochs if choice.cache.use else 1.0))
@@ -344,7 +346,7 @@ def share_plan(cfg: Config, rt: Runtime, units: list[Unit], costs: CostTable | N
         remaining = [u.id for u in resume.remaining(units)]
         plan = make_plan([costs.costs[i] for i in remaining], rt.size, cfg.plan.method, cfg.plan.hybrid,
                          cfg.plan.teams, tm=TeamModel.for_groups(cfg.distill.bn_groups, costs.member_share),
-                         feed=costs.feed).for_blocks(remaining, costs.costs)
+                         feed=costs.inputs.feed).for_blocks(remaining, costs.costs)
         if resume.finished:
             keys = [units[i].key for i in resume.finished]
             log.info("resuming: %d unit(s) already finished (%s), %d to train", len(keys),
@@ -605,7 +607,7 @@ def plan_only(cfg: Config, ranks: int) -> PlanPreview:
     costs = block_costs(cfg, teacher, blocks, units, data, rt.device, ranks,
                         schedule_for(cfg.distill.schedule, cache.use), cache.use)
     plan = make_plan(costs.costs, ranks, cfg.plan.method, cfg.plan.hybrid, cfg.plan.teams,
-                     tm=TeamModel.for_groups(cfg.distill.bn_groups, costs.member_share), feed=costs.feed)
+                     tm=TeamModel.for_groups(cfg.distill.bn_groups, costs.member_share), feed=costs.inputs.feed)
     return PlanPreview(cfg.model.arch, cfg.blocks.granularity, costs, cache.to_record(), blocks, plan)
 
 

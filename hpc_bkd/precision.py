@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -52,3 +53,12 @@ class Amp:
             return
         self.scaler.step(optimizer)
         self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The gradient scaler's scale and growth tracker (fp16; empty otherwise): a resumed block
+        goes on with the scale it had, instead of re-learning it through skipped steps."""
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

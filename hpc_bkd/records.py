@@ -372,6 +372,8 @@ class JobRecord(JsonRecord):
     inference: InferenceReport | None = None  # deploy-form speed (``deploy.measure_models``), if measured
     export: ExportResult | None = None        # the standalone files (``export.export_run``), if exported
     selection: SelectionRecord | None = None  # the budgeted choice of blocks (``choose``), if made
+    inputs: dict[str, float] | None = None    # what the cost model measured of the input pipeline and
+                                              # the teacher cache's copies (``input_costs.InputCosts``)
 
     def block(self, index: int) -> BlockRecord:
         return next(b for b in self.blocks if b.index == index)

@@ -91,7 +91,8 @@ def build_record(cfg: Config, world_size: int, run_dir: RunDir, teacher_info: di
                              clock.comm["broadcast_s"], clock.comm["gather_s"]),
         accepted_blocks=student.accepted, accuracy=student.accuracy, models=student.sizes,
         finetune=student.finetune, energy=_energy_total(outcomes), phases_s=dict(clock.phases),
-        wall_s=time.time() - clock.started, inference=inference, export=exported, selection=selection)
+        wall_s=time.time() - clock.started, inference=inference, export=exported, selection=selection,
+        inputs=dict(vars(costs.inputs)))
 
 
 def gantt(record: JobRecord, path: Path) -> None:

@@ -99,6 +99,7 @@ class TeacherCache:
         self.inputs = {b.index: _empty(images, b.in_shape, device) for b in self.blocks}
         self.targets = {b.index: _empty(images, b.out_shape, device) for b in self.blocks}
         self.fill_s = 0.0
+        self.exchange_s = 0.0  # of fill_s: a team's exchange of the rows its members filled
 
     @property
     def nbytes(self) -> int:
@@ -130,11 +131,13 @@ class TeacherCache:
                 log.info("teacher cache: %d/%d images", j - rows.start, len(rows))
                 last = time.perf_counter()
             i = j
+        exchange_start = time.perf_counter()
         if team is not None:
             for d in (self.inputs, self.targets):
                 for t in d.values():
                     team.allgather_rows_(t)
         self.fill_s = time.perf_counter() - start
+        self.exchange_s = time.perf_counter() - exchange_start
 
     def fetch(self, index: torch.Tensor, blocks: Sequence[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """``{block: (input, target)}`` for the images ``index``, as ``surgery.BlockTap`` gives them."""

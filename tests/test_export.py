@@ -78,7 +78,7 @@ def exported(tiny_run: Path):
 def test_files_run_without_hpc_bkd_and_match_the_student(tiny_run: Path, exported, tmp_path: Path):
     run = load_run(tiny_run)
     split = load_eval_split(run.config)
-    inputs = torch.cat([x for x, _ in split.batches])
+    inputs = torch.cat([x for x, _ in split.batches()])
     with torch.no_grad():
         logits = run.student(inputs)
     torch.save({"inputs": inputs, "logits": logits}, tmp_path / "test-split.pt")

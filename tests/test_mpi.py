@@ -63,8 +63,9 @@ def test_a_team_trains_the_same_blocks_as_one_rank(tmp_path: Path, tiny_teacher:
     hpc("distill", *common, "--run-dir", str(tmp_path / "np1"), "--set", "distill.teacher_cache=off")
     proc = hpc("distill", *common, "--run-dir", str(tmp_path / "team"), "--set", "plan.teams=1", np=2)
     assert "ranks 0-1 (team)" in proc.stderr
-    assert "(team of 2: 1/2 of the rows each)" in proc.stderr
+    assert proc.stderr.count("(team of 2: 1/2 of the rows each, then") == 2  # each member's fill and exchange
     report = json.loads((tmp_path / "team" / "report.json").read_text())
+    assert report["inputs"]["exchange"] > 0  # the cost model priced the members' exchange of cache rows
     assert report["plan"]["teams"] == [[0, 1]]
     assert report["teacher_cache"]["use"] and all(r["teacher_cache"]["fill_s"] > 0 for r in report["ranks"])
     assert not json.loads((tmp_path / "np1" / "report.json").read_text())["teacher_cache"]["use"]
@@ -85,7 +86,7 @@ def test_a_gloo_team_trains_the_same_blocks_as_an_mpi_team(tmp_path: Path, tiny_
     hpc("distill", *common, "--run-dir", str(tmp_path / "mpi"), "--set", "distill.team_backend=mpi", np=2)
     proc = hpc("distill", *common, "--run-dir", str(tmp_path / "gloo"), "--set", "distill.team_backend=gloo", np=2)
     assert "team of 2 ranks: gloo collectives" in proc.stderr
-    assert "(team of 2: 1/2 of the rows each)" in proc.stderr
+    assert "(team of 2: 1/2 of the rows each, then" in proc.stderr
     by_mpi, by_gloo = _blocks(tmp_path / "mpi"), _blocks(tmp_path / "gloo")
     assert by_mpi.keys() == by_gloo.keys() == set(range(8))
     for i in by_mpi:

@@ -50,6 +50,12 @@ def test_fp16_steps_with_a_gradient_scaler():
         amp.step(opt)
         losses.append(loss.item())
     assert losses[-1] < losses[0] and all(p.dtype == torch.float32 for p in model.parameters())
+    # a resumed block goes on with the scale it had (distill checkpoints carry amp.state_dict())
+    amp.scaler.update(1024.0)
+    again = Amp("fp16", torch.device("cpu"))
+    again.load_state_dict(amp.state_dict())
+    assert again.scaler.get_scale() == 1024.0 and again.state_dict() == amp.state_dict()
+    assert Amp("fp32").state_dict() == {}
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
