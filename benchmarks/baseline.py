@@ -1,7 +1,7 @@
 """The end-to-end KD baseline: the PBKD student architecture trained from scratch with Hinton KD.
 
 The student is the teacher's architecture with every block (``find_blocks``) replaced by the student
-block PBKD would train (same ``build_student`` spec and seed), and every other layer (stem, pooling,
+block PBKD would train (same ``build_candidate`` kind and seed), and every other layer (stem, pooling,
 classifier) freshly initialised too: nothing is copied from the teacher. ``--blocks`` limits the
 replacement to some blocks (e.g. those a PBKD run accepted, whose student keeps teacher layers for
 the rest); those layers are freshly initialised as well. The model is then trained end to

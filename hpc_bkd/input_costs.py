@@ -11,8 +11,8 @@ Costs the block timing (``costs.Timer``, on batches fetched beforehand) does not
   none) is measured, the teacher term (paid once per batch whatever a rank owns) carries what
   decoding takes from the compute, I (1 - p)/p, and the plan bounds each rank by its input
   (``plan.Feed.bound``): a batch takes max(C + I(1 - p)/p, I + C(1 - p)/p), the time of the
-  slower of the two sharing the machine. ``input_seconds`` is timed on every rank at once, so ranks' workers
-  sharing a node slow each other as they will.
+  slower of the two sharing the machine. ``input_seconds`` is timed on every rank at once, so
+  ranks' workers sharing a node slow each other as they will.
 * **The teacher cache's bytes.** Filling the cache is not only a teacher pass: every image's input
   and target of every cached block are copied into the cache (channels-last), and every step
   gathers its rows back. Both are proportional to the bytes a block caches, so each block is
@@ -20,8 +20,10 @@ Costs the block timing (``costs.Timer``, on batches fetched beforehand) does not
   of a step's share) and the gather every step. A rank owning the big early blocks of a
   full-width network then pays for them, which the teacher-pass-only price hid. A team's member
   fills its share of the rows and receives the others' (``Team.allgather_rows_``), at the rate
-  this job's ranks exchange rows (``exchange_seconds_per_byte``, first-touch buffers as the fill
-  writes into); that exchange is what made teams lose to block splits at paper scale (issue #16).
+  this job's ranks exchange rows (``exchange_seconds_per_byte``, into fresh memory as the fill
+  does). Unpriced, the exchange let a team look as cheap as a block split at paper scale and lose
+  to it by 20 % (issue #16); a 128 MiB sample still underprices a whole cache's first touch on
+  some VMs (README, *Known limitations*).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .candidates import Candidate, block_seed, unit_seed
+from .candidates import Candidate, paper_candidate, unit_seed
 from .surgery import BlockSpec
 
 # Students train in channels-last layout: on CPU (oneDNN) their depthwise and 1x1 convolutions and
@@ -17,9 +17,9 @@ TRAIN_FORMAT = torch.channels_last
 
 
 def build_student(spec: BlockSpec, depth: int = 2, width: float = 1.0, seed: int = 0) -> nn.Sequential:
-    """The paper's depthwise-separable replacement for ``spec``, seeded by block (see
-    ``build_candidate`` for the students a job trains, seeded by block and candidate)."""
-    return _checked(spec, _separable(spec, depth, width), block_seed(seed, spec.index))
+    """The paper's depthwise-separable replacement for ``spec``: the student a job that lists no
+    candidates trains (``build_candidate`` of ``paper_candidate``, the same weights)."""
+    return build_candidate(spec, paper_candidate(depth, width), seed)
 
 
 def _separable(spec: BlockSpec, depth: int, width: float) -> Callable[[], list[nn.Module]]:
