@@ -119,7 +119,8 @@ def shared_speed(data: Data, batch_size: int, seed: int, augment: str, input_s: 
 def exchange_seconds_per_byte(comm: Any, nbytes: int = 128 * 2**20) -> float:
     """Seconds per byte a rank receives when the ranks exchange rows as a team's cache fill does
     (an MPI allgather into freshly allocated memory: the first touch of its pages is part of the
-    price). Collective: every rank calls it."""
+    price). Collective: every rank calls it. Host memory over MPI: a GPU team exchanging over
+    NCCL, device to device, is priced pessimistically."""
     from mpi4py import MPI
 
     n = comm.size
