@@ -39,6 +39,7 @@ import torch
 from .data import Data, train_batch
 from .plan import BlockCost, Feed
 from .surgery import BlockSpec
+from .teams import MpiTransport
 
 
 def input_seconds(data: Data, batch_size: int, seed: int, augment: str, batches: int) -> float:
@@ -118,22 +119,21 @@ def shared_speed(data: Data, batch_size: int, seed: int, augment: str, input_s: 
 
 def exchange_seconds_per_byte(comm: Any, nbytes: int = 128 * 2**20) -> float:
     """Seconds per byte a rank receives when the ranks exchange rows as a team's cache fill does
-    (an MPI allgather into freshly allocated memory: the first touch of its pages is part of the
-    price). Collective: every rank calls it. Host memory over MPI: a GPU team exchanging over
-    NCCL, device to device, is priced pessimistically."""
+    (``teams.MpiTransport.allgather_rows_`` into freshly allocated memory: the first touch of its
+    pages is part of the price). Collective: every rank calls it. Host memory over MPI: a GPU team
+    exchanging over NCCL, device to device, is priced pessimistically."""
     from mpi4py import MPI
 
     n = comm.size
     if n == 1:
         return 0.0
-    per_rank = max(1, nbytes // n // 4)  # the whole buffer is ``nbytes``, however many ranks
-    buf = torch.empty(n * per_rank)
-    buf[comm.rank * per_rank:(comm.rank + 1) * per_rank].fill_(1.0)
+    rows = torch.empty(n, max(1, nbytes // n // 4))  # a row per rank: the whole is ``nbytes``, however many ranks
+    rows[comm.rank].fill_(1.0)
     comm.Barrier()
     t0 = time.perf_counter()
-    comm.Allgatherv(MPI.IN_PLACE, [buf.numpy(), ([per_rank] * n, [k * per_rank for k in range(n)]), MPI.FLOAT])
+    MpiTransport(comm).allgather_rows_(rows, list(range(n + 1)))
     seconds = time.perf_counter() - t0
-    return comm.allreduce(seconds, op=MPI.MAX) / ((n - 1) * per_rank * 4)
+    return comm.allreduce(seconds, op=MPI.MAX) / ((n - 1) * rows[0].numel() * 4)
 
 
 @dataclass(frozen=True)

@@ -328,8 +328,8 @@ def measure_costs(cfg: Config, rt: Runtime, teacher: PreparedTeacher, units: lis
     if measured is None:  # not rank 0
         return None
     table = CostTable.combine(measured)
-    if table.inputs.describe():
-        log.info("costs: %s", table.inputs.describe())
+    if described := table.inputs.describe():
+        log.info("costs: %s", described)
     atomic_io.write_json(run_dir.costs, table.to_json(
         units, device=str(rt.device), threads=rt.threads, batch_size=cfg.data.batch_size,
         teacher_cache=choice.cache.use, teacher_passes_per_step=1.0 / cfg.distill.epochs if choice.cache.use else 1.0))
