@@ -35,6 +35,7 @@ from .teams import GhostLayout, ghost_batchnorms, prepare_student
 log = logging.getLogger("hpc_bkd")
 
 _FIELDS = ("teacher", "student", "forward")
+_STEP_FIELDS = _FIELDS[1:]  # timed per student; the teacher term is its block's prefix (``Timer.prefix_costs``)
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,7 @@ class Timer:
                                          self.layout) for s in students]
         self.optims = [torch.optim.RMSprop(s.parameters(), lr=1e-6) for s in self.students]
         self.matches = list(match_activation) if match_activation is not None else [False] * len(blocks)
-        self.times: dict[int, dict[str, dict[int, list[float]]]] = {}
+        self.times: dict[int, dict[str, dict[int, list[float]]]] = {}  # student and forward, per student
 
     def now(self) -> float:
         if self.device.type == "cuda":
@@ -252,7 +253,7 @@ class Timer:
         alike and their ratios (``TeamModel.member_share``) stay sound. Students are stepped in the
         distiller's order: every student on one batch before the next, or with ``block_major``
         (cached and sequential schedules) one student through every batch before the next."""
-        self.times = {m: {key: {j: [] for j in range(len(self.blocks))} for key in _FIELDS} for m in members}
+        self.times = {m: {key: {j: [] for j in range(len(self.blocks))} for key in _STEP_FIELDS} for m in members}
         self.prefix_times = {m: {b.index: [] for tap in self.taps for b in tap.blocks} for m in members}
         kept = []
         for k, batch in enumerate(batches):
@@ -267,8 +268,9 @@ class Timer:
         for j in range(len(self.blocks) if block_major else 0):
             for k, m, n, pairs in kept:
                 self._student(j, k, m, n, pairs)
-        return {m: [BlockCost(*(statistics.median(self.times[m][key][j]) for key in _FIELDS))
-                    for j in range(len(self.blocks))] for m in members}
+        return {m: [BlockCost(self.prefix_costs(m)[b.index], *(statistics.median(self.times[m][key][j])
+                                                             for key in _STEP_FIELDS))
+                    for j, b in enumerate(self.blocks)] for m in members}
 
     def _teacher(self, k: int, m: int, x: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         pairs = {}
@@ -278,9 +280,6 @@ class Timer:
             if k:
                 for b in tap.blocks:
                     self.prefix_times[m][b.index].append(tap.stamps[b.index] - t0)
-                for j, b in enumerate(self.blocks):
-                    if any(t.index == b.index for t in tap.blocks):
-                        self.times[m]["teacher"][j].append(tap.stamps[b.index] - t0)
         return pairs
 
     def prefix_costs(self, members: int = 1) -> dict[int, float]:
