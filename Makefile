@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 NP     ?= 2
 RUN_DIR ?= runs/default
 
-.PHONY: install run run-mpi lint test test-fast bench bench-paper-scale bench-select bench-select-paper-scale bench-data gpu-check slurm-up slurm-down clean
+.PHONY: install run run-mpi lint test test-fast bench bench-quick bench-paper-scale bench-select bench-select-paper-scale bench-data gpu-check slurm-up slurm-down clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ bench: install  ## benchmark: 1 vs 2 ranks, paper schedule, end-to-end KD, then 
 	$(PY) -m benchmarks.select_bench --out bench/results/select --budgets 0.89,0.9,0.93,0.96 \
 	  --set blocks.candidates=separable-d1,lowrank-r0.25,separable-d2 \
 	  --set select.objective=quality --set select.budget_unit=fraction
+
+# Scaling before every stop (issue 20): 1 vs 2 ranks of the default job (short), the real-work ceiling and
+# the heartbeat's CPU, each target MET/MISS; about 2 minutes on a 2-core machine.
+bench-quick: install  ## 1 vs 2 ranks with the heartbeat on, the real-work ceiling, heartbeat CPU: MET/MISS in ~2 min
+	$(PY) -m benchmarks.bench --out bench/results-quick --ranks 2 --scaling-only \
+	  --set teacher.epochs=2 --set distill.epochs=3 --set finetune.epochs=0
 
 # The schedule comparison on the workload the paper and issue #4 describe: a full-width VGG16-BN
 # (64-512 channels) at 32x32, batch 64; 2 distillation epochs, no fine-tuning, no KD baseline.

@@ -7,6 +7,9 @@ until the time limit. A plain deadline on waits cannot tell a dead peer from a b
 trains the teacher or fine-tunes for hours while the others wait), so every rank runs a
 ``Heartbeat``: a daemon thread that says "alive" every few seconds, whatever the main thread is
 doing. Rank 0 hears every rank, the others hear rank 0 (2(n-1) messages per period, not n^2).
+Beats go out on a fixed clock, one per period per peer, whatever arrives in between, so rank 0's
+thread wakes n-1 times per period and the others once: the heartbeat's cost is in the report
+(``ranks[].heartbeat_cpu_s``) and bounded by a test (``tests/test_peer_loss.py``).
 
 The heartbeat has TCP connections of its own (rank 0 listens; the others connect to an address of
 rank 0's that they reach, ``netaddr``), not MPI: MPI libraries do not survive talking to a dead
@@ -148,6 +151,9 @@ class Heartbeat:
         self._left: set[int] = set()   # said goodbye: the job ends normally there
         self.lost: tuple[LostPeer, ...] = ()
         self._lost_at = 0.0
+        self.beats_sent = {r: 0 for r in self.links}  # per peer: bounded by elapsed / period_s + 1
+        self.cpu_s = 0.0  # the heartbeat thread's own CPU seconds so far (time.thread_time)
+        self.started = time.monotonic()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpc_bkd-heartbeat", daemon=True)
         self._thread.start()
@@ -170,16 +176,31 @@ class Heartbeat:
         return [r for r in self.links if r not in self._left and r not in self._ended]
 
     def _run(self) -> None:
+        """Beat on a fixed clock, listen in between. A beat is sent when one is due, never in
+        answer to one: a loop that beat after every wake would bounce beats between two ranks as
+        fast as they can be read (it once took a third of a core per rank, halving 2-rank speed)."""
+        due = time.monotonic()
         while not self._done.is_set():
             try:
-                for peer in self._watched():
-                    if not any(p.rank == peer for p in self.lost):
-                        self._send(peer, _BEAT)
-                self._hear(self.period_s)
+                now = time.monotonic()
+                if now >= due:
+                    self._beat()
+                    due += self.period_s
+                    if due <= now:  # the thread stalled: no burst of late beats to catch up
+                        due = now + self.period_s
+                self._hear(due - now)
                 self._judge(time.monotonic())
             except Exception as exc:  # never let the watcher die quietly
                 log.warning("heartbeat: %r", exc)
                 self._done.wait(self.period_s)
+            finally:
+                self.cpu_s = time.thread_time()  # this thread's CPU time, read by the report
+
+    def _beat(self) -> None:
+        for peer in self._watched():
+            if not any(p.rank == peer for p in self.lost):
+                self._send(peer, _BEAT)
+                self.beats_sent[peer] += 1
 
     def _send(self, peer: int, kind: bytes, payload: Any = None) -> None:
         """One line to ``peer``; a full buffer (the peer does not read: the silence will tell) is

@@ -164,6 +164,8 @@ class RankOutcome:
     local_rank: int = 0
     data_wait_s: float = 0.0  # seconds the distillation loop waited for its batches
     bad_images: int = 0       # unreadable files skipped (data.on_bad_image: skip)
+    heartbeat_cpu_s: float | None = None  # CPU seconds of this rank's heartbeat thread so far (None: no heartbeat)
+    heartbeat_wall_s: float | None = None  # and the seconds it has run: the thread's share of a core is their ratio
 
 
 @dataclass(frozen=True)
@@ -392,7 +394,9 @@ def distill_owned(cfg: Config, rt: Runtime, teacher: PreparedTeacher, units: lis
         interrupted=interrupted, start=start, end=end, energy=Energy(**meter.stop()),
         peak_mem_mb=peak_memory_mb(rt.device),
         cache=CacheUse(cache.nbytes / 2**20, cache.fill_s) if cache is not None else None, local_rank=rt.local_rank,
-        data_wait_s=data.stats.wait_s - waited, bad_images=len(data.stats.bad_images))
+        data_wait_s=data.stats.wait_s - waited, bad_images=len(data.stats.bad_images),
+        heartbeat_cpu_s=rt.peers.cpu_s if rt.peers is not None else None,
+        heartbeat_wall_s=time.monotonic() - rt.peers.started if rt.peers is not None else None)
 
 
 def gather_outcomes(rt: Runtime, outcome: RankOutcome, clock: Clock) -> list[RankOutcome]:

@@ -168,6 +168,15 @@ class RankRecord:
     local_rank: int | None = None  # rank on its node (picks the GPU); None in reports from before it was recorded
     data_wait_s: float | None = None  # distillation seconds spent waiting for input batches (None: not recorded)
     bad_images: int = 0               # unreadable image files skipped (data.on_bad_image: skip)
+    heartbeat_cpu_s: float | None = None  # CPU seconds of the rank's heartbeat thread up to the gather (None: off)
+    heartbeat_wall_s: float | None = None  # seconds that thread had run by then
+
+    @property
+    def heartbeat_share(self) -> float | None:
+        """The heartbeat thread's share of one core (None: no heartbeat): the cost of peer detection."""
+        if self.heartbeat_cpu_s is None or not self.heartbeat_wall_s:
+            return None
+        return self.heartbeat_cpu_s / self.heartbeat_wall_s
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ def _rank_records(outcomes: list[RankOutcome], plan: Plan) -> tuple[list[RankRec
     t0, t1 = min(o.start for o in outcomes), max(o.end for o in outcomes)
     rows = [RankRecord(o.rank, o.host, o.device, o.threads, o.blocks, o.end - o.start, (t1 - t0) - (o.end - o.start),
                        plan.predicted[o.rank], o.peak_mem_mb, o.energy, o.cache, o.local_rank,
-                       data_wait_s=o.data_wait_s, bad_images=o.bad_images)
+                       data_wait_s=o.data_wait_s, bad_images=o.bad_images, heartbeat_cpu_s=o.heartbeat_cpu_s,
+                       heartbeat_wall_s=o.heartbeat_wall_s)
             for o in sorted(outcomes, key=lambda o: o.rank)]
     return rows, t0, t1
 
@@ -203,10 +204,12 @@ def pareto_plot(record: JobRecord, path: Path) -> None:
 
 
 def _rank_lines(r: JobRecord) -> list[str]:
-    lines = [f"{'rank':>4} {'host':<14} {'busy s':>8} {'idle s':>8} {'pred s/batch':>12} {'peak MB':>8}  blocks"]
+    lines = [f"{'rank':>4} {'host':<14} {'busy s':>8} {'idle s':>8} {'pred s/batch':>12} {'peak MB':>8} "
+             f"{'beat cpu %':>10}  blocks"]
     for row in r.ranks:
+        beat = "-" if row.heartbeat_share is None else f"{100 * row.heartbeat_share:.3f}"
         lines.append(f"{row.rank:>4} {row.host[:14]:<14} {row.busy_s:>8.2f} {row.idle_s:>8.2f} "
-                     f"{row.predicted_s_per_batch:>12.4f} {row.peak_mem_mb:>8.0f}  "
+                     f"{row.predicted_s_per_batch:>12.4f} {row.peak_mem_mb:>8.0f} {beat:>10}  "
                      f"{','.join(map(str, row.blocks)) or 'idle'}")
     return lines
 

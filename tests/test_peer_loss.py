@@ -89,3 +89,41 @@ def test_lost_peer_message_and_setting():
     assert heartbeat_period(300) == 5 and heartbeat_period(3) == pytest.approx(0.3)
     with pytest.raises(ConfigError, match="peer_timeout_s"):
         load_config("tiny", ["run.peer_timeout_s=-1"])
+
+
+HEARTBEAT_PROBE = """
+import json, socket, time
+from mpi4py import MPI
+from hpc_bkd.peers import Heartbeat
+comm = MPI.COMM_WORLD
+beat = Heartbeat(comm, socket.gethostname(), timeout_s={timeout})
+time.sleep({idle})
+wall, sent, cpu = time.monotonic() - beat.started, dict(beat.beats_sent), beat.cpu_s
+comm.Barrier()
+beat.close()
+rows = comm.gather(dict(rank=comm.rank, wall=wall, sent=sent, cpu=cpu, period=beat.period_s))
+if comm.rank == 0:
+    print(json.dumps(rows))
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [2, 8])
+def test_the_heartbeat_beats_once_per_period_and_costs_almost_no_cpu(tmp_path: Path, ranks: int):
+    """Issue 20: an idle job's heartbeat sends at most one beat per peer per period (it once
+    answered every beat it heard, so two ranks bounced beats as fast as they could: a third of a
+    core each) and its thread's CPU time stays under 1 % of the wall time, 8 ranks on 2 cores too."""
+    script = tmp_path / "probe.py"
+    script.write_text(HEARTBEAT_PROBE.format(timeout=2.0, idle=3.0))
+    proc = subprocess.run([str(MPIRUN), "-np", str(ranks), sys.executable, str(script)], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == ranks
+    for row in rows:
+        peers = ranks - 1 if row["rank"] == 0 else 1
+        assert len(row["sent"]) == peers, row
+        most = row["wall"] / row["period"] + 2  # one at the start, one per period, one of slack
+        assert all(0 < n <= most for n in row["sent"].values()), row
+        assert row["cpu"] < 0.01 * row["wall"], row
+    print({r["rank"]: (max(r["sent"].values()), round(r["cpu"], 4), round(r["wall"], 2)) for r in rows})
