@@ -122,6 +122,18 @@ def test_bench_quick(tmp_path: Path):
     assert any("efficiency" in t["target"] for t in bench["targets"])
     assert any("sequential" in t["target"] for t in bench["targets"])
     assert any("end-to-end KD" in t["target"] for t in bench["targets"])
+    # issue 20: the ceiling is the job's own distillation, 2 copies at once; the heartbeat's cost is shown
+    ceiling = bench["machine_ceiling"]
+    assert ceiling["procs"] == 2 and len(ceiling["together_s"]) == 2 and ceiling["alone_s"] > 0
+    assert ceiling["efficiency_ceiling"] == pytest.approx(ceiling["alone_s"] / (sum(ceiling["together_s"]) / 2))
+    assert ceiling["fixed_loop"]["efficiency_ceiling"] > 0
+    assert any("over the real-work ceiling, 2 ranks" in t["target"] for t in bench["targets"])
+    for name in ("pbkd-2", "pbkd-2-blocks"):
+        shares = [r["heartbeat_share"] for r in runs[name]["metrics"]["ranks"]]
+        assert all(s is not None and 0 <= s < 0.01 for s in shares), (name, shares)
+    assert runs["pbkd-1"]["metrics"]["ranks"][0]["heartbeat_share"] is None  # one rank: no heartbeat
+    assert any("heartbeat thread" in t["target"] for t in bench["targets"])
+    assert "heartbeat % of a core" in proc.stdout and "Real-work ceiling" in proc.stdout
     assert bench["notes"] and "table" in bench
     for png in ["speedup.png", "time_to_accuracy.png"] + [f"gantt-{n}.png" for n in list(runs)[:4]]:
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
