@@ -222,6 +222,20 @@ def load_progress(path: Path | None, identity: Any, model: Any, optimizer: Any, 
     return saved
 
 
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
+    """A short hash of a state dict's names and values: what a checkpoint says it holds, checked
+    when it is read back (a file copied over another, or changed in place, no longer matches)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        value = state[key]
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                      if value.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
 def write_text(path: str | Path, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
