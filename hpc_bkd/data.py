@@ -175,6 +175,7 @@ def _imagefolder(cfg: DataConfig, device: torch.device | None = None, stats: Dat
     """An ImageFolder as two ``StreamSet``s (train, val-or-test) sharing one pool of workers;
     ``load_data`` decodes them into memory when ``data.storage`` says so."""
     from .decode import Geometry
+    from .listing import FolderError
     from .streaming import FeedPool, LoaderOptions, StreamSet, list_folder
 
     root = Path(cfg.root or "")
@@ -188,8 +189,10 @@ def _imagefolder(cfg: DataConfig, device: torch.device | None = None, stats: Dat
     sets: list[tuple[Split, list[str]]] = []
     for folder in (root / "train", test_dir):
         try:
-            files, labels, classes = list_folder(folder)
-        except (FileNotFoundError, RuntimeError) as exc:
+            files, labels, classes = list_folder(folder, cfg.follow_symlinks)
+        except FolderError as exc:
+            raise DataError(f"imagefolder: {exc}") from None
+        except FileNotFoundError as exc:
             raise DataError(f"imagefolder: {exc}; expected {layout}") from None
         sets.append((StreamSet(files, labels, np.arange(len(files)), geo, pool), classes))
     (train, train_classes), (test, test_classes) = sets
