@@ -336,16 +336,15 @@ def _coerce(section: str, key: str, hint: Any, value: Any) -> Any:
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if hint is int:
-        number = value if isinstance(value, str) else None
-        number = _number(number) if number is not None else value  # 1e3 from --set: 1000
-        if isinstance(number, float) and isinstance(value, str) and number.is_integer():
-            number = int(number)
-        if isinstance(number, bool) or not isinstance(number, int):
+        whole: Any = _number(value) if isinstance(value, str) else value  # 1e3 from --set: 1000
+        if isinstance(whole, float) and isinstance(value, str) and whole.is_integer():
+            whole = int(whole)
+        if isinstance(whole, bool) or not isinstance(whole, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return number
+        return whole
     if hint is float:
         number = _number(value)
-        if isinstance(value, bool) or number is None:
+        if number is None:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         if not math.isfinite(number):
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")

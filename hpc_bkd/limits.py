@@ -100,8 +100,8 @@ def _available(device: torch.device, ranks_on_node: int) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    free = mem_available_bytes()
-    return None if free is None else free // max(ranks_on_node, 1)
+    left = mem_available_bytes()
+    return None if left is None else left // max(ranks_on_node, 1)
 
 
 def _gib(n: int) -> str:

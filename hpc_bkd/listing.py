@@ -51,8 +51,9 @@ class _Walk:
     def enter(self, path: str, st: os.stat_result) -> None:
         key = (st.st_dev, st.st_ino)
         if key in self.seen_dirs:
-            raise FolderError(f"folder {path} is {self.seen_dirs[key]} again (a symbolic link loop or a second "
-                              "link to one folder); remove the link, or set data.follow_symlinks: false")
+            raise FolderError(f"folder {path} is the same folder as {self.seen_dirs[key]} (a symbolic link loop, "
+                              "or two links to one folder): it would be listed twice; remove the link, or set "
+                              "data.follow_symlinks: false")
         self.seen_dirs[key] = path
 
     def add_file(self, path: str, st: os.stat_result) -> None:

@@ -215,7 +215,9 @@ def unit_mismatch(saved: dict[str, Any], unit: Unit, expect: UnitShape | None) -
     metrics = saved.get("metrics") or {}
     index, name, kind = metrics.get("index"), metrics.get("name"), metrics.get("candidate")
     if index is not None and index != unit.block or kind and kind != unit.candidate:
-        return f"it holds block {index} ({name}, candidate {kind}), not block {unit.block} ({unit.candidate})"
+        wanted = f"{expect.name}, " if expect is not None else ""
+        return (f"it holds block {index} ({name}, candidate {kind}), not block {unit.block} "
+                f"({wanted}candidate {unit.candidate})")
     if expect is not None and name is not None and name != expect.name:
         return f"it holds block {name}, not block {unit.block} ({expect.name})"
     if not isinstance(saved["state_dict"], dict):
