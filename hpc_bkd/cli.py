@@ -139,8 +139,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .teacher import accuracy
 
     cfg = job_config(args)
-    check_finished_run(cfg.run.dir, args)
-    run = load_run(cfg.run.dir)
+    try:
+        run = load_run(cfg.run.dir)
+    except FileNotFoundError as exc:
+        raise missing_run(cfg.run.dir, args) or exc from None
     rt = init_runtime("cpu", cfg.run.threads)
     data = load_data(run.config.data, run.config.run.seed)
     speed = measure_models(run.teacher, run.student, run.input_shape,
@@ -163,7 +165,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     bug and keeps its traceback.
     """
     cfg = job_config(args)
-    check_finished_run(cfg.run.dir, args)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     try:
         from .export import export_main
@@ -172,6 +173,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ImportError) as exc:
         if isinstance(exc, ImportError) and (exc.name or "").startswith("hpc_bkd"):
             raise
+        if isinstance(exc, FileNotFoundError):
+            exc = missing_run(cfg.run.dir, args) or exc
         print(f"hpc-bkd: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     return EXIT_OK
@@ -181,18 +184,18 @@ class NoFinishedRun(FileNotFoundError):
     """``evaluate``/``export`` of a directory without a finished run: the message says what to run."""
 
 
-def check_finished_run(run_dir: str, args: argparse.Namespace) -> None:
-    """A finished run (its student.pt) is in ``run_dir``, else ``NoFinishedRun`` with the command
-    that makes one: the same config and overrides as the command given, so it is the same job."""
+def missing_run(run_dir: str, args: argparse.Namespace) -> NoFinishedRun | None:
+    """When ``run_dir`` holds no finished run (no student.pt), the error to give instead of a
+    missing file's: what is missing, and the command that makes the run, with the same config and
+    overrides as the command given (so it is the same job). None when the student is there."""
     root = Path(run_dir)
     if (root / "student.pt").is_file():
-        return
+        return None
     job = " ".join([*(["-c", args.config] if args.config else []), "--run-dir", str(root),
                     *(f"--set {o}" for o in args.overrides if not o.startswith("run.dir="))])
-    what = ("does not exist" if not root.exists() else "is not a directory" if not root.is_dir()
-            else "holds no finished run (no student.pt)")
-    raise NoFinishedRun(f"run directory {root} {what}: run `hpc-bkd run {job}` first "
-                        "(or give --run-dir of a finished run)")
+    what = (f"run directory {root} not found" if not root.exists() else f"{root} is not a directory"
+            if not root.is_dir() else f"{root / 'student.pt'} not found: {root} holds no finished run")
+    return NoFinishedRun(f"{what}; run `hpc-bkd run {job}` first (or give --run-dir of a finished run)")
 
 
 def _cmd_run(args: argparse.Namespace, distill_only: bool = False) -> int:

@@ -191,12 +191,20 @@ class _Pickled:
         return (print, ("not run",))
 
 
-def test_evaluate_and_export_of_a_missing_directory(tmp_path: Path):
+def test_evaluate_and_export_of_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """Issue item 8: they reported a missing student.pt and a `run` command without the job's -c."""
+    from hpc_bkd import cli
+
     missing = tmp_path / "nowhere"
+    command = f"run `hpc-bkd run -c tiny --run-dir {missing} --set run.threads=1` first"
     proc = hpc("evaluate", *TINY, "--run-dir", str(missing), check=False)
-    refused(proc, f"run directory {missing} does not exist",
-            f"run `hpc-bkd run -c tiny --run-dir {missing} --set run.threads=1` first")
+    refused(proc, f"run directory {missing} not found", command)
+    assert cli.main(["export", *TINY, "--run-dir", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"run directory {missing} not found" in err and command in err and err.count("\n") == 1
+    (tmp_path / "started").mkdir()
+    assert cli.main(["export", *TINY, "--run-dir", str(tmp_path / "started")]) == 2
+    assert "student.pt not found: " in capsys.readouterr().err
     assert not missing.exists()
 
 
