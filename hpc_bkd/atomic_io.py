@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -151,7 +152,15 @@ def _why(path: str | Path, exc: Exception) -> str:
         size = f"{os.path.getsize(path)} bytes"
     except OSError:
         size = "size unknown"
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    text = str(exc)
+    if "Weights only load failed" in text:  # never pass on torch's advice to load it unsafely
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)|WeightsUnpickler error: ([^\n.]+)", text)
+        what = (f" (it refers to {found.group(1)})" if found and found.group(1)
+                else f" ({found.group(2).strip()})" if found else "")
+        return (f"{size}; it holds Python objects, not only tensors{what}: this toolkit reads weights-only "
+                "files and does not run code from a checkpoint; save a state_dict (torch.save(model.state_dict(), "
+                "path)) instead")
+    first = (text.strip().splitlines() or [""])[0][:200]
     return f"{size}; {type(exc).__name__}: {first}" if first else f"{size}; {type(exc).__name__}"
 
 
@@ -220,6 +229,20 @@ def load_progress(path: Path | None, identity: Any, model: Any, optimizer: Any, 
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     return saved
+
+
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
+    """A short hash of a state dict's names and values: what a checkpoint says it holds, checked
+    when it is read back (a file copied over another, or changed in place, no longer matches)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        value = state[key]
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                      if value.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -11,6 +11,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 from .cli_args import (
@@ -99,9 +100,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_teacher(args: argparse.Namespace) -> int:
-    from .data import load_data
+    from .data import check_batches, load_data
+    from .limits import check_fits
     from .peers import watching_peers
     from .rundir import RunDir
+    from .runlock import run_dir_lock
     from .runtime import Interrupted, init_runtime, install_stop_handlers, setup_logging
     from .teacher import accuracy, get_teacher
 
@@ -110,11 +113,14 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
     setup_logging(rt.rank, rt.size)
     install_stop_handlers()
     status = 0
-    with watching_peers(rt, cfg.run.peer_timeout_s):
+    with ExitStack() as stack, watching_peers(rt, cfg.run.peer_timeout_s):
         if rt.is_root:
+            lock = stack.enter_context(run_dir_lock(cfg.run.dir))
+            run_dir = RunDir(lock.parent)
+            run_dir.check_same_job(cfg)
+            check_fits(cfg, rt.device)
             data = load_data(cfg.data, cfg.run.seed)
-            run_dir = RunDir(cfg.run.dir)
-            run_dir.create()
+            check_batches(cfg, data)
             try:
                 teacher, info = get_teacher(cfg, data, run_dir, rt.device)
                 print(f"teacher {cfg.model.arch} ({info['source']}): test acc "
@@ -133,7 +139,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .teacher import accuracy
 
     cfg = job_config(args)
-    run = load_run(cfg.run.dir)
+    try:
+        run = load_run(cfg.run.dir)
+    except FileNotFoundError as exc:
+        raise missing_run(cfg.run.dir, args) or exc from None
     rt = init_runtime("cpu", cfg.run.threads)
     data = load_data(run.config.data, run.config.run.seed)
     speed = measure_models(run.teacher, run.student, run.input_shape,
@@ -164,9 +173,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ImportError) as exc:
         if isinstance(exc, ImportError) and (exc.name or "").startswith("hpc_bkd"):
             raise
+        if isinstance(exc, FileNotFoundError):
+            exc = missing_run(cfg.run.dir, args) or exc
         print(f"hpc-bkd: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     return EXIT_OK
+
+
+class NoFinishedRun(FileNotFoundError):
+    """``evaluate``/``export`` of a directory without a finished run: the message says what to run."""
+
+
+def missing_run(run_dir: str, args: argparse.Namespace) -> NoFinishedRun | None:
+    """When ``run_dir`` holds no finished run (no student.pt), the error to give instead of a
+    missing file's: what is missing, and the command that makes the run, with the same config and
+    overrides as the command given (so it is the same job). None when the student is there."""
+    root = Path(run_dir)
+    if (root / "student.pt").is_file():
+        return None
+    job = " ".join([*(["-c", args.config] if args.config else []), "--run-dir", str(root),
+                    *(f"--set {o}" for o in args.overrides if not o.startswith("run.dir="))])
+    what = (f"run directory {root} not found" if not root.exists() else f"{root} is not a directory"
+            if not root.is_dir() else f"{root / 'student.pt'} not found: {root} holds no finished run")
+    return NoFinishedRun(f"{what}; run `hpc-bkd run {job}` first (or give --run-dir of a finished run)")
 
 
 def _cmd_run(args: argparse.Namespace, distill_only: bool = False) -> int:
@@ -258,11 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         from .atomic_io import DamagedFile, DiskFull
         from .data import DataError
         from .rundir import RunDirConflict
+        from .runlock import RunDirLocked
         from .teacher import TeacherMismatchError
         from .teams import TeamRendezvousError
 
         clear = isinstance(exc, (DataError, TeacherMismatchError, RunDirConflict, FileNotFoundError, ValueError,
-                                 DamagedFile, DiskFull, TeamRendezvousError, HeartbeatSetupError))
+                                 DamagedFile, DiskFull, TeamRendezvousError, HeartbeatSetupError, RunDirLocked))
         prefix = f"[rank {comm.rank}/{comm.size}] " if comm.size > 1 else ""
         if clear:
             advice = "; move it aside or delete it: running the job again rebuilds it" * isinstance(exc, DamagedFile)

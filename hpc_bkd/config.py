@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import inspect
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -67,6 +69,10 @@ class DataConfig:
     # A file that cannot be decoded (truncated, not an image): error stops with its name; skip logs
     # it once, counts it in the report, and lets the next readable image of the split take its place.
     on_bad_image: Literal["error", "skip"] = "error"
+    # ImageFolder listing: follow symbolic links to folders (false: a linked folder is left out and
+    # logged, so `ln -s .. train/cat/loop` cannot pull other classes in or loop). With true, each
+    # real folder is walked once (a link back to one already walked is an error naming both paths).
+    follow_symlinks: bool = False
     # ImageFolder geometry: the shorter side is resized to image_size / crop_fraction and the centre
     # image_size x image_size kept (1.0: the whole shorter side; 0.875: ImageNet's 256 -> 224).
     # Streaming with augment crop / crop-flip trains on random-resized crops (+ flips) instead,
@@ -330,18 +336,39 @@ def _coerce(section: str, key: str, hint: Any, value: Any) -> Any:
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        whole: Any = _number(value) if isinstance(value, str) else value  # 1e3 from --set: 1000
+        if isinstance(whole, float) and isinstance(value, str) and whole.is_integer():
+            whole = int(whole)
+        if isinstance(whole, bool) or not isinstance(whole, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
+        return whole
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = _number(value)
+        if number is None:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(number)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {hint} for {where}")  # a bug in this module
+
+
+# YAML 1.1 (PyYAML) reads 1e9 and 1E-3 as strings: it wants a dot (1.0e9) and a signed exponent
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _number(value: Any) -> int | float | None:
+    """``value`` as a number: an int or float, or exponent notation YAML left as a string (1e9)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return float(value)
+    return None
 
 
 def _check_ranges(cfg: Config) -> None:
@@ -363,6 +390,8 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if cfg.distill.teacher_cache_gb is not None and cfg.distill.teacher_cache_gb < 0:
         raise ConfigError(f"distill.teacher_cache_gb: must be >= 0 or null, got {cfg.distill.teacher_cache_gb}")
+    if cfg.data.train_limit is not None and cfg.data.train_limit < 1:
+        raise ConfigError(f"data.train_limit: must be >= 1, or null for every image, got {cfg.data.train_limit}")
     if cfg.plan.teams is not None and cfg.plan.teams < 1:
         raise ConfigError(f"plan.teams: must be >= 1 or null, got {cfg.plan.teams}")
     if cfg.distill.bn_groups > cfg.data.batch_size // 2:
@@ -429,6 +458,16 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+def config_from_saved(raw: Any) -> Config:
+    """The config a run saved (config.json, a checkpoint's copy): keys this version does not know
+    (a run of another version) are dropped rather than refused."""
+    if not isinstance(raw, dict):
+        raise ConfigError("a saved config must be a mapping of sections")
+    known = Config().to_dict()
+    return config_from_dict({s: {k: v for k, v in (vals or {}).items() if k in known[s]}
+                             for s, vals in raw.items() if s in known and isinstance(vals, dict)})
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """``section.key=value`` with a YAML-typed value (``distill.epochs=2``, ``teacher.checkpoint=null``)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
@@ -441,10 +480,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Load a config file (or shipped config name) and apply ``section.key=value`` overrides."""
     path = resolve_config_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for text in overrides or []:
@@ -457,6 +493,28 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
         return config_from_dict(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    """The parsed YAML of a config file; an unreadable, binary or empty file is a ``ConfigError``
+    naming it (an empty file would otherwise run the built-in defaults: a full-size job)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text (UTF-8) YAML file: byte {exc.start} is not UTF-8; "
+                          "is this the config you meant?") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a text YAML file (it holds NUL bytes); is this the config you meant?")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the config file is empty (no sections); write the sections to change "
+                          f"(see `hpc-bkd config-keys`), or use `-c {DEFAULT_CONFIG}` for the defaults")
+    return raw
 
 
 def _field_comments(cls: type) -> dict[str, list[str]]:

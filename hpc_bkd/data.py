@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DataConfig
+from .config import Config, DataConfig
 
 if TYPE_CHECKING:
     from .streaming import StreamSet
@@ -175,6 +175,7 @@ def _imagefolder(cfg: DataConfig, device: torch.device | None = None, stats: Dat
     """An ImageFolder as two ``StreamSet``s (train, val-or-test) sharing one pool of workers;
     ``load_data`` decodes them into memory when ``data.storage`` says so."""
     from .decode import Geometry
+    from .listing import FolderError
     from .streaming import FeedPool, LoaderOptions, StreamSet, list_folder
 
     root = Path(cfg.root or "")
@@ -188,8 +189,10 @@ def _imagefolder(cfg: DataConfig, device: torch.device | None = None, stats: Dat
     sets: list[tuple[Split, list[str]]] = []
     for folder in (root / "train", test_dir):
         try:
-            files, labels, classes = list_folder(folder)
-        except (FileNotFoundError, RuntimeError) as exc:
+            files, labels, classes = list_folder(folder, cfg.follow_symlinks)
+        except FolderError as exc:
+            raise DataError(f"imagefolder: {exc}") from None
+        except FileNotFoundError as exc:
             raise DataError(f"imagefolder: {exc}; expected {layout}") from None
         sets.append((StreamSet(files, labels, np.arange(len(files)), geo, pool), classes))
     (train, train_classes), (test, test_classes) = sets
@@ -243,6 +246,18 @@ def load_data(cfg: DataConfig, seed: int = 0, device: torch.device | None = None
     val_set = train.subset(val_idx) if n_val else test
     mean, std = _normalization(cfg, train_set)
     return Data(train_set, val_set, test, num_classes, mean, std, stats, device)
+
+
+def check_batches(cfg: Config, data: Data) -> None:
+    """One full training batch at least: every phase trains on whole batches (BatchNorm), and
+    the cost measurement divides by the batches per epoch."""
+    n, bs = len(data.train), cfg.data.batch_size
+    if n < bs:
+        source = cfg.data.dataset + (f" at {cfg.data.root}" if cfg.data.root else "")
+        limit = f" (data.train_limit={cfg.data.train_limit})" if cfg.data.train_limit else ""
+        raise DataError(f"{source}{limit}: {n} training images after the validation split "
+                        f"(data.val_fraction={cfg.data.val_fraction:g}), fewer than one batch of data.batch_size={bs}; "
+                        f"set data.batch_size to at most {n}, or use more images")
 
 
 def _check_reading(cfg: DataConfig) -> None:

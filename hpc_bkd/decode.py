@@ -57,9 +57,11 @@ def decode(path: str) -> torch.Tensor:
             raw = f.read()
     except OSError as exc:
         raise BadImage(path, f"cannot read ({exc.strerror or exc})") from None
+    if not raw:  # torch.frombuffer refuses an empty buffer with a ValueError that names no file
+        raise BadImage(path, "the file is empty (0 bytes)")
     try:
         return decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as first:  # "decode_jpeg, <source file>:<line>, <what>": keep <what>
+    except (RuntimeError, ValueError) as first:  # "decode_jpeg, <source file>:<line>, <what>": keep <what>
         return _decode_pil(path, raw, str(first).splitlines()[-1].split(", ")[-1])
 
 

@@ -16,6 +16,7 @@ import copy
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,15 @@ class BlockResult:
         fields_ = set(cls.__dataclass_fields__) - {"state_dict", "resumed_finished"}
         metrics = {k: v for k, v in saved["metrics"].items() if k in fields_}
         return cls(state_dict=saved["state_dict"], resumed_finished=resumed_finished, **metrics)
+
+
+def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """The epoch's learning-rate decay. A unit resumed at the very end of its first epoch closes
+    it before its restored optimizer steps in this process; torch then warns that the steps are
+    out of order, which they are not (both states are the saved ones), so that warning is dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+        scheduler.step()
 
 
 def _make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
@@ -292,7 +302,7 @@ class LocalDistiller:
                      f"  swapped val acc {entry['swapped_val_acc']:.2f}%, KL {entry['swapped_val_kl']:.4f}"
                      if "swapped_val_acc" in entry else "")
         t.epoch, t.step, t.loss_sum, t.loss_count = t.epoch + 1, 0, 0.0, 0
-        t.scheduler.step()
+        step_schedule(t.scheduler)
 
     def _sync_step(self, group: list[BlockTrainer], losses: list[torch.Tensor]) -> list[float]:
         """Finish a step's gradients and BN statistics; returns the (team-summed) losses.

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
@@ -37,13 +38,14 @@ from .candidates import Candidate, Unit, job_units
 from .choose import Choice, TrainedUnits, check_prediction, choose_students, kl_to_teacher
 from .config import Config, ConfigError, job_candidates
 from .costs import CostTable, block_costs, team_sizes
-from .data import Data, describe, load_data
+from .data import Data, check_batches, describe, load_data
 from .deploy import TimingPlan, measure_models
 from .distill import BlockResult, LocalDistiller
 from .energy import EnergyMeter
 from .export import export_run, missing_extra
 from .finetune import finetune, recalibrate_bn
 from .input_costs import exchange_seconds_per_byte
+from .limits import check_fits
 from .models import build_model
 from .peers import watching_peers
 from .plan import Plan, TeamModel, describe_plan, make_plan
@@ -60,7 +62,8 @@ from .records import (
     ModelSizes,
 )
 from .report import build_record, write_report
-from .rundir import BlockStore, RunDir, job_fingerprint
+from .rundir import BlockStore, RunDir, UnitShape, job_fingerprint
+from .runlock import run_dir_lock
 from .runtime import Interrupted, Runtime, init_runtime, peak_memory_mb, setup_logging
 from .schedule import Schedule, schedule_for
 from .students import build_candidate
@@ -189,8 +192,14 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> JobRecord | None:
     """
     rt = rt or init_runtime(cfg.run.device, cfg.run.threads)
     setup_logging(rt.rank, rt.size)
-    with watching_peers(rt, cfg.run.peer_timeout_s):
+    with watching_peers(rt, cfg.run.peer_timeout_s), job_lock(cfg, rt):
         return _run_stages(cfg, rt)
+
+
+def job_lock(cfg: Config, rt: Runtime) -> AbstractContextManager:
+    """Rank 0 holds the run directory's lock for the whole job (``runlock``); a second job there
+    fails at once (``RunDirLocked``) before it reads or writes anything."""
+    return run_dir_lock(cfg.run.dir) if rt.is_root else nullcontext()
 
 
 def _run_stages(cfg: Config, rt: Runtime) -> JobRecord | None:
@@ -202,7 +211,7 @@ def _run_stages(cfg: Config, rt: Runtime) -> JobRecord | None:
     teacher = share_teacher(cfg, rt, data, run_dir, clock)
     units = job_units(len(teacher.blocks), job_candidates(cfg))
     choice = agree_schedule(cfg, rt, teacher, data)
-    resume = find_finished(rt, run_dir, teacher, units)
+    resume = find_finished(cfg, rt, run_dir, teacher, units)
     costs = measure_costs(cfg, rt, teacher, units, data, choice, resume, run_dir)
     plan = share_plan(cfg, rt, units, costs, resume, clock)
     outcome = distill_owned(cfg, rt, teacher, units, data, run_dir, plan, choice, resume, backend)
@@ -229,10 +238,12 @@ def check_team_backend(cfg: Config, rt: Runtime) -> str:
 
 
 def open_run_dir(cfg: Config, rt: Runtime) -> RunDir:
+    """Rank 0 checks, before anything is written, that blocks here are this job's (config.json
+    is written once the job fingerprint agrees too, in ``find_finished``)."""
     run_dir = RunDir(cfg.run.dir)
     if rt.is_root:
         run_dir.create()
-        atomic_io.write_json(run_dir.config, cfg.to_dict())
+        run_dir.check_same_job(cfg)
         log.info("hpc_bkd: %d rank(s), run dir %s, device %s, %d thread(s) per rank", rt.size, run_dir,
                  rt.device, rt.threads)
         if cfg.run.export:
@@ -241,7 +252,10 @@ def open_run_dir(cfg: Config, rt: Runtime) -> RunDir:
 
 
 def load_job_data(cfg: Config, rt: Runtime, clock: Clock) -> Data:
+    """The job's data, once the teacher is known to fit this rank (estimated, nothing allocated)."""
+    check_fits(cfg, rt.device, rt.local_size)
     data = load_data(cfg.data, cfg.run.seed, rt.device)
+    check_batches(cfg, data)
     if rt.is_root:
         log.info("data: %s: %s", cfg.data.dataset, describe(data))
     clock.mark("data")
@@ -298,10 +312,23 @@ def cache_decision(cfg: Config, blocks: list[BlockSpec], data: Data, device: tor
                   len(data.train), budget)
 
 
-def find_finished(rt: Runtime, run_dir: RunDir, teacher: PreparedTeacher, units: list[Unit]) -> Resume:
-    """Which units an earlier run of this job finished, as any rank sees them."""
-    seen = rt.allgather(run_dir.finished_units(teacher.fingerprint, units))
+def find_finished(cfg: Config, rt: Runtime, run_dir: RunDir, teacher: PreparedTeacher, units: list[Unit]) -> Resume:
+    """Which units an earlier run of this job finished, as any rank sees them; each file is
+    checked to hold the unit its name says. Once this job is known to own the directory (the
+    same fingerprint), rank 0 records its config (config.json)."""
+    seen = rt.allgather(run_dir.finished_units(teacher.fingerprint, units, unit_shapes(cfg, teacher)))
+    if rt.is_root:
+        atomic_io.write_json(run_dir.config, cfg.to_dict())
     return Resume(sorted(set().union(*seen)), seen)
+
+
+def unit_shapes(cfg: Config, teacher: PreparedTeacher) -> Callable[[Unit], UnitShape]:
+    """What a finished unit's file must hold: its block's name and its student's tensor shapes."""
+    def expect(unit: Unit) -> UnitShape:
+        spec = teacher.blocks[unit.block]
+        student = build_candidate(spec, Candidate.parse(unit.candidate), cfg.run.seed)
+        return UnitShape(spec.name, {k: tuple(v.shape) for k, v in student.state_dict().items()})
+    return expect
 
 
 # ------------------------------------------------------------------------------ costs and plan
@@ -600,6 +627,7 @@ def plan_only(cfg: Config, ranks: int) -> PlanPreview:
     """
     rt = init_runtime("cpu", cfg.run.threads)
     setup_logging(rt.rank, rt.size)
+    check_fits(cfg, rt.device)
     data = load_data(cfg.data, cfg.run.seed)
     teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width).eval()
     if cfg.teacher.checkpoint:

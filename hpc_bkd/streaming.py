@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import DataError, DataStats, ImageSet, batch_indices, steps_per_epoch
 from .decode import EVAL, BadImage, Geometry, load_sample, mode_for
+from .runtime import Interrupted, stop_requested
 
 log = logging.getLogger("hpc_bkd")
 
@@ -44,13 +45,15 @@ Key = tuple[int, int, int, int]  # (image index in the split, seed, epoch, mode)
 Batch = tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]  # images, labels, (path, reason) skipped
 
 
-def list_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def list_folder(folder: Path, follow_symlinks: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(paths, labels, classes) of an ImageFolder: one sub-folder per class, images anywhere below
-    it (nested folders are walked), any extension torchvision's ImageFolder accepts (``.JPEG`` too)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    it (nested folders are walked), any extension torchvision's ImageFolder accepts (``.JPEG`` too).
+    Each real file and folder once; links to folders only when ``follow_symlinks`` (``listing``)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    classes, class_to_idx = find_classes(str(folder))
-    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    from .listing import list_images
+
+    samples, classes = list_images(folder, IMG_EXTENSIONS, follow_symlinks)
     paths = np.array([p.encode() for p, _ in samples], dtype=bytes)  # compact: pickled to every worker
     return paths, np.array([c for _, c in samples], dtype=np.int64), classes
 
@@ -287,6 +290,8 @@ class StreamSet:
         labels = torch.empty(len(self), dtype=torch.long)
         start = 0
         for x, y in self.chunks(range(len(self)), size):
+            if stop_requested():  # a stop during a long decode ends the job now, not after it
+                raise Interrupted(f"stopped while decoding images into memory ({start} of {len(self)} done)")
             images[start: start + len(y)] = x
             labels[start: start + len(y)] = y
             start += len(y)

@@ -1,7 +1,6 @@
 """The teacher: trained by the toolkit (and cached), or loaded from a user checkpoint; evaluation."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -16,7 +15,7 @@ from . import atomic_io
 from .config import Config
 from .data import Data, eval_batches, steps_per_epoch, train_batch
 from .models import build_model
-from .rundir import RunDir
+from .rundir import RunDir, RunDirConflict
 from .runtime import Interrupted, stop_requested
 
 log = logging.getLogger("hpc_bkd")
@@ -52,12 +51,7 @@ def _teacher_identity(cfg: Config, num_classes: int) -> dict[str, Any]:
 
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     """A short hash of a state dict's values (detects a changed teacher under a resumed run)."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                      if state[key].numel() else b"")
-    return digest.hexdigest()[:16]
+    return atomic_io.state_checksum(state)
 
 
 def load_teacher_checkpoint(path: str | Path, model: nn.Module) -> nn.Module:
@@ -154,6 +148,10 @@ def get_teacher(cfg: Config, data: Data, run_dir: RunDir, device: torch.device) 
             model.load_state_dict(cached["state_dict"])
             source = f"cache {cache}"
         else:
+            if cached is not None and run_dir.has_blocks():  # retraining would orphan them: refuse first
+                raise RunDirConflict(f"{cache} was trained with other settings than this job's, and {run_dir}/blocks "
+                                     "holds its students. Nothing was written. Use a new run.dir, or delete that "
+                                     "run's blocks/ folder to start over.")
             if cached is not None:
                 log.warning("cached teacher %s was trained with other settings: training a new one", cache)
             t0 = time.time()
@@ -161,7 +159,7 @@ def get_teacher(cfg: Config, data: Data, run_dir: RunDir, device: torch.device) 
             partial = run_dir.teacher_partial
             model = train_teacher(cfg, data, device, partial).cpu()
             if cfg.teacher.cache:
-                atomic_io.save({"state_dict": model.state_dict(), "identity": identity}, cache)
+                run_dir.save_teacher_cache(model.state_dict(), identity)
             partial.unlink(missing_ok=True)
             source = f"trained in {time.time() - t0:.1f}s"
     return model.eval(), {"source": source}

@@ -39,7 +39,7 @@ def _through_plan(cfg, rt):
     teacher = pipeline.share_teacher(cfg, rt, data, run_dir, clock)
     choice = pipeline.agree_schedule(cfg, rt, teacher, data)
     units = job_units(len(teacher.blocks), job_candidates(cfg))
-    resume = pipeline.find_finished(rt, run_dir, teacher, units)
+    resume = pipeline.find_finished(cfg, rt, run_dir, teacher, units)
     costs = pipeline.measure_costs(cfg, rt, teacher, units, data, choice, resume, run_dir)
     plan = pipeline.share_plan(cfg, rt, units, costs, resume, clock)
     return clock, run_dir, data, teacher, units, choice, resume, costs, plan
