@@ -483,7 +483,9 @@ def make_student(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher:
     student.cpu()
     clock.mark("evaluate")
     atomic_io.save({"state_dict": student.state_dict(), "accepted_blocks": accepted,
-                    "students": {str(b): k for b, k in kinds.items()}, "config": cfg.to_dict()}, run_dir.student)
+                    "students": {str(b): k for b, k in kinds.items()}, "config": cfg.to_dict(),
+                    # blocks whose chosen option is int8: the ONNX export quantizes them (see export)
+                    "precisions": {str(b): p for b, p in chosen.precisions.items()}}, run_dir.student)
     shape = data.input_shape
     return StudentResult(student, accepted,
                          Accuracy(teacher.test_acc, teacher.val_acc, before, recalibrated, after),
@@ -508,13 +510,14 @@ def report_job(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher: P
     results = collect_results(outcomes, resume, run_dir, units)
     chosen = choose_students(cfg.select, cfg.distill.accept_tolerance,
                              TrainedUnits(teacher.model, teacher.blocks, units, results, teacher.val_acc,
-                                          data.input_shape, cfg.run.seed, rt.device, rt.threads))
+                                          data.input_shape, cfg.run.seed, rt.device, rt.threads, data,
+                                          cfg.data.eval_batch_size))
     clock.mark("select")
     student = make_student(cfg, rt, data, run_dir, teacher, units, results, chosen, clock)
     selection = chosen.selection
     if selection is not None:
         selection = check_prediction(selection, student.model, teacher.model, data.input_shape, student.kl, rt.device,
-                                     rt.threads)
+                                     rt.threads, teacher.blocks, chosen.precisions, data, cfg.select)
         clock.mark("select")
     timing = TimingPlan(batch_size=cfg.data.eval_batch_size, threads=rt.threads)
     inference = measure_deployed(rt, data, teacher, student, timing) if cfg.run.measure_inference else None
