@@ -165,6 +165,7 @@ def measure_options(t: TrainedUnits, batches: Sequence[int], runtime: SelectionR
     (default: PyTorch eager on the job's device, in the layout the whole teacher prefers), in the
     same interleaved rounds as the whole teacher."""
     runtime = runtime or TorchRuntime(t.device, t.threads)
+    t0 = time.perf_counter()
     whole = runtime.prepare(t.teacher, t.input_shape, "teacher")
     layouts = runtime.layouts(whole, batches)
     items, rows, sizes = [whole], [], [(sum(p.numel() for p in t.teacher.parameters()),
@@ -181,11 +182,16 @@ def measure_options(t: TrainedUnits, batches: Sequence[int], runtime: SelectionR
         sizes += size
         rows.append((spec, units, precision, prepared))
     calibration.clear()
+    t1 = time.perf_counter()
     calls = runtime.call_items([spec.in_shape for spec in t.blocks])
     table = runtime.latency_table(items + calls, layouts)
     latency = iter(_minus_calls(table[:len(items)], items, table[len(items):], calls))
+    t2 = time.perf_counter()
     scores = int8_scores(t, runtime, [(spec.index, p) for spec, _, _, prep in rows for p in prep
                                       if p.precision == INT8]) if int8 else {}
+    log.info("selection: %d options in %s (%s): prepared in %.1fs%s, timed in %.1fs%s", len(items) - 1,
+             runtime.name, "/".join(precisions), t1 - t0, " (exported, int8 calibrated)" if int8 else "", t2 - t1,
+             f", int8 scored in {time.perf_counter() - t2:.1f}s" if int8 else "")
     t_lat, size_it = next(latency), iter(sizes)
     t_params, t_macs = next(size_it)
     options = [[_option(spec, u, t.results, next(latency), *next(size_it), prec, scores.get(p.name))
