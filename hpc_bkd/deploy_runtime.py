@@ -153,7 +153,7 @@ class OnnxRuntime:
         from .export import export_onnx
 
         path = self._path(name)
-        export_onnx(deploy_form(model), shape, path)
+        export_onnx(deploy_form(model).cpu(), shape, path)  # ONNX Runtime runs on the CPU
         return Prepared(name, tuple(shape), FP32, path=path)
 
     def quantize(self, fp32: Prepared, calibration: Sequence[np.ndarray]) -> Prepared:
