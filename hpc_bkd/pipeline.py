@@ -226,7 +226,24 @@ def check_team_backend(cfg: Config, rt: Runtime) -> str:
         raise ConfigError(str(exc)) from None
 
 
+def check_selection_runtime(cfg: Config, device: torch.device) -> None:
+    """Before any work: ONNX Runtime timing or int8 options asked for where they cannot run is a
+    config error now, not a failure after the distillation (every rank sees the same install)."""
+    s = cfg.select
+    if s.method != "budget":
+        return
+    int8 = "int8" in s.precisions
+    why = missing_extra("onnx") if s.runtime == "onnxruntime" or int8 else None
+    if why:
+        raise ConfigError(f"select.runtime {s.runtime}, select.precisions {s.precisions}: {why}")
+    if int8 and s.runtime == "auto" and device.type != "cpu":
+        raise ConfigError(f"select.precisions int8: int8 options are ONNX Runtime CPU files, and this job runs on "
+                          f"{device.type} (select.runtime auto times in PyTorch there): set select.runtime "
+                          "onnxruntime to time on the CPU, or drop int8")
+
+
 def open_run_dir(cfg: Config, rt: Runtime) -> RunDir:
+    check_selection_runtime(cfg, rt.device)
     run_dir = RunDir(cfg.run.dir)
     if rt.is_root:
         run_dir.create()
