@@ -155,11 +155,17 @@ def _fp32_row(t: TrainedUnits, spec: BlockSpec, runtime: SelectionRuntime
         modules.append(student.eval())
     prepared = [runtime.prepare(m, spec.in_shape, f"block{spec.index}-{u.candidate if u else TEACHER}")
                 for m, u in zip(modules, units)]
-    return units, prepared, [(sum(p.numel() for p in m.parameters()), total_macs(m, spec.in_shape)) for m in modules]
+    return units, prepared, [_size(m, spec.in_shape) for m in modules]
+
+
+def _size(model: nn.Module, shape: Sequence[int]) -> tuple[int, int]:
+    """Params and MACs of ``model``'s deploy form (BatchNorm folded): what ships."""
+    deployed = deploy_form(model)
+    return sum(p.numel() for p in deployed.parameters()), total_macs(deployed, shape)
 
 
 def measure_options(t: TrainedUnits, batches: Sequence[int], runtime: SelectionRuntime | None = None,
-                    precisions: Sequence[str] = (FP32,), calibration_images: int = 128) -> MeasuredOptions:
+                    precisions: Sequence[str] = (FP32,), calibration_images: int = 256) -> MeasuredOptions:
     """Each block's options (the teacher's block first, then its trained candidates in the
     config's order; with int8, then each of those quantized), measured alone in ``runtime``
     (default: PyTorch eager on the job's device, in the layout the whole teacher prefers), in the
@@ -168,8 +174,7 @@ def measure_options(t: TrainedUnits, batches: Sequence[int], runtime: SelectionR
     t0 = time.perf_counter()
     whole = runtime.prepare(t.teacher, t.input_shape, "teacher")
     layouts = runtime.layouts(whole, batches)
-    items, rows, sizes = [whole], [], [(sum(p.numel() for p in t.teacher.parameters()),
-                                        total_macs(t.teacher, t.input_shape))]
+    items, rows, sizes = [whole], [], [_size(t.teacher, t.input_shape)]
     int8 = INT8 in precisions
     calibration = block_inputs(t, calibration_images) if int8 else {}
     for spec in t.blocks:
