@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 NP     ?= 2
 RUN_DIR ?= runs/default
 
-.PHONY: install run run-mpi lint test test-fast bench bench-quick bench-paper-scale bench-select bench-select-paper-scale bench-data gpu-check slurm-up slurm-down clean
+.PHONY: install run run-mpi lint test test-fast bench bench-quick bench-paper-scale bench-select bench-select-paper-scale bench-int8 bench-data gpu-check slurm-up slurm-down clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,12 @@ bench-select-paper-scale: install  ## the same on full-width VGG16-BN at 32x32 (
 	  --set blocks.candidates=separable-d1,lowrank-r0.25,separable-d2 --set select.latency_batches=64 \
 	  --set select.objective=quality --set select.budget_unit=fraction \
 	  --set model.width=1.0 --set teacher.epochs=3 --set teacher.lr=0.01 --set distill.epochs=2 --set finetune.epochs=3
+
+# int8 per block (#23): the default job choosing among fp32 and int8 options timed in ONNX Runtime, then its
+# exported student against the teacher in fp32 and the whole teacher in int8, at batch 1 and 64, 1 thread.
+bench-int8: install  ## the default job with int8 options; exported student vs fp32 and int8 teacher (ONNX Runtime)
+	$(PY) -m hpc_bkd run --run-dir bench/results-int8/run --set 'select.precisions=[fp32,int8]' --set run.export=true
+	$(PY) -m benchmarks.int8_bench --run-dir bench/results-int8/run --out bench/results-int8 --threads 1
 
 bench-data: install  ## streaming input: images/s by workers vs a ResNet18-at-224 rank, RSS 5k vs 20k images, data wait
 	$(PY) -m benchmarks.data_bench --out bench/results-data

@@ -17,10 +17,13 @@ reported beside the prediction (``check_prediction``).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,13 +31,14 @@ from torch import nn
 from .candidates import TEACHER, Candidate, Unit
 from .config import ConfigError, SelectConfig
 from .data import Data, eval_batches
-from .deploy import deploy_form, fastest_layout, latency_table, teacher_block
+from .deploy import deploy_form, latency_table, teacher_block
+from .deploy_runtime import FP32, INT8, Prepared, SelectionRuntime, TorchRuntime, make_runtime
 from .distill import BlockResult
 from .finetune import accept_blocks
 from .records import FrontPointRecord, OptionRecord, SelectionRecord
 from .select import Infeasible, Option, Problem, Solution, pareto_front, solve, tightest_fraction
 from .students import build_candidate
-from .surgery import BlockSpec, total_macs
+from .surgery import BlockSpec, BlockTap, SwappedForward, total_macs
 
 log = logging.getLogger("hpc_bkd")
 
@@ -52,6 +56,7 @@ class Choice:
 
     units: dict[int, int]
     selection: SelectionRecord | None = None
+    precisions: dict[int, str] = field(default_factory=dict)  # block -> int8 where the choice quantizes it
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class TrainedUnits:
     seed: int
     device: torch.device
     threads: int
+    data: Data | None = None       # for int8 options: calibration (training) and scores (validation)
+    eval_batch_size: int = 256
 
 
 class ToleranceRule:
@@ -93,11 +100,16 @@ class BudgetChoice:
 
     def choose(self, t: TrainedUnits) -> Choice:
         t0 = time.perf_counter()
-        measured = measure_options(t, list(self.cfg.latency_batches))
+        c = self.cfg
+        with tempfile.TemporaryDirectory(prefix="hpc_bkd_options_") as tmp:  # the options' ONNX files
+            runtime = make_runtime(c.runtime, t.device, t.threads, Path(tmp), c.calibration)
+            measured = measure_options(t, list(c.latency_batches), runtime, c.precisions, c.calibration_images)
         selection = select(self.cfg, measured, time.perf_counter() - t0)
         for line in describe_selection(selection):
             log.info("%s", line)
-        return Choice({o.block: o.unit for o in selection.options if o.chosen and o.unit is not None}, selection)
+        chosen = [o for o in selection.options if o.chosen]
+        return Choice({o.block: o.unit for o in chosen if o.unit is not None}, selection,
+                      {o.block: o.precision for o in chosen if o.precision != FP32})
 
 
 def choose_students(cfg: SelectConfig, tolerance: float, trained: TrainedUnits) -> Choice:
@@ -117,6 +129,8 @@ class MeasuredOptions:
     teacher: dict[str, float]
     rest: dict[str, float]
     layouts: dict[str, str]
+    runtime: str = "torch"
+    precisions: tuple[str, ...] = (FP32,)
 
 
 def _values(latency: dict[str, float], params: int, macs: int, kl: float = 0.0) -> dict[str, float]:
@@ -128,32 +142,130 @@ def option_values(o: OptionRecord) -> dict[str, float]:
     return _values(o.latency_ms, o.params, o.macs, o.kl)
 
 
-def measure_options(t: TrainedUnits, batches: Sequence[int]) -> MeasuredOptions:
+def _fp32_row(t: TrainedUnits, spec: BlockSpec, runtime: SelectionRuntime
+              ) -> tuple[list[Unit | None], list[Prepared], list[tuple[int, int]]]:
+    """A block's fp32 options (the teacher's block, then its trained candidates in the config's
+    order), prepared for ``runtime``, with their params and MACs."""
+    units: list[Unit | None] = [None]
+    modules: list[nn.Module] = [teacher_block(t.teacher, spec)]
+    for u in (u for u in t.units if u.block == spec.index and u.id in t.results):
+        student = build_candidate(spec, Candidate.parse(u.candidate), t.seed)
+        student.load_state_dict(t.results[u.id].state_dict)
+        units.append(u)
+        modules.append(student.eval())
+    prepared = [runtime.prepare(m, spec.in_shape, f"block{spec.index}-{u.candidate if u else TEACHER}")
+                for m, u in zip(modules, units)]
+    return units, prepared, [_size(m, spec.in_shape) for m in modules]
+
+
+def _size(model: nn.Module, shape: Sequence[int]) -> tuple[int, int]:
+    """Params and MACs of ``model``'s deploy form (BatchNorm folded): what ships."""
+    deployed = deploy_form(model)
+    return sum(p.numel() for p in deployed.parameters()), total_macs(deployed, shape)
+
+
+def measure_options(t: TrainedUnits, batches: Sequence[int], runtime: SelectionRuntime | None = None,
+                    precisions: Sequence[str] = (FP32,), calibration_images: int = 256) -> MeasuredOptions:
     """Each block's options (the teacher's block first, then its trained candidates in the
-    config's order), measured alone on the job's device in the layout the whole teacher prefers,
-    in the same interleaved rounds as the whole teacher (``deploy.latency_table``)."""
-    whole = deploy_form(t.teacher)
-    layouts = {b: fastest_layout(whole, t.input_shape, b, t.device, t.threads) for b in batches}
-    items: list[tuple[nn.Module, Sequence[int]]] = [(whole, t.input_shape)]
-    rows: list[list[tuple[BlockSpec, Unit | None]]] = []
+    config's order; with int8, then each of those quantized), measured alone in ``runtime``
+    (default: PyTorch eager on the job's device, in the layout the whole teacher prefers), in the
+    same interleaved rounds as the whole teacher."""
+    runtime = runtime or TorchRuntime(t.device, t.threads)
+    t0 = time.perf_counter()
+    whole = runtime.prepare(t.teacher, t.input_shape, "teacher")
+    layouts = runtime.layouts(whole, batches)
+    items, rows, sizes = [whole], [], [_size(t.teacher, t.input_shape)]
+    int8 = INT8 in precisions
+    calibration = block_inputs(t, calibration_images) if int8 else {}
     for spec in t.blocks:
-        row: list[tuple[BlockSpec, Unit | None]] = [(spec, None)]
-        items.append((deploy_form(teacher_block(t.teacher, spec)), spec.in_shape))
-        for u in (u for u in t.units if u.block == spec.index and u.id in t.results):
-            student = build_candidate(spec, Candidate.parse(u.candidate), t.seed)
-            student.load_state_dict(t.results[u.id].state_dict)
-            items.append((deploy_form(student), spec.in_shape))
-            row.append((spec, u))
-        rows.append(row)
-    latency = iter(latency_table(items, layouts, t.device, t.threads))
-    sizes = iter([(sum(p.numel() for p in m.parameters()), total_macs(m, shape)) for m, shape in items])
-    t_lat, (t_params, t_macs) = next(latency), next(sizes)
-    options = [[_option(spec, u, t.results, next(latency), *next(sizes)) for spec, u in row] for row in rows]
-    return _with_rest(options, _values(t_lat, t_params, t_macs), {str(b): v for b, v in layouts.items()})
+        units, prepared, size = _fp32_row(t, spec, runtime)
+        precision = [FP32] * len(units)
+        if int8:  # every option again, quantized on the block's real inputs; fp32 first wins a tie
+            prepared += [runtime.quantize(p, calibration[spec.index]) for p in prepared]
+            units, size, precision = units * 2, size * 2, precision + [INT8] * len(precision)
+        items += prepared
+        sizes += size
+        rows.append((spec, units, precision, prepared))
+    calibration.clear()
+    t1 = time.perf_counter()
+    calls = runtime.call_items([spec.in_shape for spec in t.blocks])
+    table = runtime.latency_table(items + calls, layouts)
+    latency = iter(_minus_calls(table[:len(items)], items, table[len(items):], calls))
+    t2 = time.perf_counter()
+    scores = int8_scores(t, runtime, [(spec.index, p) for spec, _, _, prep in rows for p in prep
+                                      if p.precision == INT8]) if int8 else {}
+    log.info("selection: %d options in %s (%s): prepared in %.1fs%s, timed in %.1fs%s", len(items) - 1,
+             runtime.name, "/".join(precisions), t1 - t0, " (exported, int8 calibrated)" if int8 else "", t2 - t1,
+             f", int8 scored in {time.perf_counter() - t2:.1f}s" if int8 else "")
+    t_lat, size_it = next(latency), iter(sizes)
+    t_params, t_macs = next(size_it)
+    options = [[_option(spec, u, t.results, next(latency), *next(size_it), prec, scores.get(p.name))
+                for u, prec, p in zip(units, precision, prep)] for spec, units, precision, prep in rows]
+    measured = _with_rest(options, _values(t_lat, t_params, t_macs), {str(b): v for b, v in layouts.items()})
+    return replace(measured, runtime=runtime.name, precisions=tuple(precisions))
+
+
+def _minus_calls(table: list[dict[str, float]], items: Sequence[Prepared], call_table: list[dict[str, float]],
+                 calls: Sequence[Prepared]) -> list[dict[str, float]]:
+    """Each block's time without the cost of calling it alone (``SelectionRuntime.call_items``);
+    the whole teacher (first item) keeps its own. Never below 1 % of the raw figure."""
+    by_shape = {c.shape: row for c, row in zip(calls, call_table)}
+    out = [table[0]]
+    for p, row in zip(items[1:], table[1:]):
+        call = by_shape.get(p.shape, {})
+        out.append({b: max(v - call.get(b, 0.0), 0.01 * v) for b, v in row.items()})
+    return out
+
+
+def block_inputs(t: TrainedUnits, images: int) -> dict[int, list[np.ndarray]]:
+    """Per block, its real inputs for int8 calibration: the teacher's prefix run on the first
+    ``images`` training images (normalised as for evaluation), as batches of numpy arrays."""
+    if t.data is None:
+        raise ValueError("int8 options need the job's data to calibrate on")
+    tap = BlockTap(t.teacher.eval(), t.blocks)
+    out: dict[int, list[np.ndarray]] = {b.index: [] for b in t.blocks}
+    n = min(images, len(t.data.train))
+    for x, _ in eval_batches(t.data, t.data.train, min(32, n), range(0, n)):
+        for i, (inp, _) in tap(x.to(t.device)).items():
+            out[i].append(inp.float().cpu().numpy())
+    return out
+
+
+@torch.no_grad()
+def int8_scores(t: TrainedUnits, runtime: SelectionRuntime, options: Sequence[tuple[int, Prepared]]
+                ) -> dict[str, tuple[float, float]]:
+    """Per int8 option (by name), the teacher's validation accuracy and KL(teacher || teacher
+    with only that block swapped for it): the same score distillation gives an fp32 candidate,
+    with the quantized block run in the runtime it is timed in (an ONNX Runtime session inside
+    the teacher's forward, see ``deploy_runtime.OrtModule``), so the score is that of the int8
+    file and not of a simulation of it. One pass: the teacher prefix is shared (``SwappedForward``)."""
+    if t.data is None:
+        raise ValueError("int8 options need the job's data to score on")
+    swaps = [(block, runtime.module(p)) for block, p in options]
+    forward = SwappedForward(t.teacher.eval(), t.blocks)
+    sums = np.zeros((len(swaps), 2))
+    count = 0
+    for x, y in eval_batches(t.data, t.data.val, t.eval_batch_size):
+        x = x.to(t.device)
+        reference = F.log_softmax(t.teacher(x).float(), 1)
+        for j, logits in enumerate(forward.run(x, swaps)):
+            sums[j, 0] += float((logits.argmax(1).cpu() == y).sum())
+            sums[j, 1] += float(F.kl_div(F.log_softmax(logits.float(), 1), reference, log_target=True,
+                                         reduction="sum"))
+        count += len(y)
+    count = max(count, 1)
+    return {p.name: (100.0 * sums[j, 0] / count, max(sums[j, 1] / count, 0.0))
+            for j, (_, p) in enumerate(options)}
 
 
 def _option(spec: BlockSpec, unit: Unit | None, results: dict[int, BlockResult], latency: dict[str, float],
-            params: int, macs: int) -> OptionRecord:
+            params: int, macs: int, precision: str = FP32, score: tuple[float, float] | None = None) -> OptionRecord:
+    """One option's record; ``score``: (swapped accuracy, KL) measured here (int8 options), else
+    the distillation's (a candidate) or none (the teacher's own fp32 block: KL 0)."""
+    name = unit.candidate if unit is not None else TEACHER
+    if score is not None:
+        return OptionRecord(spec.index, name, unit.id if unit else None, score[1], score[0], latency, params, macs,
+                            False, precision)
     if unit is None:
         return OptionRecord(spec.index, TEACHER, None, 0.0, None, latency, params, macs, False)
     r = results[unit.id]
@@ -179,6 +291,11 @@ def _with_rest(options: list[list[OptionRecord]], teacher: dict[str, float], lay
     return MeasuredOptions(options, teacher, {k: teacher[k] - summed[k] for k in teacher}, layouts)
 
 
+def fp32_only(m: MeasuredOptions) -> MeasuredOptions:
+    """The same measurements with the int8 options left out: the front without int8."""
+    return replace(m, options=[[o for o in row if o.precision == FP32] for row in m.options], precisions=(FP32,))
+
+
 # ------------------------------------------------------------------------------ the choice
 
 
@@ -193,7 +310,7 @@ def problem_for(s: SelectConfig, m: MeasuredOptions, with_limits: bool = True) -
     """The knapsack: one option per block plus the rest of the teacher, for ``select``'s
     objective (``with_limits=False``: no budget, for the tightest budget and the front)."""
     keys = cost_keys(s)
-    blocks = [[Option(o.name, option_values(o)) for o in row] for row in m.options]
+    blocks = [[Option(o.label, option_values(o)) for o in row] for row in m.options]
     blocks.append([Option(REST, dict(m.rest))])
     if s.objective == "quality":
         limits = {k: s.budget * m.teacher[k] if s.budget_unit == "fraction" else s.budget for k in keys}
@@ -233,27 +350,32 @@ def select(s: SelectConfig, m: MeasuredOptions, measure_s: float = 0.0) -> Selec
     except Infeasible as exc:
         raise _budget_error(s, m, exc) from None
     keys = cost_keys(s)
-    front = pareto_front(problem_for(s, m, with_limits=False), "kl", {k: m.teacher[k] for k in keys})
+    reference = {k: m.teacher[k] for k in keys}
+    front = pareto_front(problem_for(s, m, with_limits=False), "kl", reference)
+    front_fp32 = (pareto_front(problem_for(s, fp32_only(m), with_limits=False), "kl", reference)
+                  if INT8 in m.precisions else [])
     options = [[replace(o, chosen=j == solution.choice[b]) for j, o in enumerate(row)]
                for b, row in enumerate(m.options)]
     return SelectionRecord(
         objective=s.objective, metric=s.metric, budget=s.budget, budget_unit=s.budget_unit,
         limits=dict(problem.limits), layouts=m.layouts, teacher=m.teacher, rest=m.rest,
         options=[o for row in options for o in row],
-        chosen=[row[solution.choice[b]].name for b, row in enumerate(m.options)],
+        chosen=[row[solution.choice[b]].label for b, row in enumerate(m.options)],
         predicted=dict(solution.totals), optimal=solution.optimal,
-        front=[FrontPointRecord(p.fraction, p.names[:-1], dict(p.totals)) for p in front], measure_s=measure_s)
+        front=[FrontPointRecord(p.fraction, p.names[:-1], dict(p.totals)) for p in front], measure_s=measure_s,
+        runtime=m.runtime, precisions=list(m.precisions),
+        front_fp32=[FrontPointRecord(p.fraction, p.names[:-1], dict(p.totals)) for p in front_fp32])
 
 
 def describe_selection(s: SelectionRecord) -> list[str]:
     """For people: the budget, the choice per block and the predicted whole-model figures."""
     keys = [k for k in s.teacher if k.startswith("latency") or k in ("params", "macs")]
     ratio = ", ".join(f"{k} {s.predicted[k] / s.teacher[k]:.2f}x the teacher's" for k in keys if s.teacher[k])
-    lines = [f"selection ({s.objective} under {s.metric} budget {s.budget:g} {s.budget_unit}"
+    lines = [f"selection ({s.objective} under {s.metric} budget {s.budget:g} {s.budget_unit}, timed in {s.runtime}"
              f"{', optimal' if s.optimal else ''}): predicted summed KL {s.predicted['kl']:.4f}; {ratio}"]
     for o in (o for o in s.options if o.chosen):
         lat = ", ".join(f"{v:.3f} ms@{b}" for b, v in o.latency_ms.items())
-        lines.append(f"  block {o.block:2d}: {o.name:<18} KL {o.kl:.4f}  {lat}  {o.params:,} params")
+        lines.append(f"  block {o.block:2d}: {o.label:<18} KL {o.kl:.4f}  {lat}  {o.params:,} params")
     return lines
 
 
@@ -277,21 +399,54 @@ def kl_to_teacher(student: nn.Module, teacher: nn.Module, data: Data, split: str
 
 
 def check_prediction(selection: SelectionRecord, student: nn.Module, teacher: nn.Module, input_shape: Sequence[int],
-                     kl: dict[str, float], device: torch.device, threads: int) -> SelectionRecord:
-    """The assembled student measured whole beside the prediction (same layouts as its blocks),
-    with the whole teacher timed again in the same rounds, so the speed-up is a like-for-like one."""
+                     kl: dict[str, float], device: torch.device, threads: int, blocks: Sequence[BlockSpec] = (),
+                     precisions: dict[int, str] | None = None, data: Data | None = None,
+                     select_cfg: SelectConfig | None = None) -> SelectionRecord:
+    """The assembled student measured whole beside the prediction, in the runtime its options
+    were timed in (same layouts), with the whole teacher timed again in the same rounds, so the
+    speed-up is a like-for-like one. In ONNX Runtime the student is the exported file, its int8
+    blocks quantized (``precisions``), and with int8 offered the whole teacher quantized too: the
+    baseline "just quantize the teacher" timed beside it."""
     layouts = {int(b): layout for b, layout in selection.layouts.items()}
-    got, ref = latency_table([(deploy_form(student), input_shape), (deploy_form(teacher), input_shape)], layouts,
-                             device, threads)
+    if selection.runtime == "onnxruntime":
+        got, ref, extra = _check_in_onnxruntime(selection, student, teacher, input_shape, threads, blocks,
+                                                precisions or {}, data, select_cfg or SelectConfig())
+    else:
+        got, ref = latency_table([(deploy_form(student), input_shape), (deploy_form(teacher), input_shape)], layouts,
+                                 device, threads)
+        extra = {}
     measured = {f"latency_ms@{b}": v for b, v in got.items()}
     measured.update({f"teacher_latency_ms@{b}": v for b, v in ref.items()})
+    measured.update({f"teacher_int8_latency_ms@{b}": v for b, v in extra.items()})
     measured.update({f"kl_{k}": v for k, v in kl.items()})
     for b in selection.layouts:
         key = f"latency_ms@{b}"
-        log.info("student latency at batch %s: predicted %.3f ms, measured %.3f ms (%+.1f %%); teacher %.3f ms "
-                 "(%.2fx)", b, selection.predicted[key], measured[key],
-                 100 * (measured[key] / selection.predicted[key] - 1), ref[b], ref[b] / measured[key])
+        log.info("student latency at batch %s (%s): predicted %.3f ms, measured %.3f ms (%+.1f %%); teacher %.3f ms "
+                 "(%.2fx)%s", b, selection.runtime, selection.predicted[key], measured[key],
+                 100 * (measured[key] / selection.predicted[key] - 1), ref[b], ref[b] / measured[key],
+                 f"; int8 teacher {extra[b]:.3f} ms ({extra[b] / measured[key]:.2f}x)" if b in extra else "")
     return replace(selection, measured=measured)
+
+
+def _check_in_onnxruntime(selection: SelectionRecord, student: nn.Module, teacher: nn.Module,
+                          input_shape: Sequence[int], threads: int, blocks: Sequence[BlockSpec],
+                          precisions: dict[int, str], data: Data | None, c: SelectConfig
+                          ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Student (mixed precision), teacher fp32 and (int8 offered) teacher int8 as ONNX files,
+    timed in ONNX Runtime in the same interleaved rounds."""
+    from .deploy_runtime import OnnxRuntime, image_batches
+
+    int8 = [m for b in blocks if precisions.get(b.index) == INT8 for m in b.members]
+    calibration = image_batches(data, c.calibration_images) if data is not None and (
+        int8 or INT8 in selection.precisions) else []
+    with tempfile.TemporaryDirectory(prefix="hpc_bkd_check_") as tmp:
+        rt = OnnxRuntime(threads, Path(tmp), c.calibration)
+        s = rt.prepare(student, input_shape, "student")
+        items = [rt.quantize_blocks(s, int8, calibration) if int8 else s, rt.prepare(teacher, input_shape, "teacher")]
+        if INT8 in selection.precisions and calibration:
+            items.append(rt.quantize(items[1], calibration))
+        table = rt.latency_table(items, {int(b): v for b, v in selection.layouts.items()})
+    return table[0], table[1], table[2] if len(table) > 2 else {}
 
 
 __all__ = ["BudgetError", "Choice", "TrainedUnits", "choose_students", "check_prediction", "kl_to_teacher",

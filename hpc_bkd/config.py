@@ -212,6 +212,20 @@ class SelectConfig:
     budget_unit: Literal["fraction", "absolute"] = "fraction"
     # Batch sizes latency is measured and budgeted at; the student must meet the budget at each.
     latency_batches: list[int] = field(default_factory=lambda: [1, 64])
+    # Where select.method budget times every option and the assembled student: torch (PyTorch
+    # eager, deploy form), onnxruntime (each option exported to ONNX and run in ONNX Runtime on the
+    # CPU, run.threads threads: the runtime a deployer ships), or auto (onnxruntime when the export
+    # extra is installed and the job runs on the CPU, else torch; the log says which).
+    runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
+    # Precisions every option is offered in: fp32, and int8 (ONNX Runtime static quantization,
+    # QDQ with per-channel weights, calibrated on the block's real inputs; needs the onnxruntime
+    # runtime). With int8 each block chooses among {teacher, teacher-int8, candidate, candidate-int8}.
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    # How int8 activation ranges are calibrated: minmax, entropy or percentile (ONNX Runtime's
+    # calibration methods).
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # Training images (teacher prefix outputs, per block) int8 calibration runs on.
+    calibration_images: int = 256
 
 
 @dataclass
@@ -423,6 +437,13 @@ def _check_select(cfg: Config) -> None:
         raise ConfigError(f"select.latency_batches: positive batch sizes, got {s.latency_batches}")
     if s.budget < 0:
         raise ConfigError(f"select.budget: must be >= 0, got {s.budget}")
+    if not s.precisions or "fp32" not in s.precisions or set(s.precisions) - {"fp32", "int8"}:
+        raise ConfigError(f"select.precisions: fp32 and optionally int8, got {s.precisions}")
+    if "int8" in s.precisions and s.runtime == "torch":
+        raise ConfigError("select.precisions int8 needs select.runtime onnxruntime (or auto): int8 options are "
+                          "ONNX Runtime static quantization")
+    if s.calibration_images < 1:
+        raise ConfigError(f"select.calibration_images: must be >= 1, got {s.calibration_images}")
     if s.objective == "cost" and s.budget_unit == "fraction":
         raise ConfigError("select.budget_unit: objective cost budgets the summed quality loss (KL, nats per "
                           "image; the teacher's is 0), which is absolute: set select.budget_unit absolute")

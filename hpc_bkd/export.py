@@ -73,6 +73,7 @@ class RunModels:
     accepted: tuple[int, ...]
     input_shape: tuple[int, int, int]
     students: dict[str, str] = field(default_factory=dict)  # replaced block -> candidate student
+    precisions: dict[str, str] = field(default_factory=dict)  # block -> int8 where the choice quantized it
 
 
 # ------------------------------------------------------------------------------------ rebuilding
@@ -170,7 +171,8 @@ def load_run(run_dir: str | Path) -> RunModels:
                              for i, k in kinds.items()}, blocks)
     student.load_state_dict(saved["state_dict"])
     return RunModels(cfg, teacher.eval(), student.eval(), tuple(blocks), tuple(sorted(kinds)), shape,
-                     {str(i): k for i, k in sorted(kinds.items())})
+                     {str(i): k for i, k in sorted(kinds.items())},
+                     {str(i): p for i, p in sorted(saved.get("precisions", {}).items(), key=lambda kv: int(kv[0]))})
 
 
 def load_student(run_dir: str | Path) -> nn.Module:
@@ -327,8 +329,9 @@ def _class_names(cfg: Config) -> list[str] | None:
 
 
 def _write_role(role: str, model: nn.Module, formats: Sequence[str], shape: Sequence[int],
-                out_dir: Path) -> dict[str, Path]:
-    """Write one model (``role``: student or teacher) in each format; returns file name -> path."""
+                out_dir: Path, int8: Int8Blocks | None = None) -> dict[str, Path]:
+    """Write one model (``role``: student or teacher) in each format; returns file name -> path.
+    ``int8``: the ONNX file gets these blocks quantized (the .pt2 stays fp32)."""
     deployed = deploy_form(model)
     writers = {"pt2": export_pt2, "onnx": export_onnx}
     written = {}
@@ -336,9 +339,44 @@ def _write_role(role: str, model: nn.Module, formats: Sequence[str], shape: Sequ
         path = out_dir / FORMATS[fmt].format(role=role)
         t0 = time.perf_counter()
         writers[fmt](deployed, shape, path)
+        if fmt == "onnx" and int8 is not None and int8.members:
+            int8.apply(path)
         log.info("export: wrote %s (%.1fs)", path, time.perf_counter() - t0)
         written[path.name] = path
     return written
+
+
+@dataclass(frozen=True)
+class Int8Blocks:
+    """The blocks the choice took in int8 and how to quantize them in an exported ONNX file: ONNX
+    Runtime static QDQ quantization of their nodes only, calibrated on training images run
+    through the whole student (the inputs each block really sees in the deployed file)."""
+
+    members: tuple[str, ...]          # the modules of those blocks (the exporter's name scopes)
+    calibration: tuple[Any, ...]      # numpy input batches
+    method: str = "minmax"
+
+    def apply(self, path: Path) -> None:
+        """Quantize ``path`` in place (written beside it, then renamed over it)."""
+        from .deploy_runtime import module_nodes, quantize_int8
+
+        nodes = module_nodes(path, self.members)
+        atomic_io.write_atomically(path, lambda tmp: quantize_int8(path, Path(tmp), self.calibration, self.method,
+                                                                   nodes), keep_suffix=True)
+        import onnx
+        onnx.checker.check_model(str(path))
+
+    @staticmethod
+    def of(run: RunModels, split: EvalSplit) -> Int8Blocks | None:
+        """The run's int8 blocks (None: all fp32)."""
+        from .deploy_runtime import INT8, image_batches
+
+        by_index = {str(b.index): b for b in run.blocks}
+        members = tuple(m for i, p in run.precisions.items() if p == INT8 for m in by_index[i].members)
+        if not members:
+            return None
+        s = run.config.select
+        return Int8Blocks(members, tuple(image_batches(split.data, s.calibration_images)), s.calibration)
 
 
 def _check_role(model: nn.Module, files: dict[str, Path], split: EvalSplit,
@@ -403,9 +441,14 @@ def _model_card(run: RunModels, split: EvalSplit, files: dict[str, dict[str, Pat
                    "num_classes": n_classes, "class_names": classes},
         "model": {"arch": cfg.model.arch, "width": cfg.model.width, "dataset": cfg.data.dataset,
                   "granularity": cfg.blocks.granularity, "blocks": len(run.blocks),
-                  "accepted_blocks": list(run.accepted), "students": dict(run.students)},
+                  "accepted_blocks": list(run.accepted), "students": dict(run.students),
+                  "per_block": _per_block(run)},
+        # student.onnx holds int8 (QDQ) nodes where a block chose int8; student.pt2 is always fp32
+        "precision": {"student.onnx": "mixed int8/fp32 (QDQ)" if "int8" in run.precisions.values() else "fp32",
+                      "student.pt2": "fp32"},
         "test_accuracy": {"student": checked["student"][0], "teacher": checked["teacher"][0],
-                          "images": split.images},
+                          "images": split.images,
+                          **{name: c["test_accuracy"] for name, c in checked["student"][1].items()}},
         "checks": {role: c[1] for role, c in checked.items()},
         "size": {role: vars(model_size(m, run.input_shape)) for role, m in (("student", run.student),
                                                                               ("teacher", run.teacher))},
@@ -419,6 +462,39 @@ def _model_card(run: RunModels, split: EvalSplit, files: dict[str, dict[str, Pat
                              if rt in latency["teacher"]},
         "teacher_fingerprint": state_fingerprint(run.teacher.state_dict()),
     }
+
+
+def _per_block(run: RunModels) -> list[dict[str, Any]]:
+    """Per block of the teacher: the option the student keeps there and its precision."""
+    return [{"block": b.index, "name": b.name, "option": run.students.get(str(b.index), "teacher"),
+             "precision": run.precisions.get(str(b.index), "fp32")} for b in run.blocks]
+
+
+def int8_teacher_baseline(run: RunModels, split: EvalSplit, plan: TimingPlan,
+                          student: InferenceMeasurement | None) -> dict[str, Any]:
+    """The honest baseline of an int8 student: the whole teacher quantized (the same static QDQ
+    quantization, every node, the same calibration images), its test accuracy, and its ONNX
+    Runtime speed beside the teacher's fp32 file and the exported student."""
+    import tempfile
+
+    from .deploy_runtime import image_batches, quantize_int8
+
+    s = run.config.select
+    with tempfile.TemporaryDirectory(prefix="hpc_bkd_int8_teacher_") as tmp:
+        fp32, int8 = Path(tmp) / "teacher.onnx", Path(tmp) / "teacher-int8.onnx"
+        export_onnx(deploy_form(run.teacher), run.input_shape, fp32)
+        quantize_int8(fp32, int8, image_batches(split.data, s.calibration_images), s.calibration)
+        _, acc = _evaluate(_loaders("onnx", plan.threads)(int8), split)
+        t32 = measure_onnxruntime(fp32, run.input_shape, plan, "teacher")
+        t8 = measure_onnxruntime(int8, run.input_shape, plan, "teacher-int8")
+    out: dict[str, Any] = {"method": f"onnxruntime static QDQ, per-channel weights, {s.calibration} calibration "
+                                     f"on {s.calibration_images} training images",
+                           "test_accuracy": acc, "teacher_fp32": t32.to_json(), "teacher_int8": t8.to_json()}
+    if student is not None:
+        out["student_vs_int8_teacher"] = compare(t8, student).line
+        out["student_vs_fp32_teacher"] = compare(t32, student).line
+    log.info("export: int8 teacher baseline: test accuracy %.2f%%; %s", acc, out.get("student_vs_int8_teacher", ""))
+    return out
 
 
 def export_run(run_dir: str | Path, formats: Sequence[str] = tuple(FORMATS), include_teacher: bool = False,
@@ -437,13 +513,17 @@ def export_run(run_dir: str | Path, formats: Sequence[str] = tuple(FORMATS), inc
     split = load_eval_split(run.config)
     models = {"student": run.student, "teacher": run.teacher}
     roles = ("student", "teacher") if include_teacher else ("student",)
-    files = {role: _write_role(role, models[role], formats, run.input_shape, out) for role in roles}
+    int8 = Int8Blocks.of(run, split) if "onnx" in formats else None
+    files = {role: _write_role(role, models[role], formats, run.input_shape, out, int8 if role == "student" else None)
+             for role in roles}
     checked = {role: _check_role(models[role], files.get(role, {}), split, plan.threads) for role in models}
     latency = {role: _measure_role(role, m, files.get(role, {}), run.input_shape, plan,
                                    getattr(eager, role) if eager is not None else None)
                for role, m in models.items()}
     line = compare(latency["teacher"]["eager"], latency["student"]["eager"]).line
     card = _model_card(run, split, files, checked, latency, line)
+    if "onnx" in formats and "int8" in run.config.select.precisions:
+        card["int8_teacher_baseline"] = int8_teacher_baseline(run, split, plan, latency["student"].get("onnxruntime"))
     atomic_io.write_json(out / MODEL_JSON, card)
     written = {name: str(path) for f in files.values() for name, path in f.items()}
     diffs = {name: c["max_abs_diff"] for _, per in checked.values() for name, c in per.items()}

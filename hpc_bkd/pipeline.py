@@ -237,9 +237,26 @@ def check_team_backend(cfg: Config, rt: Runtime) -> str:
         raise ConfigError(str(exc)) from None
 
 
+def check_selection_runtime(cfg: Config, device: torch.device) -> None:
+    """Before any work: ONNX Runtime timing or int8 options asked for where they cannot run is a
+    config error now, not a failure after the distillation (every rank sees the same install)."""
+    s = cfg.select
+    if s.method != "budget":
+        return
+    int8 = "int8" in s.precisions
+    why = missing_extra("onnx") if s.runtime == "onnxruntime" or int8 else None
+    if why:
+        raise ConfigError(f"select.runtime {s.runtime}, select.precisions {s.precisions}: {why}")
+    if int8 and s.runtime == "auto" and device.type != "cpu":
+        raise ConfigError(f"select.precisions int8: int8 options are ONNX Runtime CPU files, and this job runs on "
+                          f"{device.type} (select.runtime auto times in PyTorch there): set select.runtime "
+                          "onnxruntime to time on the CPU, or drop int8")
+
+
 def open_run_dir(cfg: Config, rt: Runtime) -> RunDir:
     """Rank 0 checks, before anything is written, that blocks here are this job's (config.json
     is written once the job fingerprint agrees too, in ``find_finished``)."""
+    check_selection_runtime(cfg, rt.device)
     run_dir = RunDir(cfg.run.dir)
     if rt.is_root:
         run_dir.create()
@@ -514,7 +531,9 @@ def make_student(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher:
     student.cpu()
     clock.mark("evaluate")
     atomic_io.save({"state_dict": student.state_dict(), "accepted_blocks": accepted,
-                    "students": {str(b): k for b, k in kinds.items()}, "config": cfg.to_dict()}, run_dir.student)
+                    "students": {str(b): k for b, k in kinds.items()}, "config": cfg.to_dict(),
+                    # blocks whose chosen option is int8: the ONNX export quantizes them (see export)
+                    "precisions": {str(b): p for b, p in chosen.precisions.items()}}, run_dir.student)
     shape = data.input_shape
     return StudentResult(student, accepted,
                          Accuracy(teacher.test_acc, teacher.val_acc, before, recalibrated, after),
@@ -539,13 +558,14 @@ def report_job(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher: P
     results = collect_results(outcomes, resume, run_dir, units)
     chosen = choose_students(cfg.select, cfg.distill.accept_tolerance,
                              TrainedUnits(teacher.model, teacher.blocks, units, results, teacher.val_acc,
-                                          data.input_shape, cfg.run.seed, rt.device, rt.threads))
+                                          data.input_shape, cfg.run.seed, rt.device, rt.threads, data,
+                                          cfg.data.eval_batch_size))
     clock.mark("select")
     student = make_student(cfg, rt, data, run_dir, teacher, units, results, chosen, clock)
     selection = chosen.selection
     if selection is not None:
         selection = check_prediction(selection, student.model, teacher.model, data.input_shape, student.kl, rt.device,
-                                     rt.threads)
+                                     rt.threads, teacher.blocks, chosen.precisions, data, cfg.select)
         clock.mark("select")
     timing = TimingPlan(batch_size=cfg.data.eval_batch_size, threads=rt.threads)
     inference = measure_deployed(rt, data, teacher, student, timing) if cfg.run.measure_inference else None

@@ -318,6 +318,12 @@ class OptionRecord:
     params: int
     macs: int
     chosen: bool
+    precision: str = "fp32"         # fp32, or int8 (ONNX Runtime static quantization, QDQ)
+
+    @property
+    def label(self) -> str:
+        """The option as the choice names it: ``teacher``, ``separable-d1``, ``teacher-int8``..."""
+        return self.name if self.precision == "fp32" else f"{self.name}-{self.precision}"
 
 
 @dataclass(frozen=True)
@@ -349,6 +355,9 @@ class SelectionRecord:
     front: list[FrontPointRecord]
     measured: dict[str, float] = field(default_factory=dict)  # the assembled student, measured whole
     measure_s: float = 0.0          # seconds spent measuring the options
+    runtime: str = "torch"          # where options and the assembled student were timed (select.runtime)
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])  # precisions every option was offered in
+    front_fp32: list[FrontPointRecord] = field(default_factory=list)  # the front without int8 options (if offered)
 
 
 # ----------------------------------------------------------------------- the job

@@ -152,6 +152,7 @@ def _selection_lines(r: JobRecord) -> list[str]:
     lines = [f"selection: minimise {'summed KL' if s.objective == 'quality' else s.metric} with "
              f"{s.metric if s.objective == 'quality' else 'summed KL'} within {s.budget:g}"
              f"{' of the teacher' if s.budget_unit == 'fraction' else ''} ({'optimal' if s.optimal else 'not proven'}"
+             f"; timed in {s.runtime}, precisions {'/'.join(s.precisions)}"
              f"; layouts {', '.join(f'batch {b}: {v}' for b, v in s.layouts.items())})",
              f"  {'':<18} {'teacher':>12} {'predicted':>12} {'measured':>12} {'error':>7}"]
     for k in keys + ["kl"]:  # the whole student's KL after BN recalibration: what its blocks' scores predict
@@ -163,15 +164,22 @@ def _selection_lines(r: JobRecord) -> list[str]:
         if meas is not None and ref:  # as fractions of the teacher timed in the same pass: machine drift cancels
             lines.append(f"  {'  x teacher':<18} {1.0:>12.3f} {s.predicted[k] / s.teacher[k]:>12.3f} "
                          f"{meas / ref:>12.3f} {100 * ((meas / ref) / (s.predicted[k] / s.teacher[k]) - 1):+6.1f}%")
+        q = s.measured.get(f"teacher_int8_{k}")
+        if meas is not None and q:  # the baseline "just quantize the teacher", timed in the same rounds
+            lines.append(f"  {'  int8 teacher':<18} {q:>12.4g} {'':>12} {meas:>12.4g}   student {q / meas:.2f}x "
+                         "faster")
     lines.append(f"  {'block':>5} {'chosen':<18} {'KL':>7} " + " ".join(f"{'ms@' + b:>9}" for b in s.layouts)
                  + f" {'params':>9}  (teacher block: " + " ".join(f"ms@{b}" for b in s.layouts) + ")")
-    teacher_rows = {o.block: o for o in s.options if o.unit is None}
+    teacher_rows = {o.block: o for o in s.options if o.unit is None and o.precision == "fp32"}
     for o in (o for o in s.options if o.chosen):
         t = teacher_rows[o.block]
-        lines.append(f"  {o.block:>5} {o.name:<18} {o.kl:>7.4f} " + " ".join(f"{v:>9.3f}" for v in o.latency_ms.values())
+        lines.append(f"  {o.block:>5} {o.label:<18} {o.kl:>7.4f} " + " ".join(f"{v:>9.3f}" for v in o.latency_ms.values())
                      + f" {o.params:>9,}  (" + " ".join(f"{v:.3f}" for v in t.latency_ms.values()) + ")")
     lines.append(f"  front ({len(s.front)} points, predicted): "
                  + "; ".join(f"{p.fraction:.2f}: KL {p.totals['kl']:.3f}" for p in s.front))
+    if s.front_fp32:
+        lines.append(f"  front without int8 ({len(s.front_fp32)} points): "
+                     + "; ".join(f"{p.fraction:.2f}: KL {p.totals['kl']:.3f}" for p in s.front_fp32))
     return lines + [""]
 
 
@@ -187,7 +195,10 @@ def pareto_plot(record: JobRecord, path: Path) -> None:
     key = next(k for k in s.teacher if k.startswith("latency_ms")) if s.metric == "latency" else s.metric
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.plot([p.totals[key] for p in s.front], [p.totals["kl"] for p in s.front], "o-", color="tab:blue",
-            label="exact front (predicted)")
+            label="exact front (predicted)" + (", with int8" if s.front_fp32 else ""))
+    if s.front_fp32:
+        ax.plot([p.totals[key] for p in s.front_fp32], [p.totals["kl"] for p in s.front_fp32], "o--",
+                color="tab:green", label="exact front, fp32 only")
     ax.plot([s.predicted[key]], [s.predicted["kl"]], "*", ms=16, color="tab:red", label="chosen (predicted)")
     if key in s.measured:
         ax.plot([s.measured[key]], [s.measured.get("kl_recalibrated", s.predicted["kl"])], "x", ms=12,

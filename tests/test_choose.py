@@ -132,3 +132,22 @@ def test_two_ranks_train_the_same_candidates_as_one(tmp_path: Path, tiny_teacher
     for name in one:
         a, b = (atomic_io.load(r / "blocks" / name)["state_dict"] for r in (tmp_path / "np1", tmp_path / "np2"))
         assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5) for k in a), name
+
+
+def test_selection_runtime_and_int8_are_checked_before_any_work(monkeypatch):
+    """int8 needs ONNX Runtime; asking for it (or for ONNX Runtime timing) without the export
+    extra, or with PyTorch timing, is a config error naming the cause, before the job starts."""
+    import importlib.util
+
+    with pytest.raises(ConfigError, match="int8 needs select.runtime onnxruntime"):
+        load_config("tiny", ["select.method=budget", "select.runtime=torch", "select.precisions=[fp32,int8]"])
+    with pytest.raises(ConfigError, match="select.precisions: fp32 and optionally int8"):
+        load_config("tiny", ["select.precisions=[int4]"])
+    cfg = load_config("tiny", ["select.method=budget", "select.runtime=auto", "select.precisions=[fp32,int8]"])
+    with pytest.raises(ConfigError, match="runs on cuda"):
+        pipeline.check_selection_runtime(cfg, torch.device("cuda"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"onnxruntime, not installed: install the export extra"):
+        pipeline.check_selection_runtime(cfg, torch.device("cpu"))
+    pipeline.check_selection_runtime(load_config("tiny", ["select.method=budget"]), torch.device("cpu"))  # torch: fine
