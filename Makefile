@@ -10,7 +10,7 @@ RUN_DIR ?= runs/default
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[mpi,test,export]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[mpi,test,export,prune,timm]'
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv with torch (pinned), mpi4py + MPICH, submitit, pytest, ONNX export

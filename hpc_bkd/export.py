@@ -160,9 +160,9 @@ def load_run(run_dir: str | Path) -> RunModels:
     saved = atomic_io.load(_student_file(paths))
     cfg = _config(paths, saved)
     classes, shape = _num_classes(cfg, saved["state_dict"]), _input_shape(cfg)
-    teacher = load_teacher_checkpoint(_teacher_weights(paths, cfg), build_model(cfg.model.arch, classes, cfg.model.width))
+    teacher = load_teacher_checkpoint(_teacher_weights(paths, cfg), build_model(cfg.model.arch, classes, cfg.model.width, cfg.model.kwargs))
     blocks = find_blocks(teacher.eval(), shape, cfg.blocks.granularity)
-    student = build_model(cfg.model.arch, classes, cfg.model.width)
+    student = build_model(cfg.model.arch, classes, cfg.model.width, cfg.model.kwargs)
     b = cfg.blocks
     paper = paper_candidate(b.student_depth, b.student_width).name  # students.pt of a single-candidate job
     kinds = {int(i): k for i, k in saved.get("students", {}).items()} or {i: paper for i in saved["accepted_blocks"]}
@@ -188,7 +188,7 @@ def load_teacher(run_dir: str | Path) -> nn.Module:
     weights = _teacher_weights(paths, cfg)
     state = atomic_io.load(weights)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
-    model = build_model(cfg.model.arch, _num_classes(cfg, state), cfg.model.width)
+    model = build_model(cfg.model.arch, _num_classes(cfg, state), cfg.model.width, cfg.model.kwargs)
     return load_teacher_checkpoint(weights, model).eval()
 
 

@@ -258,7 +258,7 @@ def share_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, clock: 
     assert isinstance(shared, TeacherShare)
     if shared.interrupted or shared.state is None:
         raise Interrupted(str(run_dir))
-    teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width)
+    teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width, cfg.model.kwargs)
     teacher.load_state_dict(shared.state)
     if rt.is_root:
         clock.mark("broadcast")
@@ -597,7 +597,7 @@ def plan_only(cfg: Config, ranks: int) -> PlanPreview:
     rt = init_runtime("cpu", cfg.run.threads)
     setup_logging(rt.rank, rt.size)
     data = load_data(cfg.data, cfg.run.seed)
-    teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width).eval()
+    teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width, cfg.model.kwargs).eval()
     if cfg.teacher.checkpoint:
         from .teacher import load_teacher_checkpoint
         load_teacher_checkpoint(cfg.teacher.checkpoint, teacher)
