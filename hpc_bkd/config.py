@@ -99,8 +99,11 @@ class TeacherConfig:
 
 @dataclass
 class BlocksConfig:
-    # conv: every 3x3 Conv2d with groups == 1 (+ the BatchNorm2d after it), as in the paper.
-    # unit: one residual unit (ResNets) or one VGG stage (convs between two poolings) per block.
+    # conv: every 3x3 Conv2d, dense or grouped but not depthwise (+ the BatchNorm2d after it), as in
+    # the paper. unit: every repeated unit of the network (a module held in an nn.Sequential or
+    # nn.ModuleList stage that runs once, taking and returning one tensor: ResNet/ResNeXt/RegNet
+    # blocks, inverted residuals, MBConv, ShuffleNet units, ConvNeXt/Swin/ViT blocks), or one VGG
+    # stage (convs between two poolings) where a network has no such units.
     granularity: Literal["conv", "unit"] = "conv"
     # Depthwise-separable layers (3x3 depthwise + 1x1 pointwise + BN) stacked per student block.
     student_depth: int = 2
