@@ -140,7 +140,7 @@ def measure_options(t: TrainedUnits, batches: Sequence[int]) -> MeasuredOptions:
         row: list[tuple[BlockSpec, Unit | None]] = [(spec, None)]
         items.append((deploy_form(teacher_block(t.teacher, spec)), spec.in_shape))
         for u in (u for u in t.units if u.block == spec.index and u.id in t.results):
-            student = build_candidate(spec, Candidate.parse(u.candidate), t.seed)
+            student = build_candidate(spec, Candidate.parse(u.candidate), t.seed, t.teacher)
             student.load_state_dict(t.results[u.id].state_dict)
             items.append((deploy_form(student), spec.in_shape))
             row.append((spec, u))

@@ -166,7 +166,7 @@ def load_run(run_dir: str | Path) -> RunModels:
     b = cfg.blocks
     paper = paper_candidate(b.student_depth, b.student_width).name  # students.pt of a single-candidate job
     kinds = {int(i): k for i, k in saved.get("students", {}).items()} or {i: paper for i in saved["accepted_blocks"]}
-    replace_blocks(student, {i: build_candidate(blocks[i], Candidate.parse(k), cfg.run.seed)
+    replace_blocks(student, {i: build_candidate(blocks[i], Candidate.parse(k), cfg.run.seed, teacher)
                              for i, k in kinds.items()}, blocks)
     student.load_state_dict(saved["state_dict"])
     return RunModels(cfg, teacher.eval(), student.eval(), tuple(blocks), tuple(sorted(kinds)), shape,
