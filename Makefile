@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 NP     ?= 2
 RUN_DIR ?= runs/default
 
-.PHONY: install run run-mpi lint test test-fast bench bench-paper-scale bench-select bench-select-paper-scale bench-data gpu-check slurm-up slurm-down clean
+.PHONY: install run run-mpi lint test test-fast bench bench-paper-scale bench-select bench-select-paper-scale bench-data modern-table gpu-check slurm-up slurm-down clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -71,3 +71,6 @@ slurm-down:
 
 clean:
 	rm -rf runs bench/results bench/results-paper-scale bench/results-select bench/results-select-paper-scale .pytest_cache
+
+modern-table: install  ## blocks found in every torchvision classifier at unit and conv granularity (docs/modern-networks.md)
+	$(PY) -m benchmarks.modern_table --out bench/modern-table

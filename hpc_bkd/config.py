@@ -112,8 +112,12 @@ class BlocksConfig:
     # Candidate students trained for every block (each (block, candidate) pair is a unit of
     # distillation work, planned, checkpointed and resumed like a block): separable-d<depth>[-w<width>]
     # (the paper's depthwise-separable layers), lowrank-r<fraction> (3x3 conv to that fraction of the
-    # output channels, then 1x1 back). Keeping the teacher's block is always an option of
-    # select.method budget. [] = one candidate, separable-d<student_depth>-w<student_width>.
+    # output channels, then 1x1 back), skip (the block removed: identity, or a strided 1x1 conv + BN /
+    # a linear map where its shape changes), shrink-w<fraction> (unit granularity: the teacher's unit
+    # with its internal widths cut to that fraction, from its weights; needs the prune extra). A kind
+    # that does not fit a block (separable on tokens) is left out for it and logged once.
+    # Keeping the teacher's block is always an option of select.method budget.
+    # [] = one candidate, separable-d<student_depth>-w<student_width>.
     candidates: list[str] = field(default_factory=list)
 
 

@@ -160,7 +160,8 @@ def load_run(run_dir: str | Path) -> RunModels:
     saved = atomic_io.load(_student_file(paths))
     cfg = _config(paths, saved)
     classes, shape = _num_classes(cfg, saved["state_dict"]), _input_shape(cfg)
-    teacher = load_teacher_checkpoint(_teacher_weights(paths, cfg), build_model(cfg.model.arch, classes, cfg.model.width, cfg.model.kwargs))
+    teacher = load_teacher_checkpoint(_teacher_weights(paths, cfg),
+                                      build_model(cfg.model.arch, classes, cfg.model.width, cfg.model.kwargs))
     blocks = find_blocks(teacher.eval(), shape, cfg.blocks.granularity)
     student = build_model(cfg.model.arch, classes, cfg.model.width, cfg.model.kwargs)
     b = cfg.blocks
@@ -401,7 +402,8 @@ def _model_card(run: RunModels, split: EvalSplit, files: dict[str, dict[str, Pat
         "input": _input_card(run, split),
         "output": {"name": OUTPUT_NAME, "shape": ["batch", n_classes], "meaning": "logits (argmax = class)",
                    "num_classes": n_classes, "class_names": classes},
-        "model": {"arch": cfg.model.arch, "width": cfg.model.width, "dataset": cfg.data.dataset,
+        "model": {"arch": cfg.model.arch, "width": cfg.model.width, "kwargs": dict(cfg.model.kwargs),
+                  "dataset": cfg.data.dataset,
                   "granularity": cfg.blocks.granularity, "blocks": len(run.blocks),
                   "accepted_blocks": list(run.accepted), "students": dict(run.students)},
         "test_accuracy": {"student": checked["student"][0], "teacher": checked["teacher"][0],

@@ -85,6 +85,9 @@ def _kept_whole(unit: nn.Module, spec: BlockSpec, want: torch.Size) -> list[nn.M
 def _probe(unit: nn.Module, spec: BlockSpec, want: torch.Size) -> list[str]:
     import torch_pruning as tp
     x = _example(spec)
+    # a grouped (not depthwise) conv loses channels evenly from every group (ResNeXt)
+    step = max([m.groups for m in unit.modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels],
+               default=1)
     kept = []
     for name, layer in unit.named_modules():
         if not isinstance(layer, ROOTS):
@@ -93,9 +96,10 @@ def _probe(unit: nn.Module, spec: BlockSpec, want: torch.Size) -> list[str]:
         target = probe.get_submodule(name)
         try:
             graph = tp.DependencyGraph().build_dependency(probe, example_inputs=x, verbose=False)
-            graph.get_pruning_group(target, _prune_out(target), idxs=[0]).prune()
+            per_group = max(1, _width(target) // step)  # one channel of every group
+            graph.get_pruning_group(target, _prune_out(target), idxs=list(range(0, step * per_group, per_group))).prune()
             with torch.no_grad():
-                internal = _width(target) > 1 and probe(x).shape == want
+                internal = _width(target) > step and probe(x).shape == want
         except Exception:  # a forward the cut breaks: not a width to cut
             internal = False
         if not internal:
@@ -108,11 +112,10 @@ _SHRUNK: dict[tuple, nn.Module | NotApplicable] = {}  # probing is slow; the sam
 
 def shrink_unit(teacher: nn.Module, spec: BlockSpec, fraction: float) -> nn.Module:
     """The teacher's unit with every internal width cut to ``fraction``, by weight magnitude (a
-    fresh copy each call; remembered by the unit's identity and its weights' versions, which
-    ``load_state_dict`` and any in-place update bump)."""
+    fresh copy each call; remembered by the unit's structure and a checksum of its values)."""
     source = teacher.get_submodule(spec.members[0]) if len(spec.members) == 1 else None
-    key = (id(source), tuple(p._version for p in source.parameters()) if source is not None else (),
-           tuple(spec.in_shape), fraction)
+    values = () if source is None else tuple(float(t.detach().double().sum()) for t in source.state_dict().values())
+    key = (repr(source), values, tuple(spec.in_shape), fraction)
     if key not in _SHRUNK:
         try:
             _SHRUNK[key] = _shrink_unit(teacher, spec, fraction)

@@ -132,6 +132,9 @@ def test_shrink_starts_from_the_teachers_weights_and_cuts_internal_widths():
     vit, tokens = _units("torchvision:VisionTransformer", SMALL_VIT)
     narrow = build_candidate(tokens[0], Candidate.parse("shrink-w0.5"), 0, vit)[0]
     assert narrow.mlp[0].out_features == 32 and narrow.mlp[3].out_features == 32  # MLP hidden halved
+    resnext, grouped = _units("torchvision:resnext50_32x4d")
+    cut = build_candidate(grouped[1], Candidate.parse("shrink-w0.5"), 0, resnext)[0]
+    assert (cut.conv1.out_channels, cut.conv2.out_channels, cut.conv2.groups) == (64, 64, 32)  # whole groups
 
 
 def test_a_kind_that_does_not_fit_is_left_out_and_said_once(caplog):
