@@ -289,10 +289,10 @@ def find_blocks(model: nn.Module, input_shape: Sequence[int], granularity: str =
         if any(k < first or k > last for k in inside):
             continue  # a module also run outside the block cannot be replaced by one student
         inp, out, nonnegative = calls[first].inp, calls[last].out, calls[last].nonnegative
-        if granularity == "unit" and len(members) == 1:
+        if members[0] in unit_outputs:
             # the unit's own output is what the next module consumes, not its last leaf's output
-            out = unit_outputs.get(members[0])
-            nonnegative = out is not None and bool((out >= 0).all())
+            out = unit_outputs[members[0]]
+            nonnegative = bool((out >= 0).all())
         if inp is None or out is None or inp.dim() not in (3, 4) or out.dim() != inp.dim():
             continue
         layout = _layout(inp, calls[first].module)
