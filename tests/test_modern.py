@@ -72,6 +72,15 @@ def test_units_of_every_family(name, kwargs, unit_class, layout):
     assert sum(b.macs for b in blocks) > 0 and blocks[-1].prefix_macs > blocks[0].prefix_macs
 
 
+def test_a_network_without_units_falls_back_to_its_stages():
+    import torch
+
+    from hpc_bkd.surgery import find_blocks
+    vgg = build_model("torchvision:vgg11", 10).eval()  # a one-conv stage first: conv, ReLU, pool
+    pools = sum(isinstance(m, torch.nn.MaxPool2d) for m in vgg.features)
+    assert len(find_blocks(vgg, (3, 32, 32), "unit")) == pools
+
+
 def test_conv_granularity_takes_grouped_not_depthwise_convs():
     from hpc_bkd.surgery import find_blocks
     resnext = build_model("torchvision:resnext50_32x4d", 10).eval()
