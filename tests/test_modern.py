@@ -160,6 +160,7 @@ def test_a_kind_that_does_not_fit_is_left_out_and_said_once(caplog):
         candidate_units(load_config("tiny", ["blocks.candidates=separable-d1"]), vit, blocks)
 
 
+@pytest.mark.mpi
 @pytest.mark.slow  # a tiny ViT job under mpirun -np 2 (teacher, distill, choice, fine-tune, export), a resume
 def test_unit_job_end_to_end_on_two_ranks_exports_and_resumes(tmp_path):
     import json
