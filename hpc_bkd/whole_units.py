@@ -13,9 +13,12 @@ same way when a checkpoint is loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import signal
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +26,32 @@ from torch import nn
 from .surgery import BlockSpec
 
 ROOTS = (nn.Conv2d, nn.Linear)
+# Torch-Pruning's index mapping through some reshapes (Swin's window partition of a qkv projection)
+# runs for minutes; a cut it cannot resolve within this many seconds is treated as not internal.
+PROBE_SECONDS = 5
+
+
+class _TooSlow(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int) -> Iterator[None]:
+    """Raise ``_TooSlow`` in the block after ``seconds`` (main thread only: elsewhere, no limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _TooSlow
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class NotApplicable(ValueError):
@@ -95,12 +124,14 @@ def _probe(unit: nn.Module, spec: BlockSpec, want: torch.Size) -> list[str]:
         probe = copy.deepcopy(unit)
         target = probe.get_submodule(name)
         try:
-            graph = tp.DependencyGraph().build_dependency(probe, example_inputs=x, verbose=False)
-            per_group = max(1, _width(target) // step)  # one channel of every group
-            graph.get_pruning_group(target, _prune_out(target), idxs=list(range(0, step * per_group, per_group))).prune()
-            with torch.no_grad():
-                internal = _width(target) > step and probe(x).shape == want
-        except Exception:  # a forward the cut breaks: not a width to cut
+            with _time_limit(PROBE_SECONDS):
+                graph = tp.DependencyGraph().build_dependency(probe, example_inputs=x, verbose=False)
+                per_group = max(1, _width(target) // step)  # one channel of every group
+                graph.get_pruning_group(target, _prune_out(target),
+                                        idxs=list(range(0, step * per_group, per_group))).prune()
+                with torch.no_grad():
+                    internal = _width(target) > step and probe(x).shape == want
+        except Exception:  # a forward the cut breaks, or a cut too slow to resolve: not a width to cut
             internal = False
         if not internal:
             kept.append(name)
@@ -145,9 +176,13 @@ def _shrink_unit(teacher: nn.Module, spec: BlockSpec, fraction: float) -> nn.Mod
         raise NotApplicable("shrink: the unit has no internal width to cut")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "unwrapped parameters" (layer scales): pruned along their channels
-        pruner = tp.pruner.BasePruner(unit, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=1.0 - fraction, ignored_layers=kept)
-        pruner.step()
+        try:
+            with _time_limit(6 * PROBE_SECONDS):
+                pruner = tp.pruner.BasePruner(unit, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                              pruning_ratio=1.0 - fraction, ignored_layers=kept)
+                pruner.step()
+        except _TooSlow:
+            raise NotApplicable("shrink: Torch-Pruning could not cut this unit in time") from None
     with torch.no_grad():
         if unit(x).shape != want:
             raise NotApplicable(f"shrink: the pruned unit gives {tuple(unit(x).shape)}, not {tuple(want)}")
