@@ -5,12 +5,12 @@ PY      = $(VENV)/bin/python
 NP     ?= 2
 RUN_DIR ?= runs/default
 
-.PHONY: install run run-mpi lint test test-fast bench bench-quick bench-paper-scale bench-select bench-select-paper-scale bench-int8 bench-data gpu-check slurm-up slurm-down clean
+.PHONY: install run run-mpi lint test test-fast bench bench-quick bench-paper-scale bench-select bench-select-paper-scale bench-int8 bench-data modern-table gpu-check slurm-up slurm-down clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[mpi,test,export]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[mpi,test,export,prune,timm]'
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv with torch (pinned), mpi4py + MPICH, submitit, pytest, ONNX export
@@ -83,3 +83,6 @@ slurm-down:
 
 clean:
 	rm -rf runs bench/results bench/results-paper-scale bench/results-select bench/results-select-paper-scale .pytest_cache
+
+modern-table: install  ## blocks found in every torchvision classifier at unit and conv granularity (docs/modern-networks.md)
+	$(PY) -m benchmarks.modern_table --out bench/modern-table

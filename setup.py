@@ -30,6 +30,11 @@ setup(
         "test": ["pytest>=7", "pytest-timeout", "ruff", "mypy", "types-PyYAML"],
         # `hpc-bkd export`: ONNX files (onnxscript: torch.onnx's exporter), checked and timed with ONNX Runtime.
         "export": ["onnx", "onnxruntime", "onnxscript"],
+        # blocks.candidates shrink-w<f>: a unit's internal widths cut through Torch-Pruning's
+        # dependency graph (any architecture, no per-class code).
+        "prune": ["torch-pruning"],
+        # model.arch timm:<name> (constructors only: no weights are downloaded).
+        "timm": ["timm"],
     },
     entry_points={"console_scripts": ["hpc-bkd=hpc_bkd.cli:main"]},
 )

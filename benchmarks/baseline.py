@@ -149,7 +149,7 @@ def build_baseline_student(cfg: Config, num_classes: int, blocks: Sequence[Block
     kinds = replace if replace is not None else {s.index: first for s in blocks}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 17)
-        model = build_model(cfg.model.arch, num_classes, cfg.model.width)
+        model = build_model(cfg.model.arch, num_classes, cfg.model.width, cfg.model.kwargs)
     students: dict[int, nn.Module] = {s.index: build_candidate(s, Candidate.parse(kinds[s.index]), seed)
                                       for s in blocks if s.index in kinds}
     return replace_blocks(model, students, blocks)

@@ -4,8 +4,11 @@ A *candidate* is one kind of student block, named by a short readable string tha
 file name and its identity in reports: ``separable-d2`` (the paper's two stacked depthwise-separable
 layers), ``separable-d1``, ``separable-d2-w0.5`` (half the hidden width), ``lowrank-r0.25`` (a 3x3
 convolution to a quarter of the output channels, then a 1x1 convolution back: two dense operators,
-which is what small tensors on a CPU reward). Every (block, candidate) pair is a *unit*: an
-independent distillation job with its own seed, checkpoint and result, planned like a block.
+which is what small tensors on a CPU reward), ``skip`` (the block removed: identity, or the cheapest
+shape-matching projection where the block changes shape), ``shrink-w0.5`` (the teacher's own unit
+with its internal widths halved, started from the teacher's weights). Every (block, candidate) pair
+that applies to the block is a *unit*: an independent distillation job with its own seed, checkpoint
+and result, planned like a block.
 
 Torch-free, so configs are checked and plans made without it (the modules are built in
 ``students.py``).
@@ -13,7 +16,7 @@ Torch-free, so configs are checked and plans made without it (the modules are bu
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 TEACHER = "teacher"  # the option of keeping the teacher's own block: never trained, always valid
@@ -27,6 +30,7 @@ class Kind:
     params: dict[str, float]
     integer: tuple[str, ...]
     about: str
+    fractions: tuple[str, ...] = ()  # parameters that must lie in (0, 1)
 
     def example(self) -> str:
         return Candidate(self.name, dict(self.params)).name
@@ -37,6 +41,12 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          "d stacked 3x3 depthwise + 1x1 pointwise layers, hidden width w x the output channels"),
     Kind("lowrank", {"r": 0.25}, (),
          "3x3 conv to r x the output channels, then a 1x1 conv back (two dense operators)"),
+    Kind("skip", {}, (),
+         "the block removed: identity where its input and output shapes match, else a strided 1x1 conv + BN "
+         "(maps) or a linear map + LayerNorm (tokens)"),
+    Kind("shrink", {"w": 0.5}, (),
+         "the teacher's own unit with its internal widths cut to w, initialised from its weights (unit granularity)",
+         fractions=("w",)),
 )}
 
 
@@ -60,7 +70,7 @@ class Candidate:
         """The canonical name, so one student has one name: the kind's first parameter always,
         the others where they differ from their defaults."""
         kind = KINDS[self.kind]
-        first = next(iter(kind.params))
+        first = next(iter(kind.params), None)
         parts = [f"{p}{int(v) if p in kind.integer else format(v, 'g')}" for p, v in self.params.items()
                  if p == first or v != kind.params[p]]
         return "-".join([self.kind, *parts])
@@ -76,7 +86,7 @@ class Candidate:
         for part in parts:
             key, value = part[:1], part[1:]
             if key not in kind.params:
-                raise CandidateError(f"candidate {text!r}: {kind.name} takes {', '.join(kind.params)} "
+                raise CandidateError(f"candidate {text!r}: {kind.name} takes {', '.join(kind.params) or 'no parameters'} "
                                      f"(e.g. {kind.example()}), not {part!r}")
             try:
                 number = int(value) if key in kind.integer else float(value)
@@ -84,6 +94,8 @@ class Candidate:
                 raise CandidateError(f"candidate {text!r}: {key} must be a number, got {value!r}") from None
             if number <= 0:
                 raise CandidateError(f"candidate {text!r}: {key} must be > 0")
+            if key in kind.fractions and number >= 1:
+                raise CandidateError(f"candidate {text!r}: {key} must be below 1 (a fraction of the teacher's width)")
             params[key] = number
         return cls(kind.name, params)
 
@@ -120,9 +132,12 @@ class Unit:
         return f"{self.block:03d}-{self.candidate}"
 
 
-def job_units(blocks: int, candidates: Sequence[Candidate]) -> list[Unit]:
-    """Every (block, candidate) unit of a job, block-major."""
-    return [Unit(b * len(candidates) + k, b, c.name) for b in range(blocks) for k, c in enumerate(candidates)]
+def job_units(blocks: int, candidates: Sequence[Candidate],
+              applies: Callable[[int, Candidate], bool] | None = None) -> list[Unit]:
+    """Every (block, candidate) unit of a job, block-major, numbered in that order; ``applies``
+    leaves out the pairs whose kind does not fit the block (``students.applies``)."""
+    pairs = [(b, c) for b in range(blocks) for c in candidates if applies is None or applies(b, c)]
+    return [Unit(i, b, c.name) for i, (b, c) in enumerate(pairs)]
 
 
 def block_seed(seed: int, index: int) -> int:

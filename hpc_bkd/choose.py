@@ -149,7 +149,7 @@ def _fp32_row(t: TrainedUnits, spec: BlockSpec, runtime: SelectionRuntime
     units: list[Unit | None] = [None]
     modules: list[nn.Module] = [teacher_block(t.teacher, spec)]
     for u in (u for u in t.units if u.block == spec.index and u.id in t.results):
-        student = build_candidate(spec, Candidate.parse(u.candidate), t.seed)
+        student = build_candidate(spec, Candidate.parse(u.candidate), t.seed, t.teacher)
         student.load_state_dict(t.results[u.id].state_dict)
         units.append(u)
         modules.append(student.eval())

@@ -79,6 +79,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from .pipeline import plan_only
 
+    # a plan is the same whichever way students are chosen later, so several candidates may be
+    # planned without select.method budget (a run still asks for it)
+    args.overrides = ["select.method=budget", *args.overrides]
     cfg = job_config(args)
     ranks = args.ranks or MPI.COMM_WORLD.size
     preview = plan_only(cfg, ranks)
@@ -86,11 +89,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(preview.to_json(), indent=2))
         return EXIT_OK
     print(f"{preview.arch}: {len(preview.blocks)} blocks ({preview.granularity} granularity), "
-          f"costs from {preview.costs.cost_model}")
-    print(f"{'block':>5} {'name':<28} {'in':>14} {'out':>14} {'params':>10} {'MMACs':>9} {'teacher s':>9} {'student s':>9}")
-    for b, c in zip(preview.blocks, preview.plan.costs):
+          f"{len(preview.units)} units, costs from {preview.costs.cost_model}")
+    print(f"{'block':>5} {'name':<28} {'in':>14} {'out':>14} {'params':>10} {'MMACs':>9} {'candidate':<14} "
+          f"{'teacher s':>9} {'student s':>9}")
+    for u, c in zip(preview.units, preview.plan.costs):
+        b = preview.blocks[u.block]
         print(f"{b.index:>5} {b.name[:28]:<28} {'x'.join(map(str, b.in_shape)):>14} "
-              f"{'x'.join(map(str, b.out_shape)):>14} {b.params:>10,} {b.macs / 1e6:>9.2f} "
+              f"{'x'.join(map(str, b.out_shape)):>14} {b.params:>10,} {b.macs / 1e6:>9.2f} {u.candidate[:14]:<14} "
               f"{c.teacher:>9.4f} {c.student:>9.4f}")
     print(f"\nassignment for {ranks} rank(s):")
     print("\n".join(describe_plan(preview.plan)))

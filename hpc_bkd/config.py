@@ -27,10 +27,16 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     # Teacher architecture: vgg11|vgg13|vgg16|vgg19 (CIFAR-style, with BN), resnet18|resnet34|resnet50
-    # (CIFAR stem), or "torchvision:<name>" for an unmodified torchvision.models constructor.
+    # (CIFAR stem), "torchvision:<name>" for an unmodified torchvision.models constructor or model class
+    # (torchvision:VisionTransformer with model.kwargs), or "timm:<name>" (needs the timm extra).
     arch: str = "vgg16"
     # Channel-width multiplier of our CIFAR-style teachers (1.0 = the paper's widths).
     width: float = 1.0
+    # Keyword arguments for a "torchvision:<name>" or "timm:<name>" constructor, as a YAML mapping of
+    # plain values (numbers, strings, booleans, null, lists of them), e.g. {image_size: 32} so a ViT
+    # takes 32x32 inputs; one entry from the command line: --set model.kwargs.image_size=32.
+    # num_classes and weights are set by the toolkit. {} = the constructor's defaults.
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,8 +105,11 @@ class TeacherConfig:
 
 @dataclass
 class BlocksConfig:
-    # conv: every 3x3 Conv2d with groups == 1 (+ the BatchNorm2d after it), as in the paper.
-    # unit: one residual unit (ResNets) or one VGG stage (convs between two poolings) per block.
+    # conv: every 3x3 Conv2d, dense or grouped but not depthwise (+ the BatchNorm2d after it), as in
+    # the paper. unit: every repeated unit of the network (a module held in an nn.Sequential or
+    # nn.ModuleList stage that runs once, taking and returning one tensor: ResNet/ResNeXt/RegNet
+    # blocks, inverted residuals, MBConv, ShuffleNet units, ConvNeXt/Swin/ViT blocks), or one VGG
+    # stage (convs between two poolings) where a network has no such units.
     granularity: Literal["conv", "unit"] = "conv"
     # Depthwise-separable layers (3x3 depthwise + 1x1 pointwise + BN) stacked per student block.
     student_depth: int = 2
@@ -109,8 +118,12 @@ class BlocksConfig:
     # Candidate students trained for every block (each (block, candidate) pair is a unit of
     # distillation work, planned, checkpointed and resumed like a block): separable-d<depth>[-w<width>]
     # (the paper's depthwise-separable layers), lowrank-r<fraction> (3x3 conv to that fraction of the
-    # output channels, then 1x1 back). Keeping the teacher's block is always an option of
-    # select.method budget. [] = one candidate, separable-d<student_depth>-w<student_width>.
+    # output channels, then 1x1 back), skip (the block removed: identity, or a strided 1x1 conv + BN /
+    # a linear map where its shape changes), shrink-w<fraction> (unit granularity: the teacher's unit
+    # with its internal widths cut to that fraction, from its weights; needs the prune extra). A kind
+    # that does not fit a block (separable on tokens) is left out for it and logged once.
+    # Keeping the teacher's block is always an option of select.method budget.
+    # [] = one candidate, separable-d<student_depth>-w<student_width>.
     candidates: list[str] = field(default_factory=list)
 
 
@@ -322,6 +335,8 @@ def _coerce(section: str, key: str, hint: Any, value: Any) -> Any:
     """Check ``value`` against the field's type hint; convert ints to floats where expected."""
     where = f"{section}.{key}"
     origin, args = get_origin(hint), get_args(hint)
+    if origin is dict:
+        return _coerce_mapping(where, value)
     if origin is list:  # a YAML list, or "a,b" from --set
         items = value.split(",") if isinstance(value, str) else value
         if isinstance(items, int) and not isinstance(items, bool):  # `--set key=1`: a list of one
@@ -383,6 +398,31 @@ def _number(value: Any) -> int | float | None:
     if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
         return float(value)
     return None
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _coerce_mapping(where: str, value: Any) -> dict[str, Any]:
+    """A mapping of identifiers to plain YAML values (what a constructor's keyword arguments take)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping (key: value), got {value!r}")
+    for k, v in value.items():
+        if not isinstance(k, str) or not k.isidentifier():
+            raise ConfigError(f"{where}: key {k!r} is not a keyword argument name")
+        items = v if isinstance(v, list) else [v]
+        if not all(isinstance(i, _PLAIN) for i in items):
+            raise ConfigError(f"{where}.{k}: expected a number, string, boolean, null or a list of them, got {v!r}")
+    return dict(value)
+
+
+def _check_model(cfg: Config) -> None:
+    """model.kwargs only for constructors that take them, never the keys the toolkit sets itself."""
+    m = cfg.model
+    if m.kwargs and not m.arch.startswith(("torchvision:", "timm:")):
+        raise ConfigError(f"model.kwargs: only for model.arch torchvision:<name> or timm:<name>, not {m.arch!r}")
+    reserved = sorted(set(m.kwargs) & {"num_classes", "weights", "pretrained"})
+    if reserved:
+        raise ConfigError(f"model.kwargs: {', '.join(reserved)} set by the toolkit (the dataset's classes, no "
+                          "downloaded weights; a teacher comes from training or teacher.checkpoint)")
 
 
 def _check_ranges(cfg: Config) -> None:
@@ -421,6 +461,7 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.data.dataset in ("cifar10", "cifar100", "imagefolder") and not cfg.data.root:
         raise ConfigError(f"data.root: required for dataset {cfg.data.dataset!r} (a local directory)")
     _check_select(cfg)
+    _check_model(cfg)
 
 
 def _check_select(cfg: Config) -> None:
@@ -509,7 +550,13 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raw[section] = {}
-        raw[section][key] = value
+        *outer, last = key.split(".")  # model.kwargs.image_size=32: one entry of a mapping key
+        target = raw[section]
+        for part in outer:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+        target[last] = value
     try:
         return config_from_dict(raw)
     except ConfigError as exc:

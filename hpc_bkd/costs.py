@@ -103,7 +103,7 @@ def block_costs(cfg: Config, teacher: nn.Module, specs: Sequence[BlockSpec], uni
     so training pays its teacher pass once per run, not every epoch; ``exchange``: seconds per byte
     a team member receives when a team exchanges its cache rows."""
     blocks = [specs[u.block] for u in units]
-    students = [build_candidate(specs[u.block], Candidate.parse(u.candidate), cfg.run.seed) for u in units]
+    students = [build_candidate(specs[u.block], Candidate.parse(u.candidate), cfg.run.seed, teacher) for u in units]
     teacher_passes = 1.0 / cfg.distill.epochs if cached else 1.0
     if cfg.plan.cost_model == "macs":
         return CostTable(with_validation(mac_costs(blocks, students), 0.0, teacher_passes=teacher_passes), {}, "macs")

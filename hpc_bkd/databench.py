@@ -85,7 +85,7 @@ def rank_consumption(cfg: Config, data: Data, ranks: int, device: torch.device) 
     from .students import build_student
     from .surgery import find_blocks
 
-    teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width).eval()
+    teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width, cfg.model.kwargs).eval()
     blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
     students = [build_student(b, cfg.blocks.student_depth, cfg.blocks.student_width, cfg.run.seed) for b in blocks]
     batches = [torch.randn(cfg.data.batch_size, *data.input_shape) for _ in range(cfg.plan.measure_batches + 1)]

@@ -164,7 +164,7 @@ def _disagree(pair: tuple[float, float]) -> bool:
 
 
 def _as_layout(model: nn.Module, x: torch.Tensor, layout: str) -> tuple[nn.Module, torch.Tensor]:
-    fmt = LAYOUTS[layout]
+    fmt = LAYOUTS[layout] if x.dim() == 4 else torch.contiguous_format  # tokens have no channels-last form
     return model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
 
 
@@ -216,7 +216,7 @@ def random_input(input_shape: Sequence[int], batch: int, device: torch.device | 
                  layout: str = "contiguous") -> torch.Tensor:
     """A fixed random batch: speed does not depend on the values, repeatability does."""
     x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(batch))
-    return x.to(device).contiguous(memory_format=LAYOUTS[layout])
+    return x.to(device).contiguous(memory_format=LAYOUTS[layout] if x.dim() == 4 else torch.contiguous_format)
 
 
 def choose_layouts(model: nn.Module, input_shape: Sequence[int], plan: TimingPlan,

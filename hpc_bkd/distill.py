@@ -206,7 +206,7 @@ class LocalDistiller:
 
     def _trainer(self, unit: Unit) -> BlockTrainer:
         d, spec = self.cfg.distill, self.specs[unit.block]
-        student = build_candidate(spec, Candidate.parse(unit.candidate), self.cfg.run.seed)
+        student = build_candidate(spec, Candidate.parse(unit.candidate), self.cfg.run.seed, self.teacher)
         student = student.to(self.device).to(memory_format=TRAIN_FORMAT)
         prepare_student(student, self.team, self.layout)
         opt = _make_optimizer(student.parameters(), self.cfg)

@@ -161,13 +161,14 @@ def load_run(run_dir: str | Path) -> RunModels:
     saved = atomic_io.load(_student_file(paths))
     cfg = _config(paths, saved)
     classes, shape = _num_classes(cfg, saved["state_dict"]), _input_shape(cfg)
-    teacher = load_teacher_checkpoint(_teacher_weights(paths, cfg), build_model(cfg.model.arch, classes, cfg.model.width))
+    teacher = load_teacher_checkpoint(_teacher_weights(paths, cfg),
+                                      build_model(cfg.model.arch, classes, cfg.model.width, cfg.model.kwargs))
     blocks = find_blocks(teacher.eval(), shape, cfg.blocks.granularity)
-    student = build_model(cfg.model.arch, classes, cfg.model.width)
+    student = build_model(cfg.model.arch, classes, cfg.model.width, cfg.model.kwargs)
     b = cfg.blocks
     paper = paper_candidate(b.student_depth, b.student_width).name  # students.pt of a single-candidate job
     kinds = {int(i): k for i, k in saved.get("students", {}).items()} or {i: paper for i in saved["accepted_blocks"]}
-    replace_blocks(student, {i: build_candidate(blocks[i], Candidate.parse(k), cfg.run.seed)
+    replace_blocks(student, {i: build_candidate(blocks[i], Candidate.parse(k), cfg.run.seed, teacher)
                              for i, k in kinds.items()}, blocks)
     student.load_state_dict(saved["state_dict"])
     return RunModels(cfg, teacher.eval(), student.eval(), tuple(blocks), tuple(sorted(kinds)), shape,
@@ -190,7 +191,7 @@ def load_teacher(run_dir: str | Path) -> nn.Module:
     weights = _teacher_weights(paths, cfg)
     state = atomic_io.load(weights)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
-    model = build_model(cfg.model.arch, _num_classes(cfg, state), cfg.model.width)
+    model = build_model(cfg.model.arch, _num_classes(cfg, state), cfg.model.width, cfg.model.kwargs)
     return load_teacher_checkpoint(weights, model).eval()
 
 
@@ -439,7 +440,8 @@ def _model_card(run: RunModels, split: EvalSplit, files: dict[str, dict[str, Pat
         "input": _input_card(run, split),
         "output": {"name": OUTPUT_NAME, "shape": ["batch", n_classes], "meaning": "logits (argmax = class)",
                    "num_classes": n_classes, "class_names": classes},
-        "model": {"arch": cfg.model.arch, "width": cfg.model.width, "dataset": cfg.data.dataset,
+        "model": {"arch": cfg.model.arch, "width": cfg.model.width, "kwargs": dict(cfg.model.kwargs),
+                  "dataset": cfg.data.dataset,
                   "granularity": cfg.blocks.granularity, "blocks": len(run.blocks),
                   "accepted_blocks": list(run.accepted), "students": dict(run.students),
                   "per_block": _per_block(run)},

@@ -50,7 +50,7 @@ def footprint(cfg: Config) -> Footprint | None:
     size = cfg.data.image_size
     try:
         with torch.device("meta"):
-            model = build_model(cfg.model.arch, classes, cfg.model.width)
+            model = build_model(cfg.model.arch, classes, cfg.model.width, cfg.model.kwargs)
             params = sum(p.numel() for p in model.parameters())
             activations = _activations(model, (1, 3, size, size))
     except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:

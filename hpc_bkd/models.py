@@ -1,9 +1,13 @@
-"""Teacher architectures: CIFAR-style VGG-BN and ResNet, plus any torchvision.models constructor.
+"""Teacher architectures: CIFAR-style VGG-BN and ResNet, plus any torchvision.models constructor
+(and any timm model where the optional ``timm`` extra is installed), with keyword arguments.
 
 Only the constructors live here. Nothing else in the toolkit knows about architectures: surgery finds
 blocks generically with forward hooks (see ``surgery.py``).
 """
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torchvision
@@ -22,7 +26,7 @@ RESNET_LAYOUTS: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
 }
-ARCHS = sorted(VGG_LAYOUTS) + sorted(RESNET_LAYOUTS) + ["torchvision:<name>"]
+ARCHS = sorted(VGG_LAYOUTS) + sorted(RESNET_LAYOUTS) + ["torchvision:<name>", "timm:<name>"]
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -91,8 +95,11 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def build_model(arch: str, num_classes: int, width: float = 1.0) -> nn.Module:
-    """A freshly initialised network; ``torchvision:<name>`` builds ``torchvision.models.<name>``."""
+def build_model(arch: str, num_classes: int, width: float = 1.0,
+                kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """A freshly initialised network; ``torchvision:<name>`` builds ``torchvision.models.<name>``
+    and ``timm:<name>`` timm's model, each with ``kwargs`` (``model.kwargs``) and no weights."""
+    kwargs = dict(kwargs or {})
     if arch in VGG_LAYOUTS:
         return CifarVGG(VGG_LAYOUTS[arch], num_classes, width)
     if arch in RESNET_LAYOUTS:
@@ -100,9 +107,39 @@ def build_model(arch: str, num_classes: int, width: float = 1.0) -> nn.Module:
         return CifarResNet(block, layers, num_classes, width)
     if arch.startswith("torchvision:"):
         name = arch.split(":", 1)[1]
+        cls = getattr(torchvision.models, name, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):  # a class (VisionTransformer): any size
+            return _construct(arch, lambda: cls(num_classes=num_classes, **kwargs), kwargs)
         try:
-            return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+            builder = torchvision.models.get_model_builder(name)
         except ValueError:
             valid = ", ".join(torchvision.models.list_models(module=torchvision.models))
-            raise ValueError(f"unknown torchvision model {name!r}; valid: {valid}") from None
+            raise ValueError(f"unknown torchvision model {name!r}; valid: {valid} (or a model class such as "
+                             "VisionTransformer, with model.kwargs)") from None
+        return _construct(arch, lambda: builder(weights=None, num_classes=num_classes, **kwargs), kwargs)
+    if arch.startswith("timm:"):
+        return _timm_model(arch.split(":", 1)[1], num_classes, kwargs)
     raise ValueError(f"unknown model.arch {arch!r}; valid: {', '.join(ARCHS)}")
+
+
+def _construct(arch: str, make: Callable[[], nn.Module], kwargs: dict[str, Any]) -> nn.Module:
+    """``make()``, with a constructor's complaint about ``model.kwargs`` said as a config error."""
+    try:
+        return make()
+    except (TypeError, ValueError, AssertionError) as exc:
+        if not kwargs:
+            raise
+        raise ValueError(f"model.kwargs {kwargs} do not fit {arch}: {exc or type(exc).__name__}") from None
+
+
+def _timm_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """timm's ``name`` without pretrained weights (nothing is downloaded at run time)."""
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"model.arch timm:{name} needs timm: pip install 'hpc_bkd[timm]' "
+                         "(or pip install timm)") from None
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r} (timm.list_models() lists them)")
+    return _construct(f"timm:{name}", lambda: timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                                                **kwargs), kwargs)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -66,7 +66,7 @@ from .rundir import BlockStore, RunDir, UnitShape, job_fingerprint
 from .runlock import run_dir_lock
 from .runtime import Interrupted, Runtime, init_runtime, peak_memory_mb, setup_logging
 from .schedule import Schedule, schedule_for
-from .students import build_candidate
+from .students import applies, build_candidate
 from .surgery import BlockSpec, assemble, find_blocks, model_size
 from .teacher import accuracy, get_teacher, state_fingerprint
 from .teacher_cache import CacheDecision, decide, memory_budget
@@ -209,7 +209,7 @@ def _run_stages(cfg: Config, rt: Runtime) -> JobRecord | None:
     run_dir = open_run_dir(cfg, rt)
     data = load_job_data(cfg, rt, clock)
     teacher = share_teacher(cfg, rt, data, run_dir, clock)
-    units = job_units(len(teacher.blocks), job_candidates(cfg))
+    units = candidate_units(cfg, teacher.model, teacher.blocks)
     choice = agree_schedule(cfg, rt, teacher, data)
     resume = find_finished(cfg, rt, run_dir, teacher, units)
     costs = measure_costs(cfg, rt, teacher, units, data, choice, resume, run_dir)
@@ -279,6 +279,28 @@ def load_job_data(cfg: Config, rt: Runtime, clock: Clock) -> Data:
     return data
 
 
+def candidate_units(cfg: Config, teacher: nn.Module, blocks: Sequence[BlockSpec]) -> list[Unit]:
+    """The job's units: every candidate for every block it fits. A kind that does not fit some
+    blocks (separable on a transformer block, shrink on a single conv) is left out for them and
+    said once per kind, not an error."""
+    left_out: dict[str, list[tuple[int, str]]] = {}
+
+    def fits(block: int, candidate: Candidate) -> bool:
+        why = applies(blocks[block], candidate, teacher)
+        if why is not None:
+            left_out.setdefault(candidate.name, []).append((block, why))
+        return why is None
+
+    units = job_units(len(blocks), job_candidates(cfg), fits)
+    for name, where in left_out.items():
+        log.info("candidate %s left out for %d block(s) (%s): %s", name, len(where),
+                 ", ".join(str(b) for b, _ in where), where[0][1])
+    if not units:
+        raise ValueError(f"no candidate in {', '.join(c.name for c in job_candidates(cfg))} fits any block "
+                         f"of {cfg.model.arch} (blocks.candidates, blocks.granularity {cfg.blocks.granularity})")
+    return units
+
+
 def share_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, clock: Clock) -> PreparedTeacher:
     """Rank 0 prepares the teacher and finds its blocks; every rank gets them (broadcast)."""
     share = None
@@ -291,7 +313,7 @@ def share_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, clock: 
     assert isinstance(shared, TeacherShare)
     if shared.interrupted or shared.state is None:
         raise Interrupted(str(run_dir))
-    teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width)
+    teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width, cfg.model.kwargs)
     teacher.load_state_dict(shared.state)
     if rt.is_root:
         clock.mark("broadcast")
@@ -343,7 +365,7 @@ def unit_shapes(cfg: Config, teacher: PreparedTeacher) -> Callable[[Unit], UnitS
     """What a finished unit's file must hold: its block's name and its student's tensor shapes."""
     def expect(unit: Unit) -> UnitShape:
         spec = teacher.blocks[unit.block]
-        student = build_candidate(spec, Candidate.parse(unit.candidate), cfg.run.seed)
+        student = build_candidate(spec, Candidate.parse(unit.candidate), cfg.run.seed, teacher.model)
         return UnitShape(spec.name, {k: tuple(v.shape) for k, v in student.state_dict().items()})
     return expect
 
@@ -508,7 +530,7 @@ def make_student(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, teacher:
     """Assemble the chosen blocks into the teacher, recalibrate, fine-tune, evaluate, save."""
     students: dict[int, nn.Module] = {}
     for block, u in chosen.units.items():
-        s = build_candidate(teacher.blocks[block], Candidate.parse(units[u].candidate), cfg.run.seed)
+        s = build_candidate(teacher.blocks[block], Candidate.parse(units[u].candidate), cfg.run.seed, teacher.model)
         s.load_state_dict(results[u].state_dict)
         students[block] = s.eval()
     accepted = sorted(students)
@@ -632,11 +654,13 @@ class PlanPreview:
     teacher_cache: CacheReport
     blocks: list[BlockSpec]
     plan: Plan
+    units: list[Unit] = field(default_factory=list)  # the plan's costs are per unit, in this order
 
     def to_json(self) -> dict:
         return {"arch": self.arch, "granularity": self.granularity, "cost_model": self.costs.cost_model,
                 "member_share": self.costs.member_share, "teacher_cache": vars(self.teacher_cache),
-                "blocks": [b.to_dict() for b in self.blocks], "plan": self.plan.to_dict()}
+                "blocks": [b.to_dict() for b in self.blocks], "plan": self.plan.to_dict(),
+                "units": [{"id": u.id, "block": u.block, "candidate": u.candidate} for u in self.units]}
 
 
 def plan_only(cfg: Config, ranks: int) -> PlanPreview:
@@ -649,18 +673,18 @@ def plan_only(cfg: Config, ranks: int) -> PlanPreview:
     setup_logging(rt.rank, rt.size)
     check_fits(cfg, rt.device)
     data = load_data(cfg.data, cfg.run.seed)
-    teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width).eval()
+    teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width, cfg.model.kwargs).eval()
     if cfg.teacher.checkpoint:
         from .teacher import load_teacher_checkpoint
         load_teacher_checkpoint(cfg.teacher.checkpoint, teacher)
     blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
     cache = cache_decision(cfg, blocks, data, rt.device, ranks)  # as if the ranks shared a node
-    units = job_units(len(blocks), job_candidates(cfg))
+    units = candidate_units(cfg, teacher, blocks)
     costs = block_costs(cfg, teacher, blocks, units, data, rt.device, ranks,
                         schedule_for(cfg.distill.schedule, cache.use), cache.use)
     plan = make_plan(costs.costs, ranks, cfg.plan.method, cfg.plan.hybrid, cfg.plan.teams,
                      tm=TeamModel.for_groups(cfg.distill.bn_groups, costs.member_share), feed=costs.inputs.feed)
-    return PlanPreview(cfg.model.arch, cfg.blocks.granularity, costs, cache.to_record(), blocks, plan)
+    return PlanPreview(cfg.model.arch, cfg.blocks.granularity, costs, cache.to_record(), blocks, plan, units)
 
 
 __all__ = ["run_job", "plan_only", "Interrupted"]

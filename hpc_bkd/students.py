@@ -9,6 +9,7 @@ from torch import nn
 
 from .candidates import Candidate, paper_candidate, unit_seed
 from .surgery import BlockSpec
+from .whole_units import NotApplicable, shrink_unit, skip_layers
 
 # Students train in channels-last layout: on CPU (oneDNN) their depthwise and 1x1 convolutions and
 # BatchNorms run up to 2-3x faster that way than in NCHW (measured on the default job's block shapes).
@@ -30,6 +31,7 @@ def _separable(spec: BlockSpec, depth: int, width: float) -> Callable[[], list[n
     taken before the activation (a BatchNorm output) can be negative and the student must be able
     to produce it.
     """
+    _needs_maps(spec, "separable")
     in_ch, out_ch = spec.in_shape[0], spec.out_shape[0]
     hidden = max(4, int(round(out_ch * width)))
 
@@ -58,6 +60,7 @@ def _lowrank(spec: BlockSpec, rank: float) -> Callable[[], list[nn.Module]]:
     """A rank-r factorisation of the teacher's 3x3 convolution: 3x3 conv to r x the output
     channels, BN, 1x1 conv back, BN (linear in between, like the factorised convolution it
     approximates). Two dense operators where a separable student has four: fewer per-op costs."""
+    _needs_maps(spec, "lowrank")
     in_ch, out_ch = spec.in_shape[0], spec.out_shape[0]
     inner = max(4, int(round(out_ch * rank)))
 
@@ -71,16 +74,44 @@ def _lowrank(spec: BlockSpec, rank: float) -> Callable[[], list[nn.Module]]:
     return layers
 
 
-# one builder per candidate kind (``candidates.KINDS``): the modules of a student block
-BUILDERS: dict[str, Callable[[BlockSpec, dict[str, float]], Callable[[], list[nn.Module]]]] = {
-    "separable": lambda spec, p: _separable(spec, int(p["d"]), p["w"]),
-    "lowrank": lambda spec, p: _lowrank(spec, p["r"]),
+def _needs_maps(spec: BlockSpec, kind: str) -> None:
+    if spec.layout != "chw":
+        raise NotApplicable(f"{kind} replaces convolutions on (C, H, W) maps; this block's tensors are {spec.layout}")
+
+
+def _shrink(spec: BlockSpec, fraction: float, teacher: nn.Module | None) -> Callable[[], list[nn.Module]]:
+    if teacher is None:
+        raise ValueError(f"block {spec.index}: a shrink student is built from the teacher's unit; pass teacher=")
+    unit = shrink_unit(teacher, spec, fraction)  # raises NotApplicable before any student is made
+    return lambda: [unit]
+
+
+Builder = Callable[[BlockSpec, dict[str, float], "nn.Module | None"], Callable[[], list[nn.Module]]]
+# one builder per candidate kind (``candidates.KINDS``): the modules of a student block; a kind that
+# does not fit a block raises ``NotApplicable``
+BUILDERS: dict[str, Builder] = {
+    "separable": lambda spec, p, t: _separable(spec, int(p["d"]), p["w"]),
+    "lowrank": lambda spec, p, t: _lowrank(spec, p["r"]),
+    "skip": lambda spec, p, t: (lambda: skip_layers(spec)),
+    "shrink": lambda spec, p, t: _shrink(spec, p["w"], t),
 }
 
 
-def build_candidate(spec: BlockSpec, candidate: Candidate, seed: int = 0) -> nn.Sequential:
-    """Block ``spec``'s student of kind ``candidate``, seeded by block and candidate (never rank)."""
-    return _checked(spec, BUILDERS[candidate.kind](spec, candidate.params), unit_seed(seed, spec.index, candidate.name))
+def build_candidate(spec: BlockSpec, candidate: Candidate, seed: int = 0,
+                    teacher: nn.Module | None = None) -> nn.Sequential:
+    """Block ``spec``'s student of kind ``candidate``, seeded by block and candidate (never rank).
+    ``teacher``: the model ``spec`` was found in (``shrink`` starts from its unit's weights)."""
+    return _checked(spec, BUILDERS[candidate.kind](spec, candidate.params, teacher),
+                    unit_seed(seed, spec.index, candidate.name))
+
+
+def applies(spec: BlockSpec, candidate: Candidate, teacher: nn.Module | None = None) -> str | None:
+    """None where ``candidate`` fits block ``spec``; else why not (the kind is left out for it)."""
+    try:
+        build_candidate(spec, candidate, 0, teacher)
+    except NotApplicable as exc:
+        return str(exc)
+    return None
 
 
 def _checked(spec: BlockSpec, layers: Callable[[], list[nn.Module]], seed: int) -> nn.Sequential:

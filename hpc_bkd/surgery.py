@@ -4,7 +4,10 @@ Everything here works on any ``nn.Module`` by tracing one forward pass with hook
 run, in which order, and which tensor flows from one to the next. No per-architecture code.
 
 A block is a run of modules executed one after another (``members``) whose first member's input is
-the block input and whose last member's output is the block target. Swapping a student in puts it
+the block input and whose last member's output is the block target. At ``unit`` granularity a block
+is one repeated unit of the network (a ResNet bottleneck, an inverted residual, a ConvNeXt or Swin
+block, a ViT encoder block), recognised by what it does in a traced forward (see ``_unit_modules``).
+Block tensors are image maps (C, H, W), channels-last maps (H, W, C) or token sequences (N, D). Swapping a student in puts it
 at the first member's place and ``nn.Identity`` at the others, which is exact because the members
 form a chain.
 """
@@ -31,14 +34,21 @@ class BlockSpec:
     index: int
     name: str                      # the first member's module path
     members: tuple[str, ...]       # module paths in execution order
-    in_shape: tuple[int, int, int]  # C, H, W of the block input
-    out_shape: tuple[int, int, int]
+    in_shape: tuple[int, ...]      # the block input of one image, laid out as ``layout`` says
+    out_shape: tuple[int, ...]
     stride: int
     params: int                    # teacher parameters in the block
     macs: int                      # teacher multiply-accumulates per image in the block
     prefix_macs: int               # teacher MACs per image up to and including this block
     nonnegative_output: bool       # target is post-ReLU (students may end in a ReLU)
     relu_after: bool = False       # the teacher's next op is a ReLU on this output and nothing else
+    layout: str = "chw"            # chw: (C, H, W) maps; hwc: channels-last (H, W, C); tokens: (N, D)
+
+    @property
+    def channels(self) -> tuple[int, int]:
+        """Input and output channels (features, for tokens): where ``layout`` keeps them."""
+        at = 0 if self.layout == "chw" else -1
+        return self.in_shape[at], self.out_shape[at]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,13 +80,23 @@ def _module_macs(module: nn.Module, out: torch.Tensor) -> int:
     return 0
 
 
+def _attention_macs(module: nn.MultiheadAttention, inp: torch.Tensor) -> int:
+    """Per image: the q/k/v and output projections and the two L x L products (its functional
+    forward never calls its ``out_proj`` module, so the Linear rule above does not see them)."""
+    length = inp.shape[0] if not module.batch_first and inp.dim() == 3 else inp.shape[-2]
+    e = module.embed_dim
+    return int(length * 4 * e * e + 2 * length * length * e)
+
+
 def _trace(model: nn.Module, input_shape: Sequence[int]) -> list[_Call]:
     """Leaf modules in execution order with the tensors they consumed and produced (batch of 2)."""
     calls: list[_Call] = []
     handles = []
     inputs: list[torch.Tensor | None] = []  # the input's values before the call (pre-hook)
+    attention = [n for n, m in model.named_modules() if n and isinstance(m, nn.MultiheadAttention)]
     for name, module in model.named_modules():
-        if name and _is_leaf(module):
+        # an attention layer is timed whole: its forward uses its projection weights directly
+        if name and (_is_leaf(module) or name in attention) and not any(name.startswith(a + ".") for a in attention):
             def pre_hook(mod, args):
                 first = args[0] if args and isinstance(args[0], torch.Tensor) else None
                 inputs.append(first.clone() if first is not None else None)
@@ -84,8 +104,10 @@ def _trace(model: nn.Module, input_shape: Sequence[int]) -> list[_Call]:
             def hook(mod, args, out, name=name):
                 inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
                 tensor_out = out if isinstance(out, torch.Tensor) else None
-                calls.append(_Call(name, mod, inp, tensor_out,
-                                   _module_macs(mod, tensor_out) if tensor_out is not None else 0,
+                macs = _module_macs(mod, tensor_out) if tensor_out is not None else 0
+                if isinstance(mod, nn.MultiheadAttention) and inp is not None:
+                    macs = _attention_macs(mod, inp)
+                calls.append(_Call(name, mod, inp, tensor_out, macs,
                                    tensor_out is not None and bool((tensor_out >= 0).all()),
                                    tensor_out.clone() if tensor_out is not None else None, inputs.pop()))
             handles.append(module.register_forward_pre_hook(pre_hook))
@@ -104,7 +126,9 @@ def _trace(model: nn.Module, input_shape: Sequence[int]) -> list[_Call]:
 
 
 def _is_block_conv(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.groups == 1
+    """A 3x3 convolution, dense or grouped (ResNeXt, RegNet), not depthwise (nothing to factorise)."""
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) \
+        and (module.groups == 1 or module.groups < module.in_channels)
 
 
 def _conv_blocks(calls: list[_Call]) -> list[list[int]]:
@@ -120,25 +144,99 @@ def _conv_blocks(calls: list[_Call]) -> list[list[int]]:
     return groups
 
 
-def _chw(t: torch.Tensor) -> tuple[int, int, int]:
-    c, h, w = t.shape[1:]
-    return (int(c), int(h), int(w))
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in t.shape[1:])
+
+
+def _layout(t: torch.Tensor, first: nn.Module) -> str:
+    """How a block's tensor is laid out, from its shape and the first layer that reads it: a
+    channels-last map is normalised or projected over its last axis (Swin's LayerNorm, Linear)."""
+    if t.dim() == 3:
+        return "tokens"
+    last = t.shape[-1]
+    if (isinstance(first, nn.LayerNorm) and tuple(first.normalized_shape) == (last,)) \
+            or (isinstance(first, nn.Linear) and first.in_features == last):
+        return "hwc"
+    return "chw"
+
+
+def _stride(inp: torch.Tensor, out: torch.Tensor, layout: str) -> int:
+    if layout == "tokens":
+        return 1
+    axis = -1 if layout == "chw" else -2  # the width axis
+    return max(1, inp.shape[axis] // out.shape[axis])
 
 
 def _parent(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
-def _residual_units(model: nn.Module) -> list[str]:
-    """Composite modules held directly in an nn.Sequential that contain a 3x3 dense conv."""
-    units: list[str] = []
+CONTAINERS = (nn.Sequential, nn.ModuleList)
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What one module did in a traced forward: how often it ran, whether every call took exactly
+    one tensor and returned one, and its first call's output."""
+
+    calls: int
+    single: bool
+    out: torch.Tensor | None
+
+
+def _observe(model: nn.Module, input_shape: Sequence[int]) -> dict[str, _Seen]:
+    """Every named module's calls in one forward (batch of 2, eval mode, no gradients)."""
+    seen: dict[str, tuple[int, bool, torch.Tensor | None]] = {}
+    handles = []
     for name, module in model.named_modules():
-        if not name or _is_leaf(module) or isinstance(module, (nn.Sequential, nn.ModuleList)):
+        if not name:
             continue
-        parent = model.get_submodule(_parent(name)) if _parent(name) else model
-        if isinstance(parent, nn.Sequential) and any(_is_block_conv(m) for m in module.modules()):
-            if not any(name.startswith(u + ".") for u in units):
-                units.append(name)
+
+        def hook(mod, args, kwargs, out, name=name):
+            calls, single, first = seen.get(name, (0, True, None))
+            one = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor)
+            seen[name] = (calls + 1, single and one, first if calls else (out.clone() if one else None))
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: _Seen(*v) for n, v in seen.items()}
+
+
+def _is_stage(module: nn.Module) -> bool:
+    """A container that holds composite modules (a stage of units), not a plain run of layers
+    (conv-BN-activation, a patch embedding, a downsampling layer) that happens to be an nn.Sequential."""
+    return isinstance(module, CONTAINERS) and any(not _is_leaf(c) for c in module.children())
+
+
+def _unit_modules(model: nn.Module, input_shape: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The repeated units of any network, by what they do rather than by their class.
+
+    A unit is a composite module (not itself a container) held in an nn.Sequential or nn.ModuleList
+    that ran exactly once in a forward, taking one tensor and returning one. A container holds units
+    only when none of its children is a stage: in Swin's ``features`` the patch-merging layers sit
+    between stages of blocks and are not units, while MobileNet's ``features`` holds its inverted
+    residuals between plain conv-BN-activation layers. The outermost such modules are the units
+    (an EfficientNet MBConv, not the squeeze-excitation inside it).
+    """
+    seen = _observe(model, input_shape)
+    units: dict[str, torch.Tensor] = {}  # name: its output in the traced forward
+    for name, module in model.named_modules():
+        parent = _parent(name)
+        holder = model.get_submodule(parent) if parent else model
+        if not name or _is_leaf(module) or isinstance(module, CONTAINERS) or not isinstance(holder, CONTAINERS):
+            continue
+        if any(_is_stage(c) for c in holder.children()) or any(name.startswith(u + ".") for u in units):
+            continue
+        s = seen.get(name)
+        if s is not None and s.calls == 1 and s.single and s.out is not None and s.out.dim() in (3, 4):
+            units[name] = s.out
     return units
 
 
@@ -166,11 +264,12 @@ def find_blocks(model: nn.Module, input_shape: Sequence[int], granularity: str =
     """Describe the replaceable blocks of ``model`` for inputs of shape ``input_shape`` (C, H, W)."""
     calls = _trace(model, input_shape)
     spans: list[tuple[tuple[str, ...], int, int]] = []  # members, first call, last call
+    unit_outputs: dict[str, torch.Tensor] = {}
     if granularity == "conv":
         for group in _conv_blocks(calls):
             spans.append((tuple(calls[k].name for k in group), group[0], group[-1]))
     elif granularity == "unit":
-        units = _residual_units(model)
+        units = unit_outputs = _unit_modules(model, input_shape)
         if units:
             for unit in units:
                 idx = [k for k, c in enumerate(calls) if c.name.startswith(unit + ".")]
@@ -190,41 +289,29 @@ def find_blocks(model: nn.Module, input_shape: Sequence[int], granularity: str =
         if any(k < first or k > last for k in inside):
             continue  # a module also run outside the block cannot be replaced by one student
         inp, out, nonnegative = calls[first].inp, calls[last].out, calls[last].nonnegative
-        if inp is None or out is None or inp.dim() != 4 or out.dim() != 4:
-            continue
-        if granularity == "unit" and len(members) == 1:
+        if members[0] in unit_outputs:
             # the unit's own output is what the next module consumes, not its last leaf's output
-            out = _unit_output(model, members[0], input_shape)
+            out = unit_outputs[members[0]]
             nonnegative = bool((out >= 0).all())
+        if inp is None or out is None or inp.dim() not in (3, 4) or out.dim() != inp.dim():
+            continue
+        layout = _layout(inp, calls[first].module)
         params = sum(p.numel() for m in members for p in model.get_submodule(m).parameters())
-        stride = max(1, inp.shape[-1] // out.shape[-1])
+        stride = _stride(inp, out, layout)
         nxt = calls[last + 1] if last + 1 < len(calls) and out is calls[last].out else None
         out_value = calls[last].out_value
         relu_after = (nxt is not None and isinstance(nxt.module, nn.ReLU) and nxt.inp is out
                       and nxt.inp_value is not None and out_value is not None and torch.equal(nxt.inp_value, out_value))
         blocks.append(BlockSpec(
             index=len(blocks), name=members[0], members=members,
-            in_shape=_chw(inp), out_shape=_chw(out), stride=stride,
+            in_shape=_shape(inp), out_shape=_shape(out), stride=stride,
             params=params, macs=cumulative[last + 1] - cumulative[first],
             prefix_macs=cumulative[last + 1], nonnegative_output=nonnegative, relu_after=relu_after,
+            layout=layout,
         ))
     if not blocks:
         raise ValueError(f"found no replaceable blocks (granularity {granularity!r}) in {type(model).__name__}")
     return blocks
-
-
-def _unit_output(model: nn.Module, unit: str, input_shape: Sequence[int]) -> torch.Tensor:
-    captured: list[torch.Tensor] = []
-    handle = model.get_submodule(unit).register_forward_hook(lambda m, a, o: captured.append(o.clone()))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)))
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return captured[0]
 
 
 def total_macs(model: nn.Module, input_shape: Sequence[int]) -> int:

@@ -46,7 +46,8 @@ def _teacher_identity(cfg: Config, num_classes: int) -> dict[str, Any]:
             "dataset": cfg.data.dataset, "root": cfg.data.root, "image_size": cfg.data.image_size,
             "train_limit": cfg.data.train_limit, "val_fraction": cfg.data.val_fraction,
             "epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr, "seed": cfg.run.seed,
-            "augment": cfg.data.augment, "batch_size": cfg.data.batch_size}
+            "augment": cfg.data.augment, "batch_size": cfg.data.batch_size,
+            **({"kwargs": cfg.model.kwargs} if cfg.model.kwargs else {})}  # absent: caches before kwargs match
 
 
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -94,7 +95,7 @@ def train_teacher(cfg: Config, data: Data, device: torch.device, partial: Path |
     (then ``Interrupted`` is raised), and a later call resumes from it at the same step.
     """
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg.model.arch, data.num_classes, cfg.model.width).to(device)
+    model = build_model(cfg.model.arch, data.num_classes, cfg.model.width, cfg.model.kwargs).to(device)
     bs = cfg.data.batch_size
     steps = steps_per_epoch(len(data.train), bs)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.teacher.lr, momentum=0.9, nesterov=True,
@@ -136,7 +137,7 @@ def train_teacher(cfg: Config, data: Data, device: torch.device, partial: Path |
 
 def get_teacher(cfg: Config, data: Data, run_dir: RunDir, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher for this job and where it came from (checkpoint, cache, or trained now)."""
-    model = build_model(cfg.model.arch, data.num_classes, cfg.model.width)
+    model = build_model(cfg.model.arch, data.num_classes, cfg.model.width, cfg.model.kwargs)
     if cfg.teacher.checkpoint:
         load_teacher_checkpoint(cfg.teacher.checkpoint, model)
         source = f"checkpoint {cfg.teacher.checkpoint}"
