@@ -168,6 +168,10 @@ class RankRecord:
     local_rank: int | None = None  # rank on its node (picks the GPU); None in reports from before it was recorded
     data_wait_s: float | None = None  # distillation seconds spent waiting for input batches (None: not recorded)
     bad_images: int = 0               # unreadable image files skipped (data.on_bad_image: skip)
+    phases: list[list[Any]] = field(default_factory=list)  # [name, start, end] per phase up to the gather
+                                                           # (``progress``; empty in older reports)
+    work: list[list[Any]] = field(default_factory=list)    # [start, end, epoch, unit ids, steps] per stretch
+                                                           # of distillation steps on the same units
 
 
 @dataclass(frozen=True)
