@@ -402,6 +402,8 @@ class LocalDistiller:
         if self.schedule.uses_cache and active:
             self._fill_cache(sorted({t.spec.index: t.spec for t in active}.values(), key=lambda b: b.index))
         self._phase("distillation")
+        if self.progress is not None:
+            self.progress.trainers(trainers, force=True)
         last_save = time.time()
         interrupted = False
         while active:

@@ -5,6 +5,8 @@ up to date: its phase and the spans of the phases it went through, its units' cu
 what the plan predicted for it. The file is small and replaced atomically (``atomic_io``) at the
 log's rate (``run.log_interval_s``) and at every phase change, so a reader never sees half a file
 and the job never waits on its readers: ``status`` needs no MPI and nothing from the running ranks.
+A thread of its own rewrites it at that rate also during long phases without steps (the teacher's
+training, fine-tuning), so a file that stops changing means a rank that stopped.
 
 The spans also travel to rank 0 in the gather (``RankOutcome.phases``/``work``): they are what the
 report's schedule picture (``report.gantt``) draws for every rank.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,6 +106,13 @@ class RankProgress:
         self.distill_started: float | None = None
         self._last_write = 0.0
         self._host = socket.gethostname()
+        self._lock = threading.Lock()  # the main thread's phases against the writer thread's copy of them
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.write()
 
     # ------------------------------------------------------------------ phases
 
@@ -110,11 +120,15 @@ class RankProgress:
         """Close the open phase and open ``name`` (the file is written at once: a phase change is
         what a watcher most wants to see)."""
         now = time.time()
-        if self.phases and self.phases[-1][2] is None:
-            self.phases[-1][2] = now
-        self.phases.append([name, now, None])
+        with self._lock:
+            if self.phases and self.phases[-1][2] is None:
+                self.phases[-1][2] = now
+            self.phases.append([name, now, None])
         if name == "distillation" and self.distill_started is None:
             self.distill_started = now
+        if self._thread is None and self.path is not None:
+            self._thread = threading.Thread(target=self._beat, name="hpc_bkd-progress", daemon=True)
+            self._thread.start()
         self.write(force=True)
 
     def split_last(self, name: str, seconds: float) -> None:
@@ -123,8 +137,9 @@ class RankProgress:
         if not self.phases or seconds <= 0:
             return
         now = time.time()
-        self.phases[-1][2] = max(self.phases[-1][1], now - seconds)
-        self.phases.append([name, self.phases[-1][2], None])
+        with self._lock:
+            self.phases[-1][2] = max(self.phases[-1][1], now - seconds)
+            self.phases.append([name, self.phases[-1][2], None])
 
     @property
     def current(self) -> str:
@@ -133,7 +148,8 @@ class RankProgress:
     def spans(self) -> list[list[Any]]:
         """Closed copies of the phases (the open one ends now)."""
         now = time.time()
-        return [[n, s, e if e is not None else now] for n, s, e in self.phases]
+        with self._lock:
+            return [[n, s, e if e is not None else now] for n, s, e in self.phases]
 
     # ------------------------------------------------------------------ distillation
 
@@ -163,15 +179,17 @@ class RankProgress:
     # ------------------------------------------------------------------ the file
 
     def record(self, state: str = RUNNING) -> RankProgressRecord:
+        with self._lock:
+            phases = [list(p) for p in self.phases]
         return RankProgressRecord(
             PROGRESS_VERSION, self.rank, self.size, self._host, os.getpid(), self.started, time.time(), state,
-            self.current, [list(p) for p in self.phases], self.interval, list(self.units), self.units_total,
+            phases[-1][0] if phases else "start", phases, self.interval, list(self.units), self.units_total,
             self.predicted_distill_s, self.distill_started)
 
     def write(self, force: bool = False, state: str = RUNNING) -> None:
         """Replace the file atomically; a failure to write it is never the job's failure."""
         now = time.time()
-        if self.path is None or (not force and now - self._last_write < self.interval):
+        if self.path is None or (not force and now - self._last_write < self.interval * 0.9):
             return
         self._last_write = now
         try:
@@ -180,9 +198,13 @@ class RankProgress:
             pass  # a full or read-only disk: the job's own files say so where it matters
 
     def finish(self, state: str) -> None:
-        now = time.time()
-        if self.phases and self.phases[-1][2] is None:
-            self.phases[-1][2] = now
+        """The rank's last word: ``state`` (done, interrupted, failed); the writer thread stops."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        with self._lock:
+            if self.phases and self.phases[-1][2] is None:
+                self.phases[-1][2] = time.time()
         self.write(force=True, state=state)
 
 

@@ -46,7 +46,7 @@ def job_metrics(r: JobRecord) -> list[Metric]:
     and data wait; the teacher's and the student's accuracy; latencies predicted and measured."""
     out: list[Metric] = []
     for b in r.blocks:
-        unit = f"{b.index:03d}-{b.candidate}" if b.candidate else f"{b.index:03d}"
+        unit = _key(f"{b.index:03d}-{b.candidate}" if b.candidate else f"{b.index:03d}")
         for h in b.history:
             step = int(h.get("epoch", 0))
             out += [Metric(f"unit/{unit}/{k}", float(v), step) for k, v in h.items() if k != "epoch"]
@@ -256,9 +256,16 @@ class Trackers:
                 usable.append(backend)
         return cls(tuple(usable))
 
-    def log_job(self, record: JobRecord, run_dir: RunDir) -> None:
+    def log_job(self, record: JobRecord, run_dir: RunDir) -> dict[str, float]:
+        """Hand the reported job to every tracker; returns the seconds each took (its overhead)."""
+        seconds = {}
         for backend in self.backends:
+            t0 = time.perf_counter()
             try:
                 backend.log_job(record)
             except Exception as exc:  # the job is done and reported: a tracker must not fail it now
                 log.warning("tracking: %s failed (%r); the job's report is in %s", backend.name, exc, run_dir)
+            seconds[backend.name] = time.perf_counter() - t0
+        if seconds:
+            log.info("tracking took %s", ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()))
+        return seconds
