@@ -23,7 +23,7 @@ COLORS = {"data": "#d9d9d9", "teacher": "#c7a77c", "cost timing": "#f4a259", "pl
           "teacher cache fill": "#9b7fd1", "exchange": "#e07bb3", "distillation": "#6fbf73", "idle": "#ffffff",
           "gather": "#5b8def", "waiting for rank 0": "#eeeeee", "finish": "#8fa8c8"}
 FINISH_STAGES = ("select", "assemble", "finetune", "evaluate", "inference", "export")
-_WIDTH_IN, _DPI, _CHAR_PX = 13.0, 120, 4.6
+_WIDTH_IN, _DPI, _CHAR_PX = 13.0, 120, 6.8  # _CHAR_PX: a 7-point character's width at 120 dpi
 
 
 def rank_segments(record: JobRecord) -> dict[int, list[tuple[str, float, float]]]:
@@ -66,17 +66,30 @@ def _finish_stages(record: JobRecord, start: float) -> list[tuple[str, float, fl
     return out
 
 
-def work_boxes(record: JobRecord, t0: float) -> dict[int, list[tuple[float, float, str, int]]]:
-    """Per rank, (start, end, label, colour key) of each stretch of distillation steps."""
-    out: dict[int, list[tuple[float, float, str, int]]] = {}
+def work_boxes(record: JobRecord, t0: float) -> dict[int, list[tuple[float, float, list[str], int, int]]]:
+    """Per rank, (start, end, labels from the longest, colour key, epoch) of each stretch of
+    distillation steps: the colour is the unit's when one unit was stepped alone."""
+    out: dict[int, list[tuple[float, float, list[str], int, int]]] = {}
     for r in record.ranks:
         boxes = []
         for w in r.work:
             start, end, epoch, ids = float(w[0]), float(w[1]), int(w[2]), list(w[3])
-            label = f"u{ids[0]} e{epoch}" if len(ids) == 1 else f"epoch {epoch}: units {compress_ids(ids)}"
-            boxes.append((start - t0, end - t0, label, ids[0] if len(ids) == 1 else -epoch))
+            labels = ([f"unit {ids[0]} epoch {epoch}", f"u{ids[0]} e{epoch}", f"u{ids[0]}"] if len(ids) == 1 else
+                      [f"epoch {epoch}: units {compress_ids(ids)}", f"epoch {epoch}", f"e{epoch}"])
+            boxes.append((start - t0, end - t0, labels, ids[0] if len(ids) == 1 else -epoch, epoch))
         out[r.rank] = boxes
     return out
+
+
+def _epochs(boxes: list[tuple[float, float, list[str], int, int]]) -> list[tuple[int, float, float]]:
+    """(epoch, start, end) of each epoch made of several stretches (one unit after another)."""
+    spans: dict[int, list[float]] = {}
+    count: dict[int, int] = {}
+    for s, e, _, _, epoch in boxes:
+        span = spans.setdefault(epoch, [s, e])
+        span[0], span[1] = min(span[0], s), max(span[1], e)
+        count[epoch] = count.get(epoch, 0) + 1
+    return [(k, s, e) for k, (s, e) in sorted(spans.items()) if count[k] > 1]
 
 
 def draw(record: JobRecord, path: Path) -> None:
@@ -102,11 +115,14 @@ def draw(record: JobRecord, path: Path) -> None:
             seen.setdefault(name if name in COLORS else "finish (select, assemble, fine-tune, ...)", color)
             ax.barh(y, e - s, left=s, height=0.8, color=color, edgecolor="#555555", linewidth=0.4,
                     hatch="//" if name in ("idle", "waiting for rank 0") else None)
-            _label(ax, name, s, e, y, px_per_s)
-        for s, e, label, key in boxes.get(rank, []):
+            _label(ax, [name], s, e, y, px_per_s)
+        for s, e, labels, key, _ in boxes.get(rank, []):
             color = plt.get_cmap("tab20")(key % 20) if key >= 0 else ("#6fbf73" if key % 2 else "#a5d6a7")
             ax.barh(y + 0.9, e - s, left=s, height=0.8, color=color, edgecolor="#2e7d32", linewidth=0.4)
-            _label(ax, label, s, e, y + 0.9, px_per_s)
+            _label(ax, labels, s, e, y + 0.9, px_per_s)
+        for epoch, s, e in _epochs(boxes.get(rank, [])):  # units stepped one after another: mark each epoch
+            ax.plot([s, s, e, e], [y + 1.38, y + 1.45, y + 1.45, y + 1.38], color="#2e7d32", lw=0.6)
+            _label(ax, [f"epoch {epoch}", f"e{epoch}", f"{epoch}"], s, e, y + 1.58, px_per_s, size=6)
         row = next(r for r in record.ranks if r.rank == rank)
         units = compress_ids(row.blocks) or "none"
         ax.text(1.005, 1 - (y + 0.9 + 0.5) / (2 * len(ranks)), f"{len(row.blocks)} unit(s): "
@@ -127,11 +143,9 @@ def draw(record: JobRecord, path: Path) -> None:
     plt.close(fig)
 
 
-def _label(ax: Any, text: str, start: float, end: float, y: float, px_per_s: float) -> None:
-    """``text`` in the middle of a bar when it fits (shortened to what fits, or nothing)."""
-    room = (end - start) * px_per_s / _CHAR_PX - 1
-    if room < 3:
-        return
-    if len(text) > room:
-        text = text[:int(room) - 1] + "…"
-    ax.text((start + end) / 2, y, text, ha="center", va="center", fontsize=7)
+def _label(ax: Any, texts: list[str], start: float, end: float, y: float, px_per_s: float, size: int = 7) -> None:
+    """The longest of ``texts`` that fits in the middle of a bar (the last one shortened, or nothing)."""
+    room = (end - start) * px_per_s / (_CHAR_PX * size / 7) - 1
+    text = next((t for t in texts if len(t) <= room), texts[-1][:max(int(room) - 1, 0)] + "…")
+    if room >= 2 and len(text) > 1:
+        ax.text((start + end) / 2, y, text, ha="center", va="center", fontsize=size)

@@ -111,7 +111,7 @@ def _report(rd: RunDir) -> JobRecord | None:
     if not rd.report.is_file():
         return None
     try:
-        return JobRecord.from_json(atomic_io.load_json(rd.report))
+        return JobRecord.load(rd.report)
     except (atomic_io.DamagedFile, KeyError, TypeError, ValueError):
         return None
 
