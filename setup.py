@@ -30,6 +30,8 @@ setup(
         "test": ["pytest>=7", "pytest-timeout", "ruff", "mypy", "types-PyYAML"],
         # `hpc-bkd export`: ONNX files (onnxscript: torch.onnx's exporter), checked and timed with ONNX Runtime.
         "export": ["onnx", "onnxruntime", "onnxscript"],
+        # run.tracking: TensorBoard event files (torch.utils.tensorboard writes them) and MLflow runs.
+        "tracking": ["tensorboard", "mlflow"],
     },
     entry_points={"console_scripts": ["hpc-bkd=hpc_bkd.cli:main"]},
 )

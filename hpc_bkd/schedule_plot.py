@@ -117,8 +117,8 @@ def draw(record: JobRecord, path: Path) -> None:
                     hatch="//" if name in ("idle", "waiting for rank 0") else None)
             _label(ax, [name], s, e, y, px_per_s)
         for s, e, labels, key, _ in boxes.get(rank, []):
-            color = plt.get_cmap("tab20")(key % 20) if key >= 0 else ("#6fbf73" if key % 2 else "#a5d6a7")
-            ax.barh(y + 0.9, e - s, left=s, height=0.8, color=color, edgecolor="#2e7d32", linewidth=0.4)
+            fill = plt.get_cmap("tab20")(key % 20) if key >= 0 else ("#6fbf73" if key % 2 else "#a5d6a7")
+            ax.barh(y + 0.9, e - s, left=s, height=0.8, color=fill, edgecolor="#2e7d32", linewidth=0.4)
             _label(ax, labels, s, e, y + 0.9, px_per_s)
         for epoch, s, e in _epochs(boxes.get(rank, [])):  # units stepped one after another: mark each epoch
             ax.plot([s, s, e, e], [y + 1.38, y + 1.45, y + 1.45, y + 1.38], color="#2e7d32", lw=0.6)

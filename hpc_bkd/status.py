@@ -209,7 +209,7 @@ def status_text(st: JobStatus) -> str:
             left = f"~{_duration(r.distill_left_s)}" + ("*" if r.left_from == "plan" else "")
             lines.append(f"{r.rank:>4} {r.host[:12]:<12} {r.state:<11} {r.phase[:20]:<20} "
                          f"{f'{r.units_done}/{r.units_in_progress}/{r.units_left}':>19} {r.epoch:>6} {loss} "
-                         f"{100 * r.fraction:>4.0f}% {left if r.state == RUNNING else '-':>8}")
+                         f"{100 * r.fraction:>4.0f}% {left if r.state == RUNNING and r.fraction < 1 else '-':>8}")
         if any(r.left_from == "plan" and r.state == RUNNING for r in st.ranks):
             lines.append("  * time left from the plan's predicted makespan (too little done yet to measure)")
     lines.append(f"lost ranks: {', '.join(map(str, st.lost_ranks)) or 'none'}"
