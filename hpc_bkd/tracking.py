@@ -11,8 +11,11 @@ fails at the end is a warning too, never a lost run.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -115,15 +118,22 @@ def job_files(run_dir: RunDir) -> tuple[list[Path], list[Path]]:
 
 class Backend:
     """One tracker. ``unusable`` is asked when the job starts (a reason, or None); ``log_job``
-    once, when the job is reported."""
+    once, when the job is reported. ``modules``: what it imports, found (not imported) at the start
+    and imported by a thread while the job runs (``mlflow`` alone takes a second or two)."""
 
     name: ClassVar[str] = ""
+    modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Config, run_dir: RunDir) -> None:
         self.cfg, self.run_dir = cfg, run_dir
 
     def unusable(self) -> str | None:
-        raise NotImplementedError
+        missing = [m for m in self.modules if importlib.util.find_spec(m.split(".")[0]) is None]
+        return f"{missing[0]} is not installed (pip install -e '.[tracking]')" if missing else None
+
+    def warm_up(self) -> None:
+        for module in self.modules:
+            importlib.import_module(module)
 
     def log_job(self, record: JobRecord) -> None:
         raise NotImplementedError
@@ -134,13 +144,7 @@ class TensorBoardBackend(Backend):
     shows each as its own run, and a resumed job's figures do not mix with the first try's)."""
 
     name = "tensorboard"
-
-    def unusable(self) -> str | None:
-        try:
-            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
-        except ImportError:
-            return "the tensorboard package is not installed (pip install -e '.[tracking]')"
-        return None
+    modules = ("tensorboard", "torch.utils.tensorboard")
 
     def log_job(self, record: JobRecord) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -177,14 +181,13 @@ class MlflowBackend(Backend):
         uri = self.cfg.run.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
         return uri or (self.run_dir.root.resolve() / "mlruns").as_uri()
 
+    modules = ("mlflow", "mlflow.tracking", "mlflow.entities")
+
     def unusable(self) -> str | None:
-        try:
-            import mlflow  # noqa: F401
-        except ImportError:
-            return "the mlflow package is not installed (pip install -e '.[tracking]')"
-        if self.uri.startswith(("http://", "https://")):
+        missing = super().unusable()
+        if missing is None and self.uri.startswith(("http://", "https://")):
             return _unreachable(self.uri)
-        return None
+        return missing
 
     def log_job(self, record: JobRecord) -> None:
         from mlflow.entities import Metric as MlMetric
@@ -234,14 +237,23 @@ def _unreachable(uri: str, timeout_s: float = 5.0) -> str | None:
     return None
 
 
+def _warm_up(backends: list[Backend]) -> None:
+    for backend in backends:
+        try:
+            backend.warm_up()
+        except Exception as exc:  # log_job imports it again, and says what failed
+            log.debug("tracking: importing %s failed early: %r", backend.name, exc)
+
+
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (TensorBoardBackend, MlflowBackend)}
 
 
 @dataclass(frozen=True)
 class Trackers:
-    """The job's usable trackers (rank 0 only)."""
+    """The job's usable trackers (rank 0 only), their modules imported by ``warming`` meanwhile."""
 
     backends: tuple[Backend, ...] = ()
+    warming: threading.Thread | None = None
 
     @classmethod
     def open(cls, cfg: Config, run_dir: RunDir) -> Trackers:
@@ -254,11 +266,17 @@ class Trackers:
                 log.warning("tracking: %s; this job is not tracked in %s (its report is in %s)", why, name, run_dir)
             else:
                 usable.append(backend)
-        return cls(tuple(usable))
+        if not usable:
+            return cls()
+        warming = threading.Thread(target=_warm_up, args=(usable,), name="hpc_bkd-trackers", daemon=True)
+        warming.start()
+        return cls(tuple(usable), warming)
 
     def log_job(self, record: JobRecord, run_dir: RunDir) -> dict[str, float]:
         """Hand the reported job to every tracker; returns the seconds each took (its overhead)."""
         seconds = {}
+        if self.warming is not None:
+            self.warming.join()
         for backend in self.backends:
             t0 = time.perf_counter()
             try:
