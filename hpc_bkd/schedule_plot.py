@@ -100,6 +100,7 @@ def draw(record: JobRecord, path: Path) -> None:
     from matplotlib.patches import Patch
 
     segments = rank_segments(record)
+    cache = record.teacher_cache is not None and record.teacher_cache.use
     t0 = min(float(s) for r in record.ranks for _, s, _ in r.phases) if any(r.phases for r in record.ranks) \
         else record.distill.start
     boxes = work_boxes(record, t0)
@@ -134,7 +135,8 @@ def draw(record: JobRecord, path: Path) -> None:
     ax.set_xlim(0, span * 1.01)
     ax.set_xlabel("seconds since the job started")
     ax.set_title(f"{record.config['model']['arch']}: {len(record.blocks)} units on {len(ranks)} rank(s) "
-                 f"({record.config['distill'].get('schedule', '')} schedule)", fontsize=10)
+                 f"({record.config['distill'].get('schedule', '')} schedule"
+                 f"{', teacher cache: units stepped one after another' if cache else ''})", fontsize=10)
     ax.legend(handles=[Patch(facecolor=c, edgecolor="#555555", label=n,
                              hatch="//" if n in ("idle", "waiting for rank 0") else None) for n, c in seen.items()],
               loc="upper center", bbox_to_anchor=(0.5, -0.5 / (1 + 0.5 * len(ranks))), ncol=6, fontsize=7,
