@@ -10,10 +10,10 @@ RUN_DIR ?= runs/default
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[mpi,test,export,prune,timm]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[mpi,test,export,prune,timm,tracking]'
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv with torch (pinned), mpi4py + MPICH, submitit, pytest, ONNX export
+install: $(VENV)/.installed  ## create .venv with torch (pinned), mpi4py + MPICH, submitit, pytest, ONNX export, TensorBoard + MLflow
 
 run: install  ## install, then run the default job (VGG16 teacher on bundled digits) as one rank
 	$(PY) -m hpc_bkd run --run-dir $(RUN_DIR)

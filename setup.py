@@ -35,6 +35,8 @@ setup(
         "prune": ["torch-pruning"],
         # model.arch timm:<name> (constructors only: no weights are downloaded).
         "timm": ["timm"],
+        # run.tracking: TensorBoard event files (torch.utils.tensorboard writes them) and MLflow runs.
+        "tracking": ["tensorboard", "mlflow"],
     },
     entry_points={"console_scripts": ["hpc-bkd=hpc_bkd.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""Command line: ``python -m hpc_bkd [run|train-teacher|plan|distill|evaluate|export|config-keys|configs] ...``.
+"""Command line: ``python -m hpc_bkd [run|train-teacher|plan|distill|evaluate|export|status|config-keys|configs] ...``.
 
 The same command works alone (one rank) and under ``mpirun -np N``/``srun``/``sbatch``.
 """
@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=int, default=1, help="ranks of the plan whose consumption is shown")
     p.add_argument("--no-plan", action="store_true", help="time the input only, not the blocks")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p = sub.add_parser("status", help="where a job stands (running, stopped or finished), from its run directory "
+                                      "alone: no MPI, safe while the job runs")
+    add_job_arguments(p)
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--watch", type=float, nargs="?", const=10.0, default=None, metavar="SECONDS",
+                   help="print it again every SECONDS (default 10) until the job is no longer running")
     sub.add_parser("config-keys", help="every config key with its default and meaning")
     sub.add_parser("configs", help="list the shipped configs")
     return parser
@@ -218,7 +224,8 @@ def _cmd_run(args: argparse.Namespace, distill_only: bool = False) -> int:
     return EXIT_OK
 
 
-COMMANDS = ("run", "train-teacher", "plan", "distill", "evaluate", "export", "data-bench", "config-keys", "configs")
+COMMANDS = ("run", "train-teacher", "plan", "distill", "evaluate", "export", "data-bench", "status", "config-keys",
+            "configs")
 
 
 def normalize_argv(argv: Sequence[str]) -> list[str]:
@@ -250,6 +257,29 @@ def _cmd_data_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Print the job's status (once, or every ``--watch`` seconds while it runs). Needs no MPI."""
+    import time
+
+    from .status import NoJob, job_status, status_text
+
+    try:
+        run_dir = job_config(args).run.dir
+        while True:
+            st = job_status(run_dir)
+            if args.watch is not None and not args.json and sys.stdout.isatty():
+                print("\033[H\033[J", end="")  # a refreshing screen on a terminal; a log just grows
+            print(json.dumps(st.to_json(), indent=2) if args.json else status_text(st), flush=True)
+            if args.watch is None or st.state != "running":
+                return EXIT_OK
+            time.sleep(max(args.watch, 0.5))
+    except (NoJob, ConfigError) as exc:
+        print(f"hpc-bkd: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command on this rank and return its exit code (see :mod:`hpc_bkd.cli_args`).
 
@@ -265,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in sorted(shipped_configs().items()):
             print(f"{name:<20} {path}")
         return EXIT_OK
+    if command == "status":  # before MPI: a login node, or beside a running job, needs none
+        return _cmd_status(args)
     from mpi4py import MPI
 
     from .peers import HeartbeatSetupError, PeerLost

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from .candidates import Candidate, CandidateError, paper_candidate, parse_candidates
+from .tracking import BACKENDS
 
 
 class ConfigError(ValueError):
@@ -287,6 +288,15 @@ class RunConfig:
     # Arithmetic of the teacher's forward and the students' train steps: fp32, bf16 (autocast), or
     # fp16 (autocast with a gradient scaler). Weights, optimizer state, checkpoints and exports stay fp32.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Experiment trackers rank 0 hands the finished job to: tensorboard (event files under
+    # <run.dir>/tensorboard/), mlflow (one run per job). Needs the tracking extra: pip install -e
+    # '.[tracking]'. A tracker that is missing or cannot be reached is a warning; the job goes on.
+    tracking: list[str] = field(default_factory=list)
+    # MLflow tracking URI: a server (http://host:5000) or a local store (file:/path, sqlite:///path.db);
+    # null = $MLFLOW_TRACKING_URI, else file:<run.dir>/mlruns.
+    mlflow_uri: str | None = None
+    # MLflow experiment the job's run is filed under (created when missing).
+    mlflow_experiment: str = "hpc_bkd"
 
 
 @dataclass
@@ -455,6 +465,9 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
     if not 0.0 < cfg.distill.lr_decay <= 1.0:
         raise ConfigError(f"distill.lr_decay: must be in (0, 1], got {cfg.distill.lr_decay}")
+    trackers = sorted(set(cfg.run.tracking) - set(BACKENDS))
+    if trackers:
+        raise ConfigError(f"run.tracking: unknown {', '.join(trackers)}; valid: {', '.join(BACKENDS)}")
     unknown = sorted(set(cfg.run.export_formats) - set(EXPORT_FORMATS))
     if unknown:
         raise ConfigError(f"run.export_formats: unknown {', '.join(unknown)}; valid: {', '.join(EXPORT_FORMATS)}")

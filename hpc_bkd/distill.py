@@ -29,6 +29,7 @@ from .candidates import Candidate, Unit
 from .config import Config
 from .data import Data, batch_indices, eval_batches, steps_per_epoch, train_batch
 from .precision import Amp, autocast
+from .progress import RankProgress
 from .rundir import BlockStore
 from .runtime import stop_requested
 from .schedule import Schedule
@@ -179,7 +180,8 @@ class LocalDistiller:
 
     def __init__(self, teacher: nn.Module, blocks: Sequence[BlockSpec], units: Sequence[Unit], data: Data,
                  cfg: Config, store: BlockStore, device: torch.device, schedule: Schedule, rank: int = 0,
-                 teacher_val_acc: float | None = None, team: Team | None = None) -> None:
+                 teacher_val_acc: float | None = None, team: Team | None = None,
+                 progress: RankProgress | None = None) -> None:
         self.teacher = copy.deepcopy(teacher).to(device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -201,6 +203,7 @@ class LocalDistiller:
         self._buckets: dict[tuple[int, ...], StepBucket] = {}  # per group of blocks trained together
         self._attached: tuple[int, ...] | None = None  # the bucket the gradients now point into
         self.cache: TeacherCache | None = None  # see teacher_cache.py; filled when training starts
+        self.progress = progress  # this rank's progress file and timeline (``hpc-bkd status``, the gantt)
 
     # ---------------------------------------------------------------- set-up and checkpoints
 
@@ -332,6 +335,7 @@ class LocalDistiller:
         return bucket
 
     def _fill_cache(self, specs: list[BlockSpec]) -> None:
+        self._phase("teacher cache fill")
         self.cache = TeacherCache(specs, len(self.data.train), self.device)
         self.cache.fill(self.teacher, self.data.train, self.data.normalize,
                         self.cfg.data.eval_batch_size, self.team, self.cfg.run.log_interval_s,
@@ -341,6 +345,12 @@ class LocalDistiller:
                  len(specs), self.cache.nbytes / 2**20, self.cache.fill_s,
                  f" (team of {self.team.size}: 1/{self.team.size} of the rows each, then {self.cache.exchange_s:.1f}s "
                  "exchanging them)" if self.team else "")
+        if self.progress is not None and self.team is not None:
+            self.progress.split_last("exchange", self.cache.exchange_s)  # the fill's last part, timed by it
+
+    def _phase(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress.phase(name)
 
     def _inputs_and_targets(self, group: list[BlockTrainer], epoch: int, step: int
                             ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], float]:
@@ -365,6 +375,7 @@ class LocalDistiller:
     def _step(self, group: list[BlockTrainer]) -> None:
         """One train step of every block in ``group`` on the batch at their common cursor."""
         epoch, step = group[0].cursor
+        began = time.time()
         t0 = time.perf_counter()
         pairs, weight = self._inputs_and_targets(group, epoch, step)
         share = (time.perf_counter() - t0) / len(group)
@@ -384,6 +395,8 @@ class LocalDistiller:
             t1 = time.perf_counter()
             t.update(loss)
             t.train_time += share + time.perf_counter() - t1
+        if self.progress is not None:
+            self.progress.worked_on(group, began, time.time())
 
     def run(self, finished: Sequence[int] = ()) -> tuple[list[BlockResult], bool]:
         """Train every owned block not in ``finished``; returns (results, interrupted). Only a
@@ -398,6 +411,9 @@ class LocalDistiller:
                              sum(t.epoch * t.steps + t.step for t in active), self.cfg.run.log_interval_s, self.rank)
         if self.schedule.uses_cache and active:
             self._fill_cache(sorted({t.spec.index: t.spec for t in active}.values(), key=lambda b: b.index))
+        self._phase("distillation")
+        if self.progress is not None:
+            self.progress.trainers(trainers, force=True)
         last_save = time.time()
         interrupted = False
         while active:
@@ -408,6 +424,8 @@ class LocalDistiller:
             if group:
                 self._step(group)
                 progress.update(len(group), group)
+                if self.progress is not None:
+                    self.progress.trainers(trainers)
             for t in self._close_epochs(active, group):
                 active.remove(t)
                 progress.skip(t.epochs * t.steps - (t.epoch * t.steps))
@@ -422,6 +440,8 @@ class LocalDistiller:
                     self._save_partial(t)
                 last_save = time.time()
         self._stop(active, interrupted)
+        if self.progress is not None:
+            self.progress.trainers(trainers, force=True)
         progress.close()
         return results, interrupted
 

@@ -49,6 +49,7 @@ from .limits import check_fits
 from .models import build_model
 from .peers import watching_peers
 from .plan import Plan, TeamModel, describe_plan, make_plan
+from .progress import DONE, FAILED, INTERRUPTED, RankProgress
 from .records import (
     Accuracy,
     CacheReport,
@@ -71,6 +72,7 @@ from .surgery import BlockSpec, assemble, find_blocks, model_size
 from .teacher import accuracy, get_teacher, state_fingerprint
 from .teacher_cache import CacheDecision, decide, memory_budget
 from .teams import Team, team_backend
+from .tracking import Trackers
 
 log = logging.getLogger("hpc_bkd")
 T = TypeVar("T")
@@ -169,6 +171,8 @@ class RankOutcome:
     bad_images: int = 0       # unreadable files skipped (data.on_bad_image: skip)
     heartbeat_cpu_s: float | None = None  # CPU seconds of this rank's heartbeat thread so far (None: no heartbeat)
     heartbeat_wall_s: float | None = None  # and the seconds it has run: the thread's share of a core is their ratio
+    phases: list[list] = field(default_factory=list)  # [name, start, end] up to the gather (``progress``)
+    work: list[list] = field(default_factory=list)    # [start, end, epoch, unit ids, steps] (``progress``)
 
 
 @dataclass(frozen=True)
@@ -203,24 +207,52 @@ def job_lock(cfg: Config, rt: Runtime) -> AbstractContextManager:
 
 
 def _run_stages(cfg: Config, rt: Runtime) -> JobRecord | None:
-    """The stages of ``run_job`` in order, one collective each (see the module's docstring)."""
+    """The stages of ``run_job`` with this rank's progress file kept up to date (``hpc-bkd status``)
+    and, on rank 0, the job handed to the trackers (``run.tracking``) once it is reported."""
     backend = check_team_backend(cfg, rt)
+    progress = RankProgress(None, rt.rank, rt.size, cfg.run.log_interval_s)  # a file once the run dir is ours
+    try:
+        trackers = Trackers.open(cfg, RunDir(cfg.run.dir)) if rt.is_root else None
+        record = _stages(cfg, rt, backend, progress)
+    except Interrupted:
+        progress.finish(INTERRUPTED)
+        raise
+    except BaseException:
+        progress.finish(FAILED)
+        raise
+    progress.finish(DONE)
+    if record is not None and trackers is not None:
+        trackers.log_job(record, RunDir(cfg.run.dir))
+    return record
+
+
+def _stages(cfg: Config, rt: Runtime, backend: str, progress: RankProgress) -> JobRecord | None:
+    """The stages of ``run_job`` in order, one collective each (see the module's docstring)."""
     clock = Clock()
+    progress.phase("data")
     run_dir = open_run_dir(cfg, rt)
+    progress.attach(run_dir.progress(rt.rank))
     data = load_job_data(cfg, rt, clock)
+    progress.phase("teacher")
     teacher = share_teacher(cfg, rt, data, run_dir, clock)
     units = candidate_units(cfg, teacher.model, teacher.blocks)
     choice = agree_schedule(cfg, rt, teacher, data)
     resume = find_finished(cfg, rt, run_dir, teacher, units)
+    progress.phase("cost timing")
     costs = measure_costs(cfg, rt, teacher, units, data, choice, resume, run_dir)
+    progress.phase("plan")
     plan = share_plan(cfg, rt, units, costs, resume, clock)
-    outcome = distill_owned(cfg, rt, teacher, units, data, run_dir, plan, choice, resume, backend)
+    outcome = distill_owned(cfg, rt, teacher, units, data, run_dir, plan, choice, resume, backend, progress)
+    progress.phase("gather")
     outcomes = gather_outcomes(rt, outcome, clock)
     keep_on_root(rt, outcomes, run_dir, teacher, units)
     stop_if_interrupted(rt, outcomes, run_dir)
     if not rt.is_root:
+        progress.phase("waiting for rank 0")
         await_root(rt, run_dir)
         return None
+    outcomes = [replace(o, phases=progress.spans()) if o.rank == rt.rank else o for o in outcomes]
+    progress.phase("finish")
     clock.mark("distill+gather")
     return finish_on_root(rt, lambda: report_job(cfg, rt, data, run_dir, teacher, units, choice, costs, plan,
                                                  outcomes, resume, clock))
@@ -261,6 +293,10 @@ def open_run_dir(cfg: Config, rt: Runtime) -> RunDir:
     if rt.is_root:
         run_dir.create()
         run_dir.check_same_job(cfg)
+        for stale in run_dir.progress_dir.glob("rank-*.json"):  # an earlier run's ranks beyond this job's
+            number = stale.stem.split("-")[-1]
+            if number.isdigit() and int(number) >= rt.size:
+                stale.unlink(missing_ok=True)
         log.info("hpc_bkd: %d rank(s), run dir %s, device %s, %d thread(s) per rank", rt.size, run_dir,
                  rt.device, rt.threads)
         if cfg.run.export:
@@ -433,7 +469,8 @@ def share_plan(cfg: Config, rt: Runtime, units: list[Unit], costs: CostTable | N
 
 
 def distill_owned(cfg: Config, rt: Runtime, teacher: PreparedTeacher, units: list[Unit], data: Data,
-                  run_dir: RunDir, plan: Plan, choice: ScheduleChoice, resume: Resume, backend: str) -> RankOutcome:
+                  run_dir: RunDir, plan: Plan, choice: ScheduleChoice, resume: Resume, backend: str,
+                  progress: RankProgress | None = None) -> RankOutcome:
     """Distill the units the plan gives this rank, alone or with its team (a communicator split;
     a team of ranks shares its units and splits every batch, see ``teams.py``)."""
     team_comm = rt.comm.Split(color=plan.team_of(rt.rank), key=rt.rank)
@@ -447,7 +484,10 @@ def distill_owned(cfg: Config, rt: Runtime, teacher: PreparedTeacher, units: lis
     meter.start()
     start, waited = time.time(), data.stats.wait_s
     distiller = LocalDistiller(teacher.model, teacher.blocks, owned, data, cfg, BlockStore(run_dir, teacher.fingerprint),
-                               rt.device, choice.schedule, rt.rank, teacher.val_acc, team)
+                               rt.device, choice.schedule, rt.rank, teacher.val_acc, team, progress)
+    if progress is not None:
+        progress.plan(plan.predicted[rt.rank], distiller.steps, cfg.distill.epochs,
+                      len([u for u in owned if u.id not in resume.finished]))
     results, interrupted = distiller.run(resume.finished)
     if team is not None:  # not on an error: that aborts every rank, and a teardown could wait on them
         team.close()
@@ -462,7 +502,8 @@ def distill_owned(cfg: Config, rt: Runtime, teacher: PreparedTeacher, units: lis
         cache=CacheUse(cache.nbytes / 2**20, cache.fill_s) if cache is not None else None, local_rank=rt.local_rank,
         data_wait_s=data.stats.wait_s - waited, bad_images=len(data.stats.bad_images),
         heartbeat_cpu_s=rt.peers.cpu_s if rt.peers is not None else None,
-        heartbeat_wall_s=time.monotonic() - rt.peers.started if rt.peers is not None else None)
+        heartbeat_wall_s=time.monotonic() - rt.peers.started if rt.peers is not None else None,
+        phases=progress.spans() if progress is not None else [], work=progress.work if progress is not None else [])
 
 
 def gather_outcomes(rt: Runtime, outcome: RankOutcome, clock: Clock) -> list[RankOutcome]:

@@ -177,6 +177,10 @@ class RankRecord:
         if self.heartbeat_cpu_s is None or not self.heartbeat_wall_s:
             return None
         return self.heartbeat_cpu_s / self.heartbeat_wall_s
+    phases: list[list[Any]] = field(default_factory=list)  # [name, start, end] per phase up to the gather
+                                                           # (``progress``; empty in older reports)
+    work: list[list[Any]] = field(default_factory=list)    # [start, end, epoch, unit ids, steps] per stretch
+                                                           # of distillation steps on the same units
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ def _rank_records(outcomes: list[RankOutcome], plan: Plan) -> tuple[list[RankRec
     rows = [RankRecord(o.rank, o.host, o.device, o.threads, o.blocks, o.end - o.start, (t1 - t0) - (o.end - o.start),
                        plan.predicted[o.rank], o.peak_mem_mb, o.energy, o.cache, o.local_rank,
                        data_wait_s=o.data_wait_s, bad_images=o.bad_images, heartbeat_cpu_s=o.heartbeat_cpu_s,
-                       heartbeat_wall_s=o.heartbeat_wall_s)
+                       heartbeat_wall_s=o.heartbeat_wall_s, phases=o.phases, work=o.work)
             for o in sorted(outcomes, key=lambda o: o.rank)]
     return rows, t0, t1
 
@@ -97,33 +97,10 @@ def build_record(cfg: Config, world_size: int, run_dir: RunDir, teacher_info: di
 
 
 def gantt(record: JobRecord, path: Path) -> None:
-    """One row per rank, one bar per block span (blocks of a rank train concurrently: stacked)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The schedule picture: per rank its phases and what it worked on (``schedule_plot``)."""
+    from .schedule_plot import draw
 
-    t0 = record.distill.start
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.9 * len(record.ranks)))
-    cmap = plt.get_cmap("tab20")
-    for row in record.ranks:
-        own = [b for b in record.blocks if b.rank == row.rank and b.spans]
-        h = 0.8 / max(len(own), 1)
-        for k, b in enumerate(own):
-            y = row.rank - 0.4 + h * (k + 0.5)
-            for s, e in b.spans:
-                ax.barh(y, e - s, left=s - t0, height=h * 0.9, color=cmap(b.index % 20), edgecolor="black",
-                        linewidth=0.3)
-                ax.text(s - t0 + (e - s) / 2, y, str(b.index if b.unit is None else b.unit), ha="center",
-                        va="center", fontsize=7)
-        if not own:
-            ax.text(0, row.rank, " idle", va="center", fontsize=8, color="gray")
-    ax.set_yticks([r.rank for r in record.ranks])
-    ax.set_yticklabels([f"rank {r.rank}" for r in record.ranks])
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds since distillation start")
-    ax.set_title(f"{record.config['model']['arch']}: units per rank (labels = unit: block x candidates + k)")
-    atomic_io.savefig(fig, path)
-    plt.close(fig)
+    draw(record, path)
 
 
 def _block_lines(r: JobRecord) -> list[str]:

@@ -21,6 +21,8 @@ job that is not the one whose blocks are here is refused before it writes anythi
     student.pt             the assembled, fine-tuned student
     report.json            the job record (``records.JobRecord``); summary.txt, gantt.png, pareto.png
     export/                deployable files (``export``)
+    progress/rank-NNNN.json  each rank's live progress (``progress``; read by ``hpc-bkd status``)
+    tensorboard/           TensorBoard event files (``run.tracking: [tensorboard]``)
 """
 from __future__ import annotations
 
@@ -79,6 +81,11 @@ class RunDir:
     gantt = property(lambda self: self.root / "gantt.png")
     pareto = property(lambda self: self.root / "pareto.png")
     export_dir = property(lambda self: self.root / "export")
+    progress_dir = property(lambda self: self.root / "progress")
+    tensorboard_dir = property(lambda self: self.root / "tensorboard")
+
+    def progress(self, rank: int) -> Path:
+        return self.progress_dir / f"rank-{rank:04d}.json"
 
     def block(self, unit: Unit, partial: bool = False) -> Path:
         return self.root / "blocks" / f"block-{unit.key}{'.partial' if partial else ''}.pt"
