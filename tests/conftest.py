@@ -14,6 +14,18 @@ from multinode_cluster import multinode_cluster  # noqa: E402,F401  (session fix
 from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a real local SLURM)
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The first lines of a script that checks an export in a fresh interpreter (run with -I: no cwd,
+# no PYTHONPATH) with hpc_bkd blocked outright, since the editable install would still find it.
+WITHOUT_HPC_BKD = """import sys
+sys.modules["hpc_bkd"] = None
+try:
+    import hpc_bkd  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("hpc_bkd is importable: the check would prove nothing")
+"""
 BIN = Path(sys.executable).parent
 MPIRUN = BIN / "mpirun"
 

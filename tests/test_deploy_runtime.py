@@ -20,7 +20,7 @@ if WHY:
     pytest.skip(f"ONNX Runtime timing and int8 need the export extra: {WHY}", allow_module_level=True)
 
 import onnx  # noqa: E402  (only with the extra)
-from conftest import hpc  # noqa: E402
+from conftest import WITHOUT_HPC_BKD, hpc  # noqa: E402
 
 from hpc_bkd.choose import TrainedUnits, block_inputs, int8_scores, kl_to_teacher  # noqa: E402
 from hpc_bkd.deploy import TimingPlan, teacher_block  # noqa: E402
@@ -32,16 +32,8 @@ from hpc_bkd.surgery import swapped  # noqa: E402
 
 QUICK = TimingPlan(batch_size=32, runs=20, warmup=2, throughput_runs=2, throughput_warmup=1, probe_runs=2, threads=1)
 
-# a fresh interpreter in isolated mode with hpc_bkd blocked (see test_export.STANDALONE)
-STANDALONE = textwrap.dedent("""
-    import sys
-    sys.modules["hpc_bkd"] = None
-    try:
-        import hpc_bkd  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("hpc_bkd is importable: the check would prove nothing")
+# a fresh interpreter in isolated mode with hpc_bkd blocked (conftest.WITHOUT_HPC_BKD)
+STANDALONE = WITHOUT_HPC_BKD + textwrap.dedent("""
     import json
     import onnxruntime as ort
     import torch

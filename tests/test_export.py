@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hpc
+from conftest import WITHOUT_HPC_BKD, hpc
 
 import hpc_bkd
 from hpc_bkd.deploy import TimingPlan
@@ -29,17 +29,8 @@ from hpc_bkd.teacher import state_fingerprint
 
 QUICK = TimingPlan(batch_size=32, runs=50, warmup=2, throughput_runs=4, throughput_warmup=1, probe_runs=3, threads=1)
 
-# Runs in a fresh interpreter: isolated mode (-I: no cwd, no PYTHONPATH on sys.path) and hpc_bkd
-# blocked outright, since the editable install would otherwise still find the repository.
-STANDALONE = textwrap.dedent("""
-    import sys
-    sys.modules["hpc_bkd"] = None
-    try:
-        import hpc_bkd  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("hpc_bkd is importable: the check would prove nothing")
+# Runs in a fresh interpreter without hpc_bkd (conftest.WITHOUT_HPC_BKD).
+STANDALONE = WITHOUT_HPC_BKD + textwrap.dedent("""
     import json
     import numpy as np
     import onnxruntime as ort
