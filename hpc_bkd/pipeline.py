@@ -231,8 +231,8 @@ def _stages(cfg: Config, rt: Runtime, backend: str, progress: RankProgress) -> J
     clock = Clock()
     progress.phase("data")
     run_dir = open_run_dir(cfg, rt)
-    progress.attach(run_dir.progress(rt.rank))
     data = load_job_data(cfg, rt, clock)
+    progress.attach(run_dir.progress(rt.rank))  # past the up-front checks: a refused job leaves no file
     progress.phase("teacher")
     teacher = share_teacher(cfg, rt, data, run_dir, clock)
     units = candidate_units(cfg, teacher.model, teacher.blocks)
