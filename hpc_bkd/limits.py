@@ -50,7 +50,8 @@ def footprint(cfg: Config) -> Footprint | None:
     size = cfg.data.image_size
     try:
         with torch.device("meta"):
-            model = build_model(cfg.model.arch, classes, cfg.model.width, cfg.model.kwargs)
+            # eval: a train-mode BatchNorm refuses one image on a 1x1 map (ResNet's last stage at 32x32)
+            model = build_model(cfg.model.arch, classes, cfg.model.width, cfg.model.kwargs).eval()
             params = sum(p.numel() for p in model.parameters())
             activations = _activations(model, (1, 3, size, size))
     except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
