@@ -40,7 +40,7 @@ bench: install  ## benchmark: 1 vs 2 ranks, paper schedule, end-to-end KD, then 
 
 # Scaling before every stop (issue 20): 1 vs 2 ranks of the default job (short), the real-work ceiling and
 # the heartbeat's CPU, each target MET/MISS; 2 min 24 s on the idle 2-core AMD EPYC VM.
-bench-quick: install  ## 1 vs 2 ranks with the heartbeat on, the real-work ceiling, heartbeat CPU: MET/MISS in ~2 min
+bench-quick: install  ## 1 vs 2 ranks with the heartbeat on, the real-work ceiling, heartbeat CPU: MET/MISS in ~2.5 min
 	$(PY) -m benchmarks.bench --out bench/results-quick --ranks 2 --scaling-only \
 	  --set teacher.epochs=2 --set distill.epochs=3 --set finetune.epochs=0
 
