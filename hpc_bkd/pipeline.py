@@ -210,7 +210,7 @@ def _run_stages(cfg: Config, rt: Runtime) -> JobRecord | None:
     """The stages of ``run_job`` with this rank's progress file kept up to date (``hpc-bkd status``)
     and, on rank 0, the job handed to the trackers (``run.tracking``) once it is reported."""
     backend = check_team_backend(cfg, rt)
-    progress = RankProgress(None, rt.rank, rt.size, cfg.run.log_interval_s)  # a file once the run dir is ours
+    progress = RankProgress(rt.rank, rt.size, cfg.run.log_interval_s)  # a file once the run dir is ours (attach)
     try:
         trackers = Trackers.open(cfg, RunDir(cfg.run.dir)) if rt.is_root else None
         record = _stages(cfg, rt, backend, progress)

@@ -91,12 +91,13 @@ def compress_ids(ids: Sequence[int]) -> str:
 class RankProgress:
     """This rank's progress file, and the timeline of its phases and of its distillation work.
 
-    Mutable on purpose, like ``pipeline.Clock``: stages tick it. ``path`` None keeps the timeline
-    without writing a file (ranks of a run directory on a node-local disk still write theirs).
+    Mutable on purpose, like ``pipeline.Clock``: stages tick it. Until ``attach`` gives it a path it
+    keeps the timeline without writing a file, so a job refused at its checks leaves none behind.
     """
 
-    def __init__(self, path: Path | None, rank: int, size: int, log_interval_s: float) -> None:
-        self.path, self.rank, self.size, self.interval = path, rank, size, log_interval_s
+    def __init__(self, rank: int, size: int, log_interval_s: float) -> None:
+        self.path: Path | None = None  # set by ``attach``: until then the timeline is kept in memory only
+        self.rank, self.size, self.interval = rank, size, log_interval_s
         self.started = time.time()
         self.phases: list[list[Any]] = []
         self.work: list[list[Any]] = []  # [start, end, epoch, unit ids, steps] per stretch of one group
@@ -135,9 +136,6 @@ class RankProgress:
             self.phases.append([name, now, None])
         if name == "distillation" and self.distill_started is None:
             self.distill_started = now
-        if self._thread is None and self.path is not None:
-            self._thread = threading.Thread(target=self._beat, name="hpc_bkd-progress", daemon=True)
-            self._thread.start()
         self.write(force=True)
 
     def split_last(self, name: str, seconds: float) -> None:

@@ -170,6 +170,10 @@ class RankRecord:
     bad_images: int = 0               # unreadable image files skipped (data.on_bad_image: skip)
     heartbeat_cpu_s: float | None = None  # CPU seconds of the rank's heartbeat thread up to the gather (None: off)
     heartbeat_wall_s: float | None = None  # seconds that thread had run by then
+    phases: list[list[Any]] = field(default_factory=list)  # [name, start, end] per phase up to the gather
+                                                           # (``progress``; empty in older reports)
+    work: list[list[Any]] = field(default_factory=list)    # [start, end, epoch, unit ids, steps] per stretch
+                                                           # of distillation steps on the same units
 
     @property
     def heartbeat_share(self) -> float | None:
@@ -177,10 +181,6 @@ class RankRecord:
         if self.heartbeat_cpu_s is None or not self.heartbeat_wall_s:
             return None
         return self.heartbeat_cpu_s / self.heartbeat_wall_s
-    phases: list[list[Any]] = field(default_factory=list)  # [name, start, end] per phase up to the gather
-                                                           # (``progress``; empty in older reports)
-    work: list[list[Any]] = field(default_factory=list)    # [start, end, epoch, unit ids, steps] per stretch
-                                                           # of distillation steps on the same units
 
 
 @dataclass(frozen=True)
