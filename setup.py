@@ -19,7 +19,7 @@ setup(
         "nvidia-ml-py",  # provides the `pynvml` module (the old `pynvml` package is deprecated)
         "pyyaml",
         "scikit-learn",  # only for its bundled, offline digits dataset
-        "scipy",  # HiGHS MILP (scipy.optimize.milp) for the exact per-block selection (hpc_bkd.select)
+        "scipy",  # HiGHS MILP (scipy.optimize.milp) for the exact per-block selection (hpc_bkd.selection.solver)
         "matplotlib",
         "tqdm",
     ],
@@ -38,5 +38,5 @@ setup(
         # run.tracking: TensorBoard event files (torch.utils.tensorboard writes them) and MLflow runs.
         "tracking": ["tensorboard", "mlflow"],
     },
-    entry_points={"console_scripts": ["hpc-bkd=hpc_bkd.cli:main"]},
+    entry_points={"console_scripts": ["hpc-bkd=hpc_bkd.cli.main:main"]},
 )

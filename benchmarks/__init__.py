@@ -6,5 +6,5 @@ Run them from the repository root:
   end-to-end KD baseline, in one table with ``bench.json`` and plots (``make bench``);
 * ``python -m benchmarks.baseline``: the end-to-end KD baseline alone.
 
-They read a job's ``report.json`` only through ``hpc_bkd.records.JobRecord``.
+They read a job's ``report.json`` only through ``hpc_bkd.store.records.JobRecord``.
 """

@@ -31,13 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpc_bkd import atomic_io
-from hpc_bkd.cli_args import EXIT_BAD_INPUT, EXIT_OK, add_job_arguments, job_config
+from hpc_bkd.blocks.surgery import BlockSpec
+from hpc_bkd.cli.args import EXIT_BAD_INPUT, EXIT_OK, add_job_arguments, job_config
 from hpc_bkd.config import Config, ConfigError
-from hpc_bkd.data import Data
-from hpc_bkd.records import Energy, JsonRecord, ModelSize, ModelSizes, from_plain
-from hpc_bkd.runtime import available_cores, keep_freed_memory, peak_memory_mb, pick_device, setup_logging
-from hpc_bkd.surgery import BlockSpec
+from hpc_bkd.data.sources import Data
+from hpc_bkd.dist.runtime import available_cores, keep_freed_memory, peak_memory_mb, pick_device, setup_logging
+from hpc_bkd.store import atomic_io
+from hpc_bkd.store.records import Energy, JsonRecord, ModelSize, ModelSizes, from_plain
 
 log = logging.getLogger("hpc_bkd")
 
@@ -138,11 +138,11 @@ def build_baseline_student(cfg: Config, num_classes: int, blocks: Sequence[Block
     candidate); the others keep the teacher's layers, freshly initialised, as in a PBKD student
     that kept the teacher's block.
     """
-    from hpc_bkd.candidates import Candidate
+    from hpc_bkd.blocks.candidates import Candidate
+    from hpc_bkd.blocks.models import build_model
+    from hpc_bkd.blocks.students import build_candidate
+    from hpc_bkd.blocks.surgery import replace_blocks
     from hpc_bkd.config import job_candidates
-    from hpc_bkd.models import build_model
-    from hpc_bkd.students import build_candidate
-    from hpc_bkd.surgery import replace_blocks
 
     seed = cfg.run.seed if seed is None else seed
     first = job_candidates(cfg)[0].name
@@ -157,7 +157,7 @@ def build_baseline_student(cfg: Config, num_classes: int, blocks: Sequence[Block
 
 def _model_size(model: nn.Module, input_shape: Sequence[int]) -> ModelSize:
     # TODO(issue 12): the same record is built by the pipeline; use its shared helper once it exists
-    from hpc_bkd.surgery import conv_params, total_macs
+    from hpc_bkd.blocks.surgery import conv_params, total_macs
 
     return ModelSize(params=sum(p.numel() for p in model.parameters()), conv_params=conv_params(model),
                      macs=total_macs(model.cpu(), input_shape))
@@ -189,10 +189,10 @@ class _Prepared:
 
 
 def _prepare(cfg: Config, run_dir: Path, device: torch.device, replace: dict[int, str] | None) -> _Prepared:
-    from hpc_bkd.data import describe, load_data
-    from hpc_bkd.rundir import RunDir
-    from hpc_bkd.surgery import find_blocks
-    from hpc_bkd.teacher import accuracy, get_teacher
+    from hpc_bkd.blocks.surgery import find_blocks
+    from hpc_bkd.data.sources import describe, load_data
+    from hpc_bkd.distill.teacher import accuracy, get_teacher
+    from hpc_bkd.store.rundir import RunDir
 
     data = load_data(cfg.data, cfg.run.seed)
     log.info("kd-baseline: data %s: %s; device %s, %d thread(s)", cfg.data.dataset, describe(data), device,
@@ -221,9 +221,9 @@ def _train(cfg: Config, prep: _Prepared, epochs: int, lr: float,
            device: torch.device) -> tuple[list[KDEpoch], float, Energy, float]:
     """Train the student; returns its epochs, the training wall time, the energy and the seconds the
     test evaluation after each epoch took (outside the training clock)."""
-    from hpc_bkd.energy import EnergyMeter
-    from hpc_bkd.finetune import kd_train
-    from hpc_bkd.teacher import accuracy
+    from hpc_bkd.dist.energy import EnergyMeter
+    from hpc_bkd.distill.finetune import kd_train
+    from hpc_bkd.distill.teacher import accuracy
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -255,8 +255,8 @@ def run_baseline(cfg: Config, epochs: int | None = None, lr: float | None = None
 
     ``replace``: block indices given a student block (default: every block, the full PBKD student).
     """
-    from hpc_bkd.data import steps_per_epoch
-    from hpc_bkd.teacher import accuracy
+    from hpc_bkd.data.sources import steps_per_epoch
+    from hpc_bkd.distill.teacher import accuracy
 
     run_dir = Path(run_dir or cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)

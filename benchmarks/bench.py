@@ -17,10 +17,10 @@ threads per rank (and ``OMP_NUM_THREADS`` to match), so a 1-rank run uses one N-
 the N-rank speedup measures the parallel method, not extra cores. The teacher is trained with all cores
 (it is shared and not part of any comparison).
 
-Definitions (all from each run's ``report.json``, read as an ``hpc_bkd.records.JobRecord``):
+Definitions (all from each run's ``report.json``, read as an ``hpc_bkd.store.records.JobRecord``):
 * speedup(N) = distill makespan(pbkd-1) / distill makespan(N ranks); efficiency = speedup / N;
 * predicted makespan = the schedule's predicted s/batch of the slowest rank
-  (``hpc_bkd.schedule.Schedule.predicted_per_batch``: plan.makespan; for the sequential schedule, the sum
+  (``hpc_bkd.planning.schedule.Schedule.predicted_per_batch``: plan.makespan; for the sequential schedule, the sum
   over a rank's blocks of teacher prefix + student step) x steps/epoch x distill.epochs;
 * block-img/s per rank = images put through a student block's train step on that rank per busy second
   (a block trained by a team of m ranks counts 1/m of each batch on each);
@@ -47,11 +47,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hpc_bkd import atomic_io
-from hpc_bkd.cli_args import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
-from hpc_bkd.records import Energy, JobRecord, to_plain
-from hpc_bkd.runtime import available_cores, cpu_model, keep_freed_memory, mem_total_bytes
-from hpc_bkd.schedule import schedule_for
+from hpc_bkd.cli.args import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from hpc_bkd.dist.runtime import available_cores, cpu_model, keep_freed_memory, mem_total_bytes
+from hpc_bkd.planning.schedule import schedule_for
+from hpc_bkd.store import atomic_io
+from hpc_bkd.store.records import Energy, JobRecord, to_plain
 
 from .baseline import RESULT_FILE as KD_RESULT_FILE
 from .baseline import KDRecord
@@ -974,7 +974,7 @@ def _write(out: Path, report: dict[str, Any], text: str, ttext: str, notes: list
 
 def main(argv: list[str] | None = None) -> int:
     from hpc_bkd.config import ConfigError, load_config
-    from hpc_bkd.data import load_data
+    from hpc_bkd.data.sources import load_data
 
     args = build_parser().parse_args(argv)
     setup = _setup(args)

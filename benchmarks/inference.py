@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpc_bkd import atomic_io
-from hpc_bkd.deploy import InferenceMeasurement, TimingPlan, deploy_form, measure_inference
-from hpc_bkd.runtime import cpu_model
+from hpc_bkd.deploy.form import InferenceMeasurement, TimingPlan, deploy_form, measure_inference
+from hpc_bkd.dist.runtime import cpu_model
+from hpc_bkd.store import atomic_io
 
 SHAPE = (3, 32, 32)
 RUNTIMES = ("eager", "torch.export", "onnxruntime")
@@ -61,9 +61,9 @@ class Row:
 
 def random_subject(arch: str) -> Subject:
     """Full-width ``arch`` at 32x32 with random weights; the student replaces every 3x3 conv."""
-    from hpc_bkd.models import build_model
-    from hpc_bkd.students import build_student
-    from hpc_bkd.surgery import assemble, find_blocks
+    from hpc_bkd.blocks.models import build_model
+    from hpc_bkd.blocks.students import build_student
+    from hpc_bkd.blocks.surgery import assemble, find_blocks
 
     torch.manual_seed(0)
     teacher = build_model(arch, 10, 1.0).eval()
@@ -74,7 +74,7 @@ def random_subject(arch: str) -> Subject:
 
 def run_subject(run_dir: Path) -> Subject:
     """A finished run's own teacher and student."""
-    from hpc_bkd.export import load_run
+    from hpc_bkd.deploy.export import load_run
 
     run = load_run(run_dir)
     return Subject(f"{run_dir} ({run.config.model.arch} x{run.config.model.width})", run.teacher, run.student,
@@ -84,7 +84,7 @@ def run_subject(run_dir: Path) -> Subject:
 def measure_runtimes(model: nn.Module, shape: Sequence[int], plan: TimingPlan, name: str,
                      workdir: Path) -> list[InferenceMeasurement]:
     """The deploy form under eager PyTorch, as a torch.export program, and under ONNX Runtime."""
-    from hpc_bkd.export import export_onnx, measure_onnxruntime
+    from hpc_bkd.deploy.export import export_onnx, measure_onnxruntime
 
     deployed = deploy_form(model)
     out = [measure_inference(deployed, shape, plan, name=name, deploy=False)]
@@ -99,7 +99,7 @@ def measure_runtimes(model: nn.Module, shape: Sequence[int], plan: TimingPlan, n
 
 
 def measure_subject(subject: Subject, plan: TimingPlan) -> list[Row]:
-    from hpc_bkd.surgery import total_macs
+    from hpc_bkd.blocks.surgery import total_macs
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,12 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hpc_bkd import atomic_io
-from hpc_bkd.deploy import deploy_form, random_input
-from hpc_bkd.deploy_runtime import image_batches, interleaved, quantize_int8
-from hpc_bkd.export import INPUT_NAME, MODEL_JSON, export_onnx, load_eval_split, load_run, ort_session
-from hpc_bkd.rundir import RunDir
-from hpc_bkd.runtime import cpu_model
+from hpc_bkd.deploy.export import INPUT_NAME, MODEL_JSON, export_onnx, load_eval_split, load_run, ort_session
+from hpc_bkd.deploy.form import deploy_form, random_input
+from hpc_bkd.deploy.runtimes import image_batches, interleaved, quantize_int8
+from hpc_bkd.dist.runtime import cpu_model
+from hpc_bkd.store import atomic_io
+from hpc_bkd.store.rundir import RunDir
 
 
 def measure(run_dir: Path, threads: int, batches: list[int], rounds: int) -> dict[str, Any]:

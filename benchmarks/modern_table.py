@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torchvision
 
-from hpc_bkd.models import build_model
-from hpc_bkd.surgery import find_blocks
+from hpc_bkd.blocks.models import build_model
+from hpc_bkd.blocks.surgery import find_blocks
 
 
 def _kwargs(name: str, size: int) -> dict:

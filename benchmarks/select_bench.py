@@ -29,11 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpc_bkd import atomic_io
-from hpc_bkd.cli_args import EXIT_BAD_INPUT
+from hpc_bkd.cli.args import EXIT_BAD_INPUT
 from hpc_bkd.config import job_candidates, load_config
-from hpc_bkd.records import JobRecord
-from hpc_bkd.runtime import available_cores, cpu_model
+from hpc_bkd.dist.runtime import available_cores, cpu_model
+from hpc_bkd.store import atomic_io
+from hpc_bkd.store.records import JobRecord
 
 REPO = Path(__file__).resolve().parents[1]
 KEEP = ("teacher.pt", "costs.json", "blocks", "config.json")  # what a budget's run reuses

@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 # The Python API, resolved on first use: `import hpc_bkd` stays light (no torch import) for the CLI,
 # the MPI launchers and `python -m hpc_bkd config-keys`.
-_LAZY = {"load_student": "export", "load_teacher": "export", "deploy_form": "deploy"}
+_LAZY = {"load_student": "deploy.export", "load_teacher": "deploy.export", "deploy_form": "deploy.form"}
 __all__ = ["__version__", *_LAZY]
 
 

@@ -17,8 +17,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .candidates import Candidate, CandidateError, paper_candidate, parse_candidates
-from .tracking import BACKENDS
+from hpc_bkd.blocks.candidates import Candidate, CandidateError, paper_candidate, parse_candidates
+from hpc_bkd.job.tracking import BACKENDS
 
 
 class ConfigError(ValueError):

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, cli_env
 
 from hpc_bkd.config import load_config
-from hpc_bkd.records import JobRecord
+from hpc_bkd.store.records import JobRecord
 
 if str(REPO) not in sys.path:  # benchmarks/ is a top-level folder, not part of the installed package
     sys.path.insert(0, str(REPO))
@@ -23,11 +23,11 @@ TEAM_REPORT = Path(__file__).parent / "fixtures" / "report-tiny-2ranks-team.json
 def test_kd_baseline_tiny(tmp_path: Path, tiny_teacher: Path):
     from benchmarks.baseline import KDRecord, build_baseline_student, run_baseline
     from benchmarks.bench import kd_metrics
-    from hpc_bkd.data import load_data
-    from hpc_bkd.models import build_model
-    from hpc_bkd.students import build_student
-    from hpc_bkd.surgery import assemble, find_blocks
-    from hpc_bkd.teacher import load_teacher_checkpoint
+    from hpc_bkd.blocks.models import build_model
+    from hpc_bkd.blocks.students import build_student
+    from hpc_bkd.blocks.surgery import assemble, find_blocks
+    from hpc_bkd.data.sources import load_data
+    from hpc_bkd.distill.teacher import load_teacher_checkpoint
 
     threads = torch.get_num_threads()
     try:
@@ -200,7 +200,7 @@ def test_pbkd_metrics_from_a_job_record():
     assert m["timeline"][0]["time_s"] == pytest.approx(start + data["finetune"][0]["time_s"])
     assert m["energy_text"] == "unavailable" and m["energy_reason"].startswith("CPU: ")
 
-    # the sequential schedule's prediction comes from hpc_bkd.schedule: each block pays its teacher prefix
+    # the sequential schedule's prediction comes from hpc_bkd.planning.schedule: each block pays its teacher prefix
     seq = copy.deepcopy(data)
     seq["config"]["distill"]["schedule"] = "sequential"
     ms = pbkd_metrics(JobRecord.from_json(seq), n_train)

@@ -11,15 +11,17 @@ import pytest
 import torch
 from conftest import hpc
 
-from hpc_bkd import atomic_io, pipeline, runtime
-from hpc_bkd.candidates import Candidate, CandidateError, job_units, parse_candidates, unit_seed
-from hpc_bkd.choose import BudgetError, MeasuredOptions, select
+from hpc_bkd.blocks.candidates import Candidate, CandidateError, job_units, parse_candidates, unit_seed
+from hpc_bkd.blocks.models import build_model
+from hpc_bkd.blocks.students import build_candidate
+from hpc_bkd.blocks.surgery import find_blocks
 from hpc_bkd.config import ConfigError, load_config
-from hpc_bkd.export import load_run
-from hpc_bkd.models import build_model
-from hpc_bkd.records import JobRecord, OptionRecord
-from hpc_bkd.students import build_candidate
-from hpc_bkd.surgery import find_blocks
+from hpc_bkd.deploy.export import load_run
+from hpc_bkd.dist import runtime
+from hpc_bkd.job import stages as pipeline
+from hpc_bkd.selection.options import BudgetError, MeasuredOptions, select
+from hpc_bkd.store import atomic_io
+from hpc_bkd.store.records import JobRecord, OptionRecord
 
 TWO = "blocks.candidates=separable-d1,lowrank-r0.25"
 

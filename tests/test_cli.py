@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hpc_bkd import cli, cli_args
+from hpc_bkd.cli import args as cli_args
+from hpc_bkd.cli import main as cli
 from hpc_bkd.config import ConfigError, shipped_configs
 
 
@@ -109,7 +110,7 @@ def test_evaluate_without_a_run_is_bad_input(tmp_path: Path, capsys: pytest.Capt
 @pytest.fixture
 def export_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     """Replace export_main by a recorder (the real one trains nothing but needs a finished run)."""
-    export = pytest.importorskip("hpc_bkd.export")
+    export = pytest.importorskip("hpc_bkd.deploy.export")
     calls: list[tuple] = []
     monkeypatch.setattr(export, "export_main", lambda run_dir, formats, include_teacher:
                         calls.append((run_dir, list(formats), include_teacher)))
@@ -134,7 +135,7 @@ def test_export_run_dir_defaults_to_the_configs(export_calls: list[tuple]):
 def test_export_errors_the_user_can_fix_are_one_line_and_bad_input(monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str],
                                                                    error: Exception, tmp_path: Path):
-    export = pytest.importorskip("hpc_bkd.export")
+    export = pytest.importorskip("hpc_bkd.deploy.export")
 
     def fail(*_: object) -> None:
         raise error
@@ -148,10 +149,10 @@ def test_export_errors_the_user_can_fix_are_one_line_and_bad_input(monkeypatch: 
 
 def test_export_of_a_broken_hpc_bkd_import_is_a_bug_not_bad_input(monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str], tmp_path: Path):
-    export = pytest.importorskip("hpc_bkd.export")
+    export = pytest.importorskip("hpc_bkd.deploy.export")
 
     def fail(*_: object) -> None:
-        raise ImportError("cannot import name 'gone' from 'hpc_bkd.deploy'", name="hpc_bkd.deploy")
+        raise ImportError("cannot import name 'gone' from 'hpc_bkd.deploy.form'", name="hpc_bkd.deploy.form")
 
     monkeypatch.setattr(export, "export_main", fail)
     assert cli.main(["export", "--run-dir", str(tmp_path)]) == cli_args.EXIT_FAILED
@@ -159,7 +160,7 @@ def test_export_of_a_broken_hpc_bkd_import_is_a_bug_not_bad_input(monkeypatch: p
 
 
 def test_export_with_a_missing_run_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    pytest.importorskip("hpc_bkd.export")
+    pytest.importorskip("hpc_bkd.deploy.export")
     assert cli.main(["export", "--run-dir", str(tmp_path / "none")]) == cli_args.EXIT_BAD_INPUT
     assert "not found" in capsys.readouterr().err
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import hpc
 
-from hpc_bkd import atomic_io
 from hpc_bkd.launch.mpich import step_segments
+from hpc_bkd.store import atomic_io
 
 REPO = Path(__file__).resolve().parents[1]
 N_BLOCKS = 8  # the tiny config's VGG11

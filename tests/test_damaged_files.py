@@ -18,10 +18,10 @@ import pytest
 import torch
 from conftest import hpc
 
-from hpc_bkd import atomic_io
-from hpc_bkd.candidates import Candidate, job_units
-from hpc_bkd.costs import CostTable
-from hpc_bkd.rundir import RunDir
+from hpc_bkd.blocks.candidates import Candidate, job_units
+from hpc_bkd.costs.measure import CostTable
+from hpc_bkd.store import atomic_io
+from hpc_bkd.store.rundir import RunDir
 
 
 def _truncate(path: Path) -> None:

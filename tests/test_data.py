@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hpc_bkd.config import DataConfig
-from hpc_bkd.data import DataError, load_data, train_batch
+from hpc_bkd.data.sources import DataError, load_data, train_batch
 
 
 def test_digits_offline_split_is_fixed():

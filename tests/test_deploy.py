@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from hpc_bkd import deploy, runtime
-from hpc_bkd.deploy import (
+from hpc_bkd.blocks.models import build_model
+from hpc_bkd.blocks.students import build_student
+from hpc_bkd.blocks.surgery import assemble, find_blocks
+from hpc_bkd.deploy.form import (
     LAYOUTS,
     InferenceMeasurement,
     InferenceReport,
@@ -23,9 +25,8 @@ from hpc_bkd.deploy import (
     measure_models,
     speed_line,
 )
-from hpc_bkd.models import build_model
-from hpc_bkd.students import build_student
-from hpc_bkd.surgery import assemble, find_blocks
+from hpc_bkd.deploy import form as deploy
+from hpc_bkd.dist import runtime
 
 SHAPE = (3, 32, 32)
 QUICK = TimingPlan(batch_size=8, runs=50, warmup=2, throughput_runs=4, throughput_warmup=1, probe_runs=3, threads=1)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc_bkd import atomic_io
-from hpc_bkd.export import missing_extra
+from hpc_bkd.deploy.export import missing_extra
+from hpc_bkd.store import atomic_io
 
 WHY = missing_extra("onnx")
 if WHY:
@@ -22,13 +22,13 @@ if WHY:
 import onnx  # noqa: E402  (only with the extra)
 from conftest import WITHOUT_HPC_BKD, hpc  # noqa: E402
 
-from hpc_bkd.choose import TrainedUnits, block_inputs, int8_scores, kl_to_teacher  # noqa: E402
-from hpc_bkd.deploy import TimingPlan, teacher_block  # noqa: E402
-from hpc_bkd.deploy_runtime import INT8, OnnxRuntime, OrtModule  # noqa: E402
-from hpc_bkd.export import export_run, load_eval_split, load_run  # noqa: E402
-from hpc_bkd.records import JobRecord  # noqa: E402
-from hpc_bkd.rundir import RunDir  # noqa: E402
-from hpc_bkd.surgery import swapped  # noqa: E402
+from hpc_bkd.blocks.surgery import swapped  # noqa: E402
+from hpc_bkd.deploy.export import export_run, load_eval_split, load_run  # noqa: E402
+from hpc_bkd.deploy.form import TimingPlan, teacher_block  # noqa: E402
+from hpc_bkd.deploy.runtimes import INT8, OnnxRuntime, OrtModule  # noqa: E402
+from hpc_bkd.selection.options import TrainedUnits, block_inputs, int8_scores, kl_to_teacher  # noqa: E402
+from hpc_bkd.store.records import JobRecord  # noqa: E402
+from hpc_bkd.store.rundir import RunDir  # noqa: E402
 
 QUICK = TimingPlan(batch_size=32, runs=20, warmup=2, throughput_runs=2, throughput_warmup=1, probe_runs=2, threads=1)
 

@@ -13,8 +13,8 @@ import torch
 from conftest import WITHOUT_HPC_BKD, hpc
 
 import hpc_bkd
-from hpc_bkd.deploy import TimingPlan
-from hpc_bkd.export import (
+from hpc_bkd.blocks.surgery import total_macs
+from hpc_bkd.deploy.export import (
     EXTRA,
     MissingExtraError,
     export_main,
@@ -23,9 +23,9 @@ from hpc_bkd.export import (
     load_run,
     require_formats,
 )
-from hpc_bkd.rundir import RunDir
-from hpc_bkd.surgery import total_macs
-from hpc_bkd.teacher import state_fingerprint
+from hpc_bkd.deploy.form import TimingPlan
+from hpc_bkd.distill.teacher import state_fingerprint
+from hpc_bkd.store.rundir import RunDir
 
 QUICK = TimingPlan(batch_size=32, runs=50, warmup=2, throughput_runs=4, throughput_warmup=1, probe_runs=3, threads=1)
 
@@ -107,8 +107,8 @@ def test_model_json_has_what_a_deployer_needs(tiny_run: Path, exported):
         acc = card["test_accuracy"][role]
         for name, check in card["checks"][role].items():
             assert check["max_abs_diff"] < 1e-4 and abs(check["test_accuracy"] - acc) < 1e-9, name
-    from hpc_bkd.data import load_data
-    from hpc_bkd.teacher import accuracy
+    from hpc_bkd.data.sources import load_data
+    from hpc_bkd.distill.teacher import accuracy
     data = load_data(run.config.data, run.config.run.seed)
     assert abs(card["test_accuracy"]["student"] - accuracy(run.student, data, "test")) < 1e-6
 

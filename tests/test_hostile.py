@@ -17,15 +17,15 @@ import pytest
 import torch
 from conftest import hpc
 
-from hpc_bkd import atomic_io
-from hpc_bkd.candidates import Candidate, job_units
+from hpc_bkd.blocks.candidates import Candidate, job_units
 from hpc_bkd.config import ConfigError, DataConfig, load_config
-from hpc_bkd.data import DataError, load_data
-from hpc_bkd.distill import step_schedule
-from hpc_bkd.listing import list_images
-from hpc_bkd.rundir import RunDir, UnitShape, block_identity
-from hpc_bkd.runlock import run_dir_lock
-from hpc_bkd.runtime import Interrupted, clear_stop, request_stop
+from hpc_bkd.data.listing import list_images
+from hpc_bkd.data.sources import DataError, load_data
+from hpc_bkd.dist.runtime import Interrupted, clear_stop, request_stop
+from hpc_bkd.distill.distiller import step_schedule
+from hpc_bkd.store import atomic_io
+from hpc_bkd.store.lock import run_dir_lock
+from hpc_bkd.store.rundir import RunDir, UnitShape, block_identity
 
 TINY = ["-c", "tiny", "--set", "run.threads=1"]
 
@@ -144,7 +144,7 @@ def test_numbers_empty_and_binary_configs(tmp_path: Path):
     assert load_config("tiny", ["model.width=1e9"]).model.width == 1e9
     assert load_config("tiny", ["data.train_limit=1e3"]).data.train_limit == 1000
     assert load_config("tiny", ["distill.lr=5E-4"]).distill.lr == 5e-4
-    from hpc_bkd.limits import check_fits
+    from hpc_bkd.job.limits import check_fits
     with pytest.raises(ConfigError, match="model.width=1e\\+09.*too large to build"):
         check_fits(load_config("tiny", ["model.width=1e9"]), torch.device("cpu"))
     cases = {"data.train_limit=0": "data.train_limit: must be >= 1", "data.train_limit=1.5e3x": "expected an integer",
@@ -174,8 +174,8 @@ def test_an_empty_config_file_exits_2(tmp_path: Path):
 
 def test_a_pickle_teacher_is_refused_without_the_unsafe_hint(tmp_path: Path):
     """Issue item 8: the refusal ended with PyTorch's advice to set weights_only=False."""
-    from hpc_bkd.models import build_model
-    from hpc_bkd.teacher import TeacherMismatchError, load_teacher_checkpoint
+    from hpc_bkd.blocks.models import build_model
+    from hpc_bkd.distill.teacher import TeacherMismatchError, load_teacher_checkpoint
 
     path = tmp_path / "evil.pt"
     torch.save({"x": _Pickled()}, path)
@@ -193,7 +193,7 @@ class _Pickled:
 
 def test_evaluate_and_export_of_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """Issue item 8: they reported a missing student.pt and a `run` command without the job's -c."""
-    from hpc_bkd import cli
+    from hpc_bkd.cli import main as cli
 
     missing = tmp_path / "nowhere"
     command = f"run `hpc-bkd run -c tiny --run-dir {missing} --set run.threads=1` first"
@@ -284,7 +284,7 @@ def test_listing_and_decoding_stop_on_request(folder: Path):
         clear_stop()
     for i in range(300):
         (folder / "train" / "cat" / f"x{i}.txt").unlink()
-    from hpc_bkd.data import _imagefolder
+    from hpc_bkd.data.sources import _imagefolder
 
     request_stop()
     try:

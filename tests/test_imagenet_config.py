@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from hpc_bkd.blocks.models import build_model
+from hpc_bkd.blocks.surgery import find_blocks
 from hpc_bkd.config import load_config
-from hpc_bkd.models import build_model
-from hpc_bkd.schedule import schedule_for
-from hpc_bkd.surgery import find_blocks
-from hpc_bkd.teacher import load_teacher_checkpoint
-from hpc_bkd.teacher_cache import decide
+from hpc_bkd.distill.teacher import load_teacher_checkpoint
+from hpc_bkd.distill.teacher_cache import decide
+from hpc_bkd.planning.schedule import schedule_for
 
 
 def test_resnet50_imagenet_from_local_weights_streams_without_a_cache(tmp_path):

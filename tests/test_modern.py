@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from hpc_bkd.blocks.models import build_model
 from hpc_bkd.config import ConfigError, config_from_dict, load_config
-from hpc_bkd.models import build_model
 
 
 def test_model_kwargs_from_yaml_and_set():
@@ -61,7 +61,7 @@ FAMILIES = [
 
 @pytest.mark.parametrize("name, kwargs, unit_class, layout", FAMILIES, ids=[f[0] for f in FAMILIES])
 def test_units_of_every_family(name, kwargs, unit_class, layout):
-    from hpc_bkd.surgery import find_blocks
+    from hpc_bkd.blocks.surgery import find_blocks
     model = build_model(f"torchvision:{name}", 10, 1.0, kwargs).eval()
     classes = unit_class if isinstance(unit_class, tuple) else (unit_class,)
     expected = [n for n, m in model.named_modules() if type(m).__name__ in classes]
@@ -75,14 +75,14 @@ def test_units_of_every_family(name, kwargs, unit_class, layout):
 def test_a_network_without_units_falls_back_to_its_stages():
     import torch
 
-    from hpc_bkd.surgery import find_blocks
+    from hpc_bkd.blocks.surgery import find_blocks
     vgg = build_model("torchvision:vgg11", 10).eval()  # a one-conv stage first: conv, ReLU, pool
     pools = sum(isinstance(m, torch.nn.MaxPool2d) for m in vgg.features)
     assert len(find_blocks(vgg, (3, 32, 32), "unit")) == pools
 
 
 def test_conv_granularity_takes_grouped_not_depthwise_convs():
-    from hpc_bkd.surgery import find_blocks
+    from hpc_bkd.blocks.surgery import find_blocks
     resnext = build_model("torchvision:resnext50_32x4d", 10).eval()
     assert len(find_blocks(resnext, (3, 32, 32), "conv")) == 16  # the grouped 3x3 of each bottleneck
     mobile = build_model("torchvision:mobilenet_v2", 10, 1.0, {"width_mult": 0.25}).eval()
@@ -94,7 +94,7 @@ SMALL_VIT = {"image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 2,
 
 
 def _units(arch: str, kwargs: dict | None = None):
-    from hpc_bkd.surgery import find_blocks
+    from hpc_bkd.blocks.surgery import find_blocks
     model = build_model(arch, 10, 1.0, kwargs).eval()
     return model, find_blocks(model, (3, 32, 32), "unit")
 
@@ -102,8 +102,8 @@ def _units(arch: str, kwargs: dict | None = None):
 def test_skip_is_identity_or_the_cheapest_projection():
     import torch
 
-    from hpc_bkd.candidates import Candidate
-    from hpc_bkd.students import build_candidate
+    from hpc_bkd.blocks.candidates import Candidate
+    from hpc_bkd.blocks.students import build_candidate
     model, blocks = _units("resnet18", None)
     same, down = blocks[1], blocks[2]  # layer1.1 keeps its shape; layer2.0 halves it
     x = torch.randn(3, *same.in_shape)
@@ -121,8 +121,8 @@ def test_skip_is_identity_or_the_cheapest_projection():
 def test_shrink_starts_from_the_teachers_weights_and_cuts_internal_widths():
     import torch
 
-    from hpc_bkd.candidates import Candidate
-    from hpc_bkd.students import build_candidate
+    from hpc_bkd.blocks.candidates import Candidate
+    from hpc_bkd.blocks.students import build_candidate
     model, blocks = _units("resnet18", None)
     spec = blocks[2]
     teacher_unit = model.get_submodule(spec.name)
@@ -148,7 +148,7 @@ def test_shrink_starts_from_the_teachers_weights_and_cuts_internal_widths():
 
 def test_a_kind_that_does_not_fit_is_left_out_and_said_once(caplog):
     from hpc_bkd.config import load_config
-    from hpc_bkd.pipeline import candidate_units
+    from hpc_bkd.job.stages import candidate_units
     vit, blocks = _units("torchvision:VisionTransformer", SMALL_VIT)
     cfg = load_config("tiny", ["select.method=budget", "blocks.candidates=separable-d1,skip"])
     with caplog.at_level("INFO", logger="hpc_bkd"):
@@ -172,7 +172,7 @@ def test_unit_job_end_to_end_on_two_ranks_exports_and_resumes(tmp_path):
     from conftest import hpc
     from test_export import STANDALONE
 
-    from hpc_bkd.export import load_eval_split, load_run
+    from hpc_bkd.deploy.export import load_eval_split, load_run
     run = tmp_path / "run"
     args = ["-c", "tiny", "--run-dir", str(run), "--set", "model.arch=torchvision:VisionTransformer",
             "--set", "model.kwargs=" + json.dumps(SMALL_VIT), "--set", "blocks.granularity=unit",

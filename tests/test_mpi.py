@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import hpc
 
-from hpc_bkd import atomic_io
+from hpc_bkd.store import atomic_io
 
 pytestmark = pytest.mark.mpi
 

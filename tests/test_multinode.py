@@ -41,7 +41,8 @@ from test_cluster_common import (
     wait_requeued,
 )
 
-from hpc_bkd import atomic_io, launch
+from hpc_bkd import launch
+from hpc_bkd.store import atomic_io
 
 pytestmark = pytest.mark.multinode
 

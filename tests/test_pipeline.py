@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from conftest import hpc
 
-from hpc_bkd import atomic_io
+from hpc_bkd.store import atomic_io
 
 
 def test_tiny_job_end_to_end(tmp_path: Path, tiny_teacher: Path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import hpc
 
-from hpc_bkd.plan import BlockCost, Feed, costs_from_json, lower_bound, make_plan, rank_cost
+from hpc_bkd.planning.planner import BlockCost, Feed, costs_from_json, lower_bound, make_plan, rank_cost
 
 
 def brute_force(costs, ranks):
@@ -118,7 +118,7 @@ def test_the_input_bounds_every_busy_rank_and_favours_teams():
 
 
 def test_ghost_batch_teams_are_cheap_and_bounded_by_the_groups():
-    from hpc_bkd.plan import TEAM_OVERHEAD_GHOST_BN, TeamModel
+    from hpc_bkd.planning.planner import TEAM_OVERHEAD_GHOST_BN, TeamModel
 
     tm = TeamModel.for_groups(4)
     assert tm.scale(1) == 1.0
@@ -135,7 +135,7 @@ def test_ghost_batch_teams_are_cheap_and_bounded_by_the_groups():
 def test_validation_folds_into_the_rank_cost_exactly():
     """with_validation's folded costs give, for any set of blocks, the training cost plus one shared
     validation prefix to the deepest block and one suffix per block (a full pass for one block)."""
-    from hpc_bkd.costs import with_validation
+    from hpc_bkd.costs.measure import with_validation
 
     rng = random.Random(0)
     teacher = sorted(rng.uniform(0.01, 1.0) for _ in range(7))
@@ -155,7 +155,7 @@ def test_validation_folds_into_the_rank_cost_exactly():
 
 
 def test_member_rows_are_whole_ghost_batches_or_an_even_split():
-    from hpc_bkd.plan import member_rows
+    from hpc_bkd.planning.planner import member_rows
 
     assert member_rows(64, 1, 2) == 64
     assert member_rows(64, 2, 2) == 32
@@ -166,7 +166,7 @@ def test_member_rows_are_whole_ghost_batches_or_an_even_split():
 def test_a_measured_member_share_prices_teams_and_keeps_the_bound():
     """A member measured at 0.7 of one rank's time (per-op overheads do not halve with the batch)
     makes the team dearer than its share of the batch says; a share below 0.5 lowers the bound."""
-    from hpc_bkd.plan import TEAM_OVERHEAD_GHOST_BN, TeamModel
+    from hpc_bkd.planning.planner import TEAM_OVERHEAD_GHOST_BN, TeamModel
 
     costs = [BlockCost(0.05 * (i + 1), 0.1) for i in range(6)]
     linear = make_plan(costs, 2, hybrid=True, tm=TeamModel.for_groups(2))
@@ -188,9 +188,9 @@ def test_measuring_for_a_team_member_times_its_rows_of_the_batch():
     ghost batches only: what that member runs in a team."""
     from torch import nn
 
-    from hpc_bkd.costs import measure_costs
-    from hpc_bkd.students import build_student
-    from hpc_bkd.surgery import find_blocks
+    from hpc_bkd.blocks.students import build_student
+    from hpc_bkd.blocks.surgery import find_blocks
+    from hpc_bkd.costs.measure import measure_costs
 
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -214,9 +214,9 @@ def test_students_are_timed_in_the_order_the_distiller_steps_them(block_major: b
     (``block_major``) one student goes through every batch before the next one (distill.next_group)."""
     from torch import nn
 
-    from hpc_bkd.costs import measure_costs
-    from hpc_bkd.students import build_student
-    from hpc_bkd.surgery import find_blocks
+    from hpc_bkd.blocks.students import build_student
+    from hpc_bkd.blocks.surgery import find_blocks
+    from hpc_bkd.costs.measure import measure_costs
 
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -237,9 +237,9 @@ def test_the_sequential_schedule_is_timed_one_prefix_per_block():
     as deep as its block; otherwise one pass serves every block."""
     from torch import nn
 
-    from hpc_bkd.costs import measure_costs
-    from hpc_bkd.students import build_student
-    from hpc_bkd.surgery import find_blocks
+    from hpc_bkd.blocks.students import build_student
+    from hpc_bkd.blocks.surgery import find_blocks
+    from hpc_bkd.costs.measure import measure_costs
 
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),

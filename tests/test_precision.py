@@ -9,7 +9,7 @@ import torch
 from conftest import hpc
 from torch import nn
 
-from hpc_bkd.precision import Amp, autocast
+from hpc_bkd.distill.precision import Amp, autocast
 
 
 def _run(tmp_path, teacher, precision: str) -> dict:

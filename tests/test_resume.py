@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from conftest import REPO, cli_env, hpc
 
-from hpc_bkd import atomic_io
+from hpc_bkd.store import atomic_io
 
 
 def test_sigterm_then_resume_equals_uninterrupted(tmp_path: Path, tiny_teacher: Path):

@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from hpc_bkd import select
-from hpc_bkd.select import Infeasible, Option, Problem, brute_force, pareto_front, solve, tightest_fraction
+from hpc_bkd.selection import solver as select
+from hpc_bkd.selection.solver import Infeasible, Option, Problem, brute_force, pareto_front, solve, tightest_fraction
 
 COSTS = ("latency_ms@1", "latency_ms@64", "params", "macs")
 
@@ -219,5 +219,5 @@ def test_bad_reference_front_and_enumeration_are_named():
 
 
 def test_imports_without_torch():
-    code = "import sys; sys.modules['torch'] = None; import hpc_bkd.select"
+    code = "import sys; sys.modules['torch'] = None; import hpc_bkd.selection.solver"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

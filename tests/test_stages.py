@@ -10,16 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc_bkd import pipeline, runtime
-from hpc_bkd.candidates import Candidate, job_units
+from hpc_bkd.blocks.candidates import Candidate, job_units
 from hpc_bkd.config import job_candidates, load_config
-from hpc_bkd.distill import BlockResult, LocalDistiller
-from hpc_bkd.finetune import finetune
-from hpc_bkd.plan import BlockCost, Plan
-from hpc_bkd.records import FinetuneEpoch, JobRecord
-from hpc_bkd.report import summary_text
-from hpc_bkd.rundir import BlockStore, RunDir, RunDirConflict
-from hpc_bkd.schedule import SequentialSchedule, schedule_for
+from hpc_bkd.dist import runtime
+from hpc_bkd.distill.distiller import BlockResult, LocalDistiller
+from hpc_bkd.distill.finetune import finetune
+from hpc_bkd.job import stages as pipeline
+from hpc_bkd.job.report import summary_text
+from hpc_bkd.planning.planner import BlockCost, Plan
+from hpc_bkd.planning.schedule import SequentialSchedule, schedule_for
+from hpc_bkd.store.records import FinetuneEpoch, JobRecord
+from hpc_bkd.store.rundir import BlockStore, RunDir, RunDirConflict
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +213,7 @@ def test_sequential_schedule_predicts_every_prefix():
         schedule_for("fastest")
 
 
-@pytest.mark.parametrize("module", ["hpc_bkd.plan", "hpc_bkd.schedule", "hpc_bkd.records"])
+@pytest.mark.parametrize("module", ["hpc_bkd.planning.planner", "hpc_bkd.planning.schedule", "hpc_bkd.store.records"])
 def test_planner_and_records_import_without_torch(module: str):
     code = f"import sys; sys.modules['torch'] = None; import {module}"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

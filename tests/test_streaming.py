@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import REPO
 
-from hpc_bkd import streaming
 from hpc_bkd.config import DataConfig
-from hpc_bkd.data import DataError, eval_batches, load_data, train_batch
-from hpc_bkd.decode import BadImage, decode
-from hpc_bkd.streaming import list_folder
+from hpc_bkd.data.decode import BadImage, decode
+from hpc_bkd.data import streaming
+from hpc_bkd.data.sources import DataError, eval_batches, load_data, train_batch
+from hpc_bkd.data.streaming import list_folder
 
 
 def digits_folder(root: Path, **kw) -> Path:
@@ -171,10 +171,10 @@ def test_data_bench_shows_rates_next_to_consumption(folder, tmp_path):
 
 
 def test_cost_model_charges_the_input_and_the_cache_bytes():
-    from hpc_bkd.input_costs import InputCosts, with_input
-    from hpc_bkd.models import build_model
-    from hpc_bkd.plan import BlockCost
-    from hpc_bkd.surgery import find_blocks
+    from hpc_bkd.blocks.models import build_model
+    from hpc_bkd.blocks.surgery import find_blocks
+    from hpc_bkd.costs.inputs import InputCosts, with_input
+    from hpc_bkd.planning.planner import BlockCost
 
     blocks = find_blocks(build_model("vgg11", 10, 0.125), (3, 32, 32))[:2]
     costs = [BlockCost(0.01, 0.02, 0.005), BlockCost(0.03, 0.02, 0.005)]
@@ -197,7 +197,7 @@ def test_cost_model_charges_the_input_and_the_cache_bytes():
 
 
 def test_shared_speed_is_measured_only_for_streamed_data(folder):
-    from hpc_bkd.input_costs import input_seconds, shared_speed
+    from hpc_bkd.costs.inputs import input_seconds, shared_speed
 
     cpu = torch.device("cpu")
     assert shared_speed(load_data(DataConfig(dataset="digits"), 0), 64, 0, "none", 0.1, cpu) == 1.0

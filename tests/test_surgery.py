@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from hpc_bkd.candidates import Unit
-from hpc_bkd.models import build_model
-from hpc_bkd.students import build_student
-from hpc_bkd.surgery import (
+from hpc_bkd.blocks.candidates import Unit
+from hpc_bkd.blocks.models import build_model
+from hpc_bkd.blocks.students import build_student
+from hpc_bkd.blocks.surgery import (
     BlockTap,
     SwappedForward,
     assemble,
@@ -163,7 +163,7 @@ def test_relu_after_marks_blocks_the_teacher_follows_with_a_relu():
 
 
 def test_activation_matching_ignores_what_the_relu_discards():
-    from hpc_bkd.distill import BlockTrainer
+    from hpc_bkd.distill.distiller import BlockTrainer
 
     spec = find_blocks(build_model("vgg11", 10, 0.125), (3, 32, 32))[1]
     student = build_student(spec)

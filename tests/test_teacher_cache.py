@@ -4,13 +4,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from hpc_bkd.costs import with_validation
-from hpc_bkd.models import build_model
-from hpc_bkd.plan import BlockCost, rank_cost
-from hpc_bkd.schedule import schedule_for
-from hpc_bkd.students import TRAIN_FORMAT
-from hpc_bkd.surgery import BlockTap, find_blocks
-from hpc_bkd.teacher_cache import TeacherCache, cache_bytes, decide
+from hpc_bkd.blocks.models import build_model
+from hpc_bkd.blocks.students import TRAIN_FORMAT
+from hpc_bkd.blocks.surgery import BlockTap, find_blocks
+from hpc_bkd.costs.measure import with_validation
+from hpc_bkd.distill.teacher_cache import TeacherCache, cache_bytes, decide
+from hpc_bkd.planning.planner import BlockCost, rank_cost
+from hpc_bkd.planning.schedule import schedule_for
 
 SMALL = (3, 32, 32)
 

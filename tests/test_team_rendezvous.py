@@ -10,13 +10,13 @@ import time
 import pytest
 from conftest import MPIRUN, REPO, cli_env
 
-from hpc_bkd.netaddr import LOOPBACK, offered_addresses
+from hpc_bkd.dist.netaddr import LOOPBACK, offered_addresses
 
 # one Gloo team of every rank: report the sum of the ranks + 1, or the error and how long it took
 TEAM = """
 import sys, time, torch
 from mpi4py import MPI
-from hpc_bkd.teams import Team
+from hpc_bkd.distill.teams import Team
 t0 = time.monotonic()
 try:
     team = Team(MPI.COMM_WORLD, backend="gloo")

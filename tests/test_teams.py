@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpc_bkd.teams import GhostLayout, GroupBatchNorm2d, ghost_batchnorms, group_bounds, prepare_student, team_backend
+from hpc_bkd.distill.teams import (
+    GhostLayout,
+    GroupBatchNorm2d,
+    ghost_batchnorms,
+    group_bounds,
+    prepare_student,
+    team_backend,
+)
 
 
 def _bn(groups: int) -> tuple[GroupBatchNorm2d, GhostLayout]:
@@ -87,7 +94,7 @@ def test_a_step_bucket_holds_the_gradients_and_sums_everything_at_once():
     a one-rank communicator the sums are the values themselves, so the step equals a plain one."""
     from mpi4py import MPI
 
-    from hpc_bkd.teams import StepBucket, Team
+    from hpc_bkd.distill.teams import StepBucket, Team
 
     torch.manual_seed(0)
     layout = GhostLayout(2)

@@ -20,11 +20,11 @@ import pytest
 from conftest import BIN, MPIRUN, REPO, cli_env, hpc
 
 from hpc_bkd.config import load_config
-from hpc_bkd.records import JobRecord
-from hpc_bkd.rundir import RunDir
-from hpc_bkd.schedule_plot import rank_segments
-from hpc_bkd.status import job_status
-from hpc_bkd.tracking import MlflowBackend, Trackers
+from hpc_bkd.job.plots import rank_segments
+from hpc_bkd.job.status import job_status
+from hpc_bkd.job.tracking import MlflowBackend, Trackers
+from hpc_bkd.store.records import JobRecord
+from hpc_bkd.store.rundir import RunDir
 
 EPOCHS = 20  # a few seconds of distillation on the tiny job: long enough to be seen running
 
@@ -208,7 +208,7 @@ def test_status_of_no_job_is_a_user_error(tmp_path: Path):
 
 
 def test_schedule_segments_and_pictures_at_both_scales(two_rank_job, tmp_path: Path):
-    from hpc_bkd.schedule_plot import draw
+    from hpc_bkd.job.plots import draw
 
     run, _, _, _ = two_rank_job
     record = JobRecord.load(run / "report.json")

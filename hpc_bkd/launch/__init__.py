@@ -19,6 +19,6 @@ killed MPICH step leaves in /dev/shm, for this backend and for the plain ``sbatc
 """
 from __future__ import annotations
 
-from .submitit_backend import DistillJob, LaunchError, make_executor, report, submit
+from hpc_bkd.launch.submitit_backend import DistillJob, LaunchError, make_executor, report, submit
 
 __all__ = ["submit", "report", "make_executor", "DistillJob", "LaunchError"]

@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli_args import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, add_job_arguments
-from .submitit_backend import EXECUTORS, LaunchError, report, submit
+from hpc_bkd.cli.args import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, add_job_arguments
+from hpc_bkd.launch.submitit_backend import EXECUTORS, LaunchError, report, submit
 
 
 def _kv(text: str) -> tuple[str, str]:
@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Submit, print where to look, and with --wait the outcome; exit codes as in hpc_bkd.cli_args."""
+    """Submit, print where to look, and with --wait the outcome; exit codes as in hpc_bkd.cli.args."""
     args = build_parser().parse_args(argv)
-    from ..config import ConfigError
+    from hpc_bkd.config import ConfigError
 
     try:
         job = submit(args.config, args.overrides, run_dir=args.run_dir, executor=args.executor, folder=args.folder,

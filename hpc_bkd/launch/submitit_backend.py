@@ -34,7 +34,7 @@ Stop, checkpoint, requeue (how our stop flag and submitit's requeue cooperate)
     training until SLURM killed them.
 
     So ``DistillJob.__call__`` replaces them while it runs: USR2, USR1, TERM and INT only call
-    ``hpc_bkd.runtime.request_stop()`` and note the signal. The loop saves every unfinished block at
+    ``hpc_bkd.dist.runtime.request_stop()`` and note the signal. The loop saves every unfinished block at
     its current step within one step, the ranks agree, and ``run_job`` raises ``Interrupted`` on all
     of them. Then:
 
@@ -68,8 +68,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..cli_args import EXIT_FAILED, EXIT_INTERRUPTED
-from . import submitit_compat as compat
+from hpc_bkd.cli.args import EXIT_FAILED, EXIT_INTERRUPTED
+from hpc_bkd.launch import submitit_compat as compat
 
 log = logging.getLogger("hpc_bkd")
 
@@ -83,7 +83,7 @@ def shm_cleanup_lines(python: str = sys.executable) -> tuple[list[str], list[str
     it only when it failed, because a killed rank leaves its segment behind; srun's status stays the
     job's. The same cleanup as ``slurm/common.sh``: :func:`hpc_bkd.launch.mpich.cleanup_job`.
     """
-    from .mpich import srun_cleanup_command
+    from hpc_bkd.launch.mpich import srun_cleanup_command
 
     step = f"{srun_cleanup_command(python)} || echo 'hpc_bkd: /dev/shm cleanup failed' >&2"
     return [step], ["_bkd_rc=$?", f"[ $_bkd_rc -eq 0 ] || {step}", "exit $_bkd_rc"]
@@ -116,7 +116,7 @@ class DistillJob:
         """submitit's hook on preemption/timeout: ask the loop to stop, resubmit the same job."""
         from submitit.helpers import DelayedSubmission
 
-        from ..runtime import request_stop
+        from hpc_bkd.dist.runtime import request_stop
 
         request_stop()
         return DelayedSubmission(DistillJob(self.config, self.overrides, self.run_dir))
@@ -125,9 +125,9 @@ class DistillJob:
         import submitit
         from mpi4py import MPI
 
-        from .. import runtime
-        from ..config import load_config
-        from ..pipeline import Interrupted, run_job
+        from hpc_bkd.config import load_config
+        from hpc_bkd.dist import runtime
+        from hpc_bkd.job.stages import Interrupted, run_job
 
         started = time.time()
         env = submitit.JobEnvironment()
@@ -192,7 +192,7 @@ class DistillJob:
 
 def _abort_with_result(env: Any, comm: Any) -> NoReturn:
     """Record this task's error where submitit looks for it, then end every rank of the job."""
-    from ..runtime import abort_all
+    from hpc_bkd.dist.runtime import abort_all
 
     trace = traceback.format_exc()
     print(f"hpc_bkd: [rank {comm.rank}/{comm.size}] error:\n{trace}hpc_bkd: aborting all {comm.size} ranks",
@@ -298,7 +298,7 @@ def submit(config: str | None = None, overrides: Sequence[str] = (), *, run_dir:
     nodes, tasks_per_node, gpus_per_task, cpus_per_task, partition, time_min, mpi, ...) or a
     ready submitit executor. Wait for the result with :func:`report`.
     """
-    from ..config import load_config
+    from hpc_bkd.config import load_config
 
     overrides = [str(o) for o in overrides]
     cfg = load_config(config, [*overrides, *([f"run.dir={run_dir}"] if run_dir is not None else [])])

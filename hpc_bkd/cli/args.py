@@ -1,0 +1,63 @@
+"""What every hpc_bkd command line shares: exit codes and the job-selecting options.
+
+``hpc-bkd`` (``python -m hpc_bkd``), ``python -m hpc_bkd.launch`` and the benchmark drivers all
+pick a job the same way (a config, a run directory, ``--set`` overrides) and report the same
+outcomes to the shell, so both live here once; a scheduler or script that checks an exit code
+can then rely on it meaning the same thing whichever entry point ran.
+"""
+from __future__ import annotations
+
+import argparse
+
+from hpc_bkd.config import Config, load_config
+
+EXIT_OK = 0
+"""The command did what it was asked."""
+EXIT_FAILED = 1
+"""An unexpected error (a bug, a crashed rank, a failed job): the message has a traceback."""
+EXIT_BAD_INPUT = 2
+"""The input is wrong (config, data, run directory, arguments): fix it and run again."""
+EXIT_INTERRUPTED = 3
+"""Stopped (preemption, time limit, Ctrl-C) after saving: the same command again resumes."""
+EXIT_PEER_LOST = 4
+"""Another rank died or its node failed (no heartbeat within ``run.peer_timeout_s``): this rank
+saved what it had and stopped; the same command again resumes."""
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, *, run_dir_help: str | None = None) -> None:
+    """Add ``-c/--config``, ``--run-dir`` and ``--set SECTION.KEY=VALUE`` to ``parser``.
+
+    Every command that runs or inspects a job takes these three, spelled and defaulted the same,
+    so that a command line copied from one entry point works in another. ``run_dir_help``
+    replaces the ``--run-dir`` help where that option means a little more (e.g. kept on requeue).
+    """
+    parser.add_argument("-c", "--config", default=None,
+                        help="YAML file or shipped config name (default: digits-vgg16; see `hpc-bkd configs`)")
+    parser.add_argument("--run-dir", default=None, help=run_dir_help or "run directory (overrides run.dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set distill.epochs=2 (repeatable)")
+
+
+def job_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides with ``--run-dir`` appended as ``run.dir=...``.
+
+    ``--run-dir`` comes last so that it wins over a ``--set run.dir=...`` on the same line: the
+    dedicated option is the more specific request.
+    """
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run.dir={args.run_dir}")
+    return overrides
+
+
+def job_config(args: argparse.Namespace) -> Config:
+    """The validated :class:`Config` that options added by :func:`add_job_arguments` select.
+
+    Raises :class:`hpc_bkd.config.ConfigError` (a ``ValueError``) with a fix-it message when the
+    file, a key or a value is wrong; callers turn that into :data:`EXIT_BAD_INPUT`.
+    """
+    return load_config(args.config, job_overrides(args))
+
+
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_PEER_LOST", "add_job_arguments", "job_config",
+           "job_overrides"]
