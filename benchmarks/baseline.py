@@ -32,10 +32,11 @@ import torch
 from torch import nn
 
 from hpc_bkd.blocks.surgery import BlockSpec
-from hpc_bkd.cli.args import EXIT_BAD_INPUT, EXIT_OK, add_job_arguments, job_config
+from hpc_bkd.cli.args import add_job_arguments, job_config
 from hpc_bkd.config import Config, ConfigError
-from hpc_bkd.data.sources import Data
+from hpc_bkd.data.batches import Data
 from hpc_bkd.dist.runtime import available_cores, keep_freed_memory, peak_memory_mb, pick_device, setup_logging
+from hpc_bkd.errors import EXIT_BAD_INPUT, EXIT_OK
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.records import Energy, JsonRecord, ModelSize, ModelSizes, from_plain
 
@@ -190,7 +191,8 @@ class _Prepared:
 
 def _prepare(cfg: Config, run_dir: Path, device: torch.device, replace: dict[int, str] | None) -> _Prepared:
     from hpc_bkd.blocks.surgery import find_blocks
-    from hpc_bkd.data.sources import describe, load_data
+    from hpc_bkd.data.batches import describe
+    from hpc_bkd.data.sources import load_data
     from hpc_bkd.distill.teacher import accuracy, get_teacher
     from hpc_bkd.store.rundir import RunDir
 
@@ -255,7 +257,7 @@ def run_baseline(cfg: Config, epochs: int | None = None, lr: float | None = None
 
     ``replace``: block indices given a student block (default: every block, the full PBKD student).
     """
-    from hpc_bkd.data.sources import steps_per_epoch
+    from hpc_bkd.data.batches import steps_per_epoch
     from hpc_bkd.distill.teacher import accuracy
 
     run_dir = Path(run_dir or cfg.run.dir)

@@ -18,11 +18,14 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from hpc_bkd.blocks.candidates import Candidate, CandidateError, paper_candidate, parse_candidates
-from hpc_bkd.job.tracking import BACKENDS
+from hpc_bkd.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override is invalid; the message says how to fix it."""
+
+
+TRACKERS = ("tensorboard", "mlflow")  # run.tracking's names: the backends of job.tracking (checked there)
 
 
 @dataclass
@@ -42,8 +45,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # digits (scikit-learn's bundled 8x8 digits, upscaled; offline), cifar10, cifar100, imagefolder.
-    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
+    # digits (scikit-learn's bundled 8x8 digits, upscaled; offline), cifar10, cifar100, imagefolder,
+    # or the name of a source registered with hpc_bkd.data.sources.register_source (checked when
+    # the data is loaded, before anything is written).
+    dataset: str = "digits"
     # Directory of the dataset (cifar*: the folder holding cifar-10-batches-py/; imagefolder: the
     # folder holding train/ and val/ (or test/) with one sub-folder per class). Unused for digits.
     root: str | None = None
@@ -465,14 +470,12 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
     if not 0.0 < cfg.distill.lr_decay <= 1.0:
         raise ConfigError(f"distill.lr_decay: must be in (0, 1], got {cfg.distill.lr_decay}")
-    trackers = sorted(set(cfg.run.tracking) - set(BACKENDS))
+    trackers = sorted(set(cfg.run.tracking) - set(TRACKERS))
     if trackers:
-        raise ConfigError(f"run.tracking: unknown {', '.join(trackers)}; valid: {', '.join(BACKENDS)}")
+        raise ConfigError(f"run.tracking: unknown {', '.join(trackers)}; valid: {', '.join(TRACKERS)}")
     unknown = sorted(set(cfg.run.export_formats) - set(EXPORT_FORMATS))
     if unknown:
         raise ConfigError(f"run.export_formats: unknown {', '.join(unknown)}; valid: {', '.join(EXPORT_FORMATS)}")
-    if cfg.data.dataset in ("cifar10", "cifar100", "imagefolder") and not cfg.data.root:
-        raise ConfigError(f"data.root: required for dataset {cfg.data.dataset!r} (a local directory)")
     _check_select(cfg)
     _check_model(cfg)
 

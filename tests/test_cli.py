@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from hpc_bkd import errors
 from hpc_bkd.cli import args as cli_args
 from hpc_bkd.cli import main as cli
 from hpc_bkd.config import ConfigError, shipped_configs
@@ -20,7 +21,7 @@ def _job_args(*argv: str) -> argparse.Namespace:
 
 def test_exit_codes_are_distinct_and_stable():
     # schedulers and scripts test these numbers: changing one is an interface change
-    assert (cli_args.EXIT_OK, cli_args.EXIT_FAILED, cli_args.EXIT_BAD_INPUT, cli_args.EXIT_INTERRUPTED) == (0, 1, 2, 3)
+    assert (errors.EXIT_OK, errors.EXIT_FAILED, errors.EXIT_BAD_INPUT, errors.EXIT_INTERRUPTED) == (0, 1, 2, 3)
 
 
 def test_job_arguments_default_to_the_default_config():
@@ -79,7 +80,7 @@ def test_export_options():
 
 
 def test_config_keys_prints_every_section(capsys: pytest.CaptureFixture[str]):
-    assert cli.main(["config-keys"]) == cli_args.EXIT_OK
+    assert cli.main(["config-keys"]) == errors.EXIT_OK
     out = capsys.readouterr().out
     for section in ("model:", "data:", "distill:", "run:"):
         assert section in out
@@ -87,20 +88,20 @@ def test_config_keys_prints_every_section(capsys: pytest.CaptureFixture[str]):
 
 
 def test_configs_lists_the_shipped_configs(capsys: pytest.CaptureFixture[str]):
-    assert cli.main(["configs"]) == cli_args.EXIT_OK
+    assert cli.main(["configs"]) == errors.EXIT_OK
     lines = capsys.readouterr().out.splitlines()
     names = {line.split()[0] for line in lines}
     assert names == set(shipped_configs()) and {"tiny", "digits-vgg16"} <= names
 
 
 def test_a_config_error_exits_with_bad_input(capsys: pytest.CaptureFixture[str]):
-    assert cli.main(["evaluate", "--set", "nosuch.key=1"]) == cli_args.EXIT_BAD_INPUT
+    assert cli.main(["evaluate", "--set", "nosuch.key=1"]) == errors.EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert err.startswith("hpc-bkd: config error:") and "nosuch" in err
 
 
 def test_evaluate_without_a_run_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    assert cli.main(["evaluate", "-c", "tiny", "--run-dir", str(tmp_path)]) == cli_args.EXIT_BAD_INPUT
+    assert cli.main(["evaluate", "-c", "tiny", "--run-dir", str(tmp_path)]) == errors.EXIT_BAD_INPUT
     assert "student.pt not found" in capsys.readouterr().err
 
 
@@ -118,12 +119,12 @@ def export_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
 
 
 def test_export_passes_run_dir_formats_and_teacher(export_calls: list[tuple], tmp_path: Path):
-    assert cli.main(["export", "--run-dir", str(tmp_path), "--formats", "pt2, onnx", "--teacher"]) == cli_args.EXIT_OK
+    assert cli.main(["export", "--run-dir", str(tmp_path), "--formats", "pt2, onnx", "--teacher"]) == errors.EXIT_OK
     assert export_calls == [(tmp_path, ["pt2", "onnx"], True)]
 
 
 def test_export_run_dir_defaults_to_the_configs(export_calls: list[tuple]):
-    assert cli.main(["export", "-c", "tiny", "--set", "run.dir=/tmp/from-config"]) == cli_args.EXIT_OK
+    assert cli.main(["export", "-c", "tiny", "--set", "run.dir=/tmp/from-config"]) == errors.EXIT_OK
     assert export_calls == [(Path("/tmp/from-config"), ["pt2", "onnx"], False)]
 
 
@@ -141,7 +142,7 @@ def test_export_errors_the_user_can_fix_are_one_line_and_bad_input(monkeypatch: 
         raise error
 
     monkeypatch.setattr(export, "export_main", fail)
-    assert cli.main(["export", "--run-dir", str(tmp_path)]) == cli_args.EXIT_BAD_INPUT
+    assert cli.main(["export", "--run-dir", str(tmp_path)]) == errors.EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert err.startswith("hpc-bkd: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
@@ -155,13 +156,13 @@ def test_export_of_a_broken_hpc_bkd_import_is_a_bug_not_bad_input(monkeypatch: p
         raise ImportError("cannot import name 'gone' from 'hpc_bkd.deploy.form'", name="hpc_bkd.deploy.form")
 
     monkeypatch.setattr(export, "export_main", fail)
-    assert cli.main(["export", "--run-dir", str(tmp_path)]) == cli_args.EXIT_FAILED
+    assert cli.main(["export", "--run-dir", str(tmp_path)]) == errors.EXIT_FAILED
     assert "Traceback" in capsys.readouterr().err
 
 
 def test_export_with_a_missing_run_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     pytest.importorskip("hpc_bkd.deploy.export")
-    assert cli.main(["export", "--run-dir", str(tmp_path / "none")]) == cli_args.EXIT_BAD_INPUT
+    assert cli.main(["export", "--run-dir", str(tmp_path / "none")]) == errors.EXIT_BAD_INPUT
     assert "not found" in capsys.readouterr().err
 
 
@@ -180,6 +181,6 @@ def test_launch_cli_shares_the_job_options():
 def test_launch_cli_config_error_is_bad_input(capsys: pytest.CaptureFixture[str]):
     from hpc_bkd.launch.__main__ import main
 
-    assert main(["submit", "--executor", "debug", "--set", "nosuch.key=1"]) == cli_args.EXIT_BAD_INPUT
+    assert main(["submit", "--executor", "debug", "--set", "nosuch.key=1"]) == errors.EXIT_BAD_INPUT
     assert "nosuch" in capsys.readouterr().err
 

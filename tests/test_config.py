@@ -36,7 +36,6 @@ def test_unknown_section_lists_sections():
     ({"distill": {"epochs": "three"}}, "expected an integer"),
     ({"distill": {"epochs": 0}}, "must be > 0"),
     ({"data": {"val_fraction": 1.5}}, r"must be in \[0, 1\)"),
-    ({"data": {"dataset": "cifar10"}}, "data.root: required"),
     ({"blocks": {"granularity": "layer"}}, "choose one of conv, unit"),
     ({"run": {"device": "tpu"}}, "choose one of auto, cpu, cuda"),
     ({"distill": {"teacher_cache": True}}, "'on' is not valid; choose one of auto, off"),

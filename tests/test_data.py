@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from hpc_bkd.config import DataConfig
-from hpc_bkd.data.sources import DataError, load_data, train_batch
+from hpc_bkd.data.batches import DataError, train_batch
+from hpc_bkd.data.sources import load_data
 
 
 def test_digits_offline_split_is_fixed():
@@ -45,3 +46,11 @@ def test_imagefolder_layout_error_and_success(tmp_path):
                 Image.new("RGB", (20, 24), (i * 40, 0, 200 if cls == "a" else 0)).save(tmp_path / split / cls / f"{i}.png")
     data = load_data(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.25))
     assert data.input_shape == (3, 16, 16) and data.num_classes == 2 and len(data.test) == 8
+
+
+def test_a_dataset_read_from_files_needs_a_root():
+    """Checked by the dataset's source when the data is loaded (the config takes any registered name)."""
+    with pytest.raises(DataError, match="data.root: required"):
+        load_data(DataConfig(dataset="cifar10"))
+    with pytest.raises(DataError, match="unknown data.dataset 'nosuch'; valid: digits, cifar10"):
+        load_data(DataConfig(dataset="nosuch"))

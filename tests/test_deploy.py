@@ -12,6 +12,7 @@ from torch import nn
 from hpc_bkd.blocks.models import build_model
 from hpc_bkd.blocks.students import build_student
 from hpc_bkd.blocks.surgery import assemble, find_blocks
+from hpc_bkd.deploy import form as deploy
 from hpc_bkd.deploy.form import (
     LAYOUTS,
     InferenceMeasurement,
@@ -25,7 +26,6 @@ from hpc_bkd.deploy.form import (
     measure_models,
     speed_line,
 )
-from hpc_bkd.deploy import form as deploy
 from hpc_bkd.dist import runtime
 
 SHAPE = (3, 32, 32)

@@ -19,8 +19,9 @@ from conftest import hpc
 
 from hpc_bkd.blocks.candidates import Candidate, job_units
 from hpc_bkd.config import ConfigError, DataConfig, load_config
+from hpc_bkd.data.batches import DataError
 from hpc_bkd.data.listing import list_images
-from hpc_bkd.data.sources import DataError, load_data
+from hpc_bkd.data.sources import load_data
 from hpc_bkd.dist.runtime import Interrupted, clear_stop, request_stop
 from hpc_bkd.distill.distiller import step_schedule
 from hpc_bkd.store import atomic_io
@@ -284,12 +285,13 @@ def test_listing_and_decoding_stop_on_request(folder: Path):
         clear_stop()
     for i in range(300):
         (folder / "train" / "cat" / f"x{i}.txt").unlink()
-    from hpc_bkd.data.sources import _imagefolder
+    from hpc_bkd.data.batches import DataStats
+    from hpc_bkd.data.sources import ImageFolder
 
     request_stop()
     try:
         with pytest.raises(Interrupted, match="stopped while decoding"):
-            _imagefolder(folder_cfg(folder))
+            ImageFolder().load(folder_cfg(folder), None, DataStats())
     finally:
         clear_stop()
 

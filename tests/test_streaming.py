@@ -12,9 +12,10 @@ import torch
 from conftest import REPO
 
 from hpc_bkd.config import DataConfig
-from hpc_bkd.data.decode import BadImage, decode
 from hpc_bkd.data import streaming
-from hpc_bkd.data.sources import DataError, eval_batches, load_data, train_batch
+from hpc_bkd.data.batches import DataError, eval_batches, train_batch
+from hpc_bkd.data.decode import BadImage, decode
+from hpc_bkd.data.sources import load_data
 from hpc_bkd.data.streaming import list_folder
 
 

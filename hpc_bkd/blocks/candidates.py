@@ -19,6 +19,8 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from hpc_bkd.errors import UserError
+
 TEACHER = "teacher"  # the option of keeping the teacher's own block: never trained, always valid
 
 
@@ -50,7 +52,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
 )}
 
 
-class CandidateError(ValueError):
+class CandidateError(UserError, ValueError):
     """A candidate name that cannot be parsed; the message lists the valid kinds."""
 
 

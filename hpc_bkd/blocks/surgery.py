@@ -22,8 +22,6 @@ import torch
 import torch.fx
 from torch import nn
 
-from hpc_bkd.store.records import ModelSize
-
 POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
@@ -322,11 +320,6 @@ def total_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
 def conv_params(model: nn.Module) -> int:
     """Parameters in convolutions (the paper's compression measure)."""
     return sum(p.numel() for m in model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters())
-
-
-def model_size(model: nn.Module, input_shape: Sequence[int]) -> ModelSize:
-    """Parameters, convolution parameters and MACs per image: what the report compares."""
-    return ModelSize(sum(p.numel() for p in model.parameters()), conv_params(model), total_macs(model, input_shape))
 
 
 class _StopForward(Exception):

@@ -1,4 +1,4 @@
-"""What every hpc_bkd command line shares: exit codes and the job-selecting options.
+"""What every hpc_bkd command line shares: the job-selecting options (exit codes: :mod:`hpc_bkd.errors`).
 
 ``hpc-bkd`` (``python -m hpc_bkd``), ``python -m hpc_bkd.launch`` and the benchmark drivers all
 pick a job the same way (a config, a run directory, ``--set`` overrides) and report the same
@@ -10,18 +10,6 @@ from __future__ import annotations
 import argparse
 
 from hpc_bkd.config import Config, load_config
-
-EXIT_OK = 0
-"""The command did what it was asked."""
-EXIT_FAILED = 1
-"""An unexpected error (a bug, a crashed rank, a failed job): the message has a traceback."""
-EXIT_BAD_INPUT = 2
-"""The input is wrong (config, data, run directory, arguments): fix it and run again."""
-EXIT_INTERRUPTED = 3
-"""Stopped (preemption, time limit, Ctrl-C) after saving: the same command again resumes."""
-EXIT_PEER_LOST = 4
-"""Another rank died or its node failed (no heartbeat within ``run.peer_timeout_s``): this rank
-saved what it had and stopped; the same command again resumes."""
 
 
 def add_job_arguments(parser: argparse.ArgumentParser, *, run_dir_help: str | None = None) -> None:
@@ -59,5 +47,5 @@ def job_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, job_overrides(args))
 
 
-__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_PEER_LOST", "add_job_arguments", "job_config",
+__all__ = ["add_job_arguments", "job_config",
            "job_overrides"]

@@ -14,16 +14,9 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from hpc_bkd.cli.args import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_PEER_LOST,
-    add_job_arguments,
-    job_config,
-)
+from hpc_bkd.cli.args import add_job_arguments, job_config
 from hpc_bkd.config import ConfigError, describe_keys, shipped_configs
+from hpc_bkd.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_LOST, exit_code_of
 
 log = logging.getLogger("hpc_bkd")
 
@@ -210,15 +203,13 @@ def missing_run(run_dir: str, args: argparse.Namespace) -> NoFinishedRun | None:
 
 
 def _cmd_run(args: argparse.Namespace, distill_only: bool = False) -> int:
-    from hpc_bkd.dist.runtime import install_stop_handlers
-    from hpc_bkd.job.stages import Interrupted, run_job
+    from hpc_bkd.job.stages import Interrupted, run_rank
 
     cfg = job_config(args)
     if distill_only:
         cfg.finetune.epochs = 0
-    install_stop_handlers()
     try:
-        run_job(cfg)
+        run_rank(cfg)
     except Interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK
@@ -299,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_status(args)
     from mpi4py import MPI
 
-    from hpc_bkd.dist.peers import HeartbeatSetupError, PeerLost
+    from hpc_bkd.dist.peers import PeerLost
 
     comm = MPI.COMM_WORLD
     try:
@@ -321,22 +312,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hpc-bkd: config error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except Exception as exc:
-        from hpc_bkd.data.sources import DataError
-        from hpc_bkd.distill.teacher import TeacherMismatchError
-        from hpc_bkd.distill.teams import TeamRendezvousError
-        from hpc_bkd.store.atomic_io import DamagedFile, DiskFull
-        from hpc_bkd.store.lock import RunDirLocked
-        from hpc_bkd.store.rundir import RunDirConflict
-
-        clear = isinstance(exc, (DataError, TeacherMismatchError, RunDirConflict, FileNotFoundError, ValueError,
-                                 DamagedFile, DiskFull, TeamRendezvousError, HeartbeatSetupError, RunDirLocked))
+        code = exit_code_of(exc)
         prefix = f"[rank {comm.rank}/{comm.size}] " if comm.size > 1 else ""
-        if clear:
-            advice = "; move it aside or delete it: running the job again rebuilds it" * isinstance(exc, DamagedFile)
-            print(f"hpc-bkd: {prefix}error: {exc}{advice}", file=sys.stderr, flush=True)
+        if code is not None:
+            print(f"hpc-bkd: {prefix}error: {exc}{getattr(exc, 'advice', '')}", file=sys.stderr, flush=True)
         else:
             print(f"hpc-bkd: {prefix}unexpected error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        code = EXIT_BAD_INPUT if clear else EXIT_FAILED
+            code = EXIT_FAILED
         if comm.size > 1:  # never leave the other ranks waiting in a collective
             from hpc_bkd.dist.runtime import abort_all
 

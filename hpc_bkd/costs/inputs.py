@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from hpc_bkd.blocks.surgery import BlockSpec
-from hpc_bkd.data.sources import Data, train_batch
+from hpc_bkd.data.batches import Data, train_batch
 from hpc_bkd.distill.teams import MpiTransport
 from hpc_bkd.planning.planner import BlockCost, Feed
 

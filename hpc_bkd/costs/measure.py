@@ -25,7 +25,7 @@ from hpc_bkd.blocks.students import TRAIN_FORMAT, block_loss, build_candidate, m
 from hpc_bkd.blocks.surgery import BlockSpec, BlockTap, SwappedForward, total_macs
 from hpc_bkd.config import Config
 from hpc_bkd.costs.inputs import InputCosts, copy_seconds_per_byte, input_seconds, shared_speed, with_input
-from hpc_bkd.data.sources import Data, steps_per_epoch, train_batch
+from hpc_bkd.data.batches import Data, steps_per_epoch, train_batch
 from hpc_bkd.distill.precision import autocast
 from hpc_bkd.distill.teams import GhostLayout, ghost_batchnorms, prepare_student
 from hpc_bkd.planning.planner import BlockCost, TeamModel, member_rows, rank_cost, team_layouts

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpc_bkd.dist.runtime import Interrupted, stop_requested
+from hpc_bkd.errors import UserError
 
 log = logging.getLogger("hpc_bkd")
 _CHECK_EVERY = 256  # entries between stop checks
 
 
-class FolderError(RuntimeError):
+class FolderError(UserError, RuntimeError):
     """An ImageFolder that cannot be listed as it is (a loop, a file reached twice, unreadable)."""
 
 

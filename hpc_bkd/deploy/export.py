@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from hpc_bkd import __version__
-from hpc_bkd.blocks.surgery import BlockSpec, model_size
+from hpc_bkd.blocks.surgery import BlockSpec
 from hpc_bkd.config import Config, config_from_dict
-from hpc_bkd.data.sources import Data, eval_batches, load_data
+from hpc_bkd.data.batches import Data, eval_batches
+from hpc_bkd.data.sources import SOURCES, load_data
 from hpc_bkd.deploy.form import (
     InferenceMeasurement,
     TimingPlan,
@@ -40,8 +41,10 @@ from hpc_bkd.deploy.form import (
     deploy_form,
     measure_callable,
     measure_inference,
+    model_size,
     random_input,
 )
+from hpc_bkd.errors import UserError
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.records import Comparison, ExportResult
 from hpc_bkd.store.rundir import RunDir
@@ -53,14 +56,12 @@ FORMATS: dict[str, str] = {"pt2": "{role}.pt2", "onnx": "{role}.onnx"}  # format
 EXTRA = "pip install -e '.[export]'"
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {"pt2": (), "onnx": ("onnx", "onnxruntime", "onnxscript")}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 
 
-class MissingExtraError(ImportError, ValueError):
+class MissingExtraError(UserError, ImportError, ValueError):
     """An export format needs a package that is not installed; the message names the extra.
 
-    Also a ValueError, so the CLI reports it as bad input (exit 2) and not as a crash."""
+    A UserError, so the CLI reports it as bad input (exit 2) and not as a crash."""
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,9 @@ def _config(run_dir: RunDir, saved: dict[str, Any] | None) -> Config:
 
 def _num_classes(cfg: Config, state: dict[str, torch.Tensor]) -> int:
     """From the dataset, or (image folders) the classifier: the last 2-d weight of the state."""
-    if cfg.data.dataset in DATASET_CLASSES:
-        return DATASET_CLASSES[cfg.data.dataset]
+    names = _class_names(cfg)
+    if names:
+        return len(names)
     return int([v for k, v in state.items() if k.endswith("weight") and v.dim() == 2][-1].shape[0])
 
 
@@ -311,20 +313,9 @@ def _evaluate(run: Callable[[torch.Tensor], torch.Tensor], split: EvalSplit) -> 
 
 
 def _class_names(cfg: Config) -> list[str] | None:
-    """Names for the logits, when the dataset gives them (else only the count is known)."""
-    if cfg.data.dataset == "digits":
-        return [str(i) for i in range(10)]
-    if cfg.data.dataset == "cifar10":
-        return list(CIFAR10_CLASSES)
-    root = Path(cfg.data.root or "")
-    if cfg.data.dataset == "imagefolder" and (root / "train").is_dir():
-        return sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    meta = root / "cifar-100-python" / "meta"
-    if cfg.data.dataset == "cifar100" and meta.is_file():
-        import pickle
-        with open(meta, "rb") as fh:  # the dataset's own file, read as torchvision reads it
-            return list(pickle.load(fh, encoding="latin1")["fine_label_names"])
-    return None
+    """Names for the logits, when the dataset's source knows them (else only the count is known)."""
+    source = SOURCES.get(cfg.data.dataset)
+    return source.class_names(cfg.data) if source is not None else None
 
 
 # ------------------------------------------------------------------------------------ the export

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hpc_bkd.blocks.surgery import BlockSpec
+from hpc_bkd.blocks.surgery import BlockSpec, conv_params, total_macs
 from hpc_bkd.dist.runtime import cpu_model
-from hpc_bkd.store.records import BlockInference, Comparison, InferenceMeasurement, InferenceReport
+from hpc_bkd.store.records import BlockInference, Comparison, InferenceMeasurement, InferenceReport, ModelSize
 
 log = logging.getLogger("hpc_bkd")
 
@@ -337,3 +337,8 @@ def measure_models(teacher: nn.Module, student: nn.Module, input_shape: Sequence
     s = measure_inference(student, input_shape, plan, name="student", device=device)
     per_block = measure_blocks(teacher, student, blocks, accepted, plan, device) if blocks else []
     return InferenceReport(compare(t, s), tuple(per_block))
+
+
+def model_size(model: nn.Module, input_shape: Sequence[int]) -> ModelSize:
+    """Parameters, convolution parameters and MACs per image: what the report compares."""
+    return ModelSize(sum(p.numel() for p in model.parameters()), conv_params(model), total_macs(model, input_shape))

@@ -294,7 +294,7 @@ def module_nodes(path: Path, members: Sequence[str]) -> list[str]:
 def image_batches(data: Any, images: int, batch: int = 32) -> list[np.ndarray]:
     """The first ``images`` training images, normalised as for evaluation, as numpy batches: what
     the int8 calibration of a whole model runs on."""
-    from hpc_bkd.data.sources import eval_batches
+    from hpc_bkd.data.batches import eval_batches
 
     n = min(images, len(data.train))
     return [x.float().cpu().numpy() for x, _ in eval_batches(data, data.train, min(batch, n), range(0, n))]

@@ -38,9 +38,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from hpc_bkd.cli.args import EXIT_PEER_LOST
 from hpc_bkd.dist.netaddr import LOOPBACK, dial, offered_addresses
 from hpc_bkd.dist.runtime import Runtime, request_stop
+from hpc_bkd.errors import EXIT_PEER_LOST, UserError
 
 log = logging.getLogger("hpc_bkd")
 
@@ -63,8 +63,10 @@ class LostPeer:
         return f"rank {self.rank} on host {self.host} ({how})"
 
 
-class PeerLost(RuntimeError):
+class PeerLost(UserError, RuntimeError):
     """Peers stopped answering (died, killed, node lost): this rank saved what it had and stops."""
+
+    exit_code = EXIT_PEER_LOST
 
     def __init__(self, lost: tuple[LostPeer, ...], timeout_s: float) -> None:
         super().__init__(lost, timeout_s)
@@ -75,7 +77,7 @@ class PeerLost(RuntimeError):
                 "and stops; run the same command again to resume")
 
 
-class HeartbeatSetupError(RuntimeError):
+class HeartbeatSetupError(UserError, RuntimeError):
     """Some rank could not connect to rank 0's heartbeat: names them, the addresses and the port."""
 
 

@@ -15,14 +15,24 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from hpc_bkd.dist.peers import Heartbeat
+from hpc_bkd.errors import EXIT_INTERRUPTED, UserError
 
 log = logging.getLogger("hpc_bkd")
+
+
+class PeerWatch(Protocol):
+    """What a rank's collectives need of the watch on its peers (``peers.Heartbeat``): a check that
+    raises ``PeerLost`` once one stops answering. A protocol, so the runtime does not import it."""
+
+    cpu_s: float  # the watch's own CPU seconds so far
+    started: float  # time.monotonic() when it started
+
+    def check(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -35,7 +45,7 @@ class Runtime:
     host: str
     device: torch.device
     threads: int
-    peers: Heartbeat | None = None  # set while a job runs on several ranks (peers.watching_peers)
+    peers: PeerWatch | None = None  # set while a job runs on several ranks (peers.watching_peers)
 
     @property
     def is_root(self) -> bool:
@@ -233,8 +243,10 @@ _stop = threading.Event()
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
 
-class Interrupted(Exception):
+class Interrupted(UserError):
     """A stop was requested (preemption, time limit, scancel); everything finished was saved."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 def request_stop(*_: Any) -> None:
@@ -275,6 +287,14 @@ def install_stop_handlers(signals: tuple[str, ...] = STOP_SIGNALS,
         if sig is not None:
             previous[sig] = signal.signal(sig, handler)
     return previous
+
+
+def current_stop_handlers(signals: tuple[str, ...] = STOP_SIGNALS) -> dict[int, Any]:
+    """The handlers now set for ``signals``, for :func:`restore_handlers` after a job that installs
+    its own (``{}`` off the main thread, where nothing is installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {int(getattr(signal, name)): signal.getsignal(getattr(signal, name)) for name in signals}
 
 
 def restore_handlers(previous: dict[int, Any]) -> None:

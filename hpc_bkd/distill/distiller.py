@@ -29,13 +29,13 @@ from hpc_bkd.blocks.candidates import Candidate, Unit
 from hpc_bkd.blocks.students import TRAIN_FORMAT, block_loss, build_candidate, matches_activation
 from hpc_bkd.blocks.surgery import BlockSpec, BlockTap, SwappedForward
 from hpc_bkd.config import Config
-from hpc_bkd.data.sources import Data, batch_indices, eval_batches, steps_per_epoch, train_batch
+from hpc_bkd.data.batches import Data, batch_indices, eval_batches, steps_per_epoch, train_batch
 from hpc_bkd.dist.runtime import stop_requested
 from hpc_bkd.distill.precision import Amp, autocast
 from hpc_bkd.distill.teacher_cache import TeacherCache
 from hpc_bkd.distill.teams import GhostLayout, StepBucket, Team, ghost_batchnorms, prepare_student
 from hpc_bkd.planning.schedule import Schedule
-from hpc_bkd.store.progress import RankProgress
+from hpc_bkd.store.progress import RankProgress, UnitProgress
 from hpc_bkd.store.rundir import BlockStore
 
 log = logging.getLogger("hpc_bkd")
@@ -128,6 +128,12 @@ class BlockTrainer:
     @property
     def done(self) -> bool:
         return self.epoch >= self.epochs or self.early_stopped
+
+    def progress(self) -> UnitProgress:
+        """Where this unit is, for the rank's progress file (``hpc-bkd status``)."""
+        loss = self.loss_sum / self.loss_count if self.loss_count else self.history[-1]["loss"] if self.history else None
+        return UnitProgress(self.unit.key, self.spec.index, self.epoch, self.epochs, self.step, self.steps, loss,
+                            self.done)
 
     def state(self) -> dict[str, Any]:
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -396,7 +402,7 @@ class LocalDistiller:
             t.update(loss)
             t.train_time += share + time.perf_counter() - t1
         if self.progress is not None:
-            self.progress.worked_on(group, began, time.time())
+            self.progress.worked_on(group[0].epoch + 1, [t.unit.id for t in group], began, time.time())
 
     def run(self, finished: Sequence[int] = ()) -> tuple[list[BlockResult], bool]:
         """Train every owned block not in ``finished``; returns (results, interrupted). Only a
@@ -413,7 +419,7 @@ class LocalDistiller:
             self._fill_cache(sorted({t.spec.index: t.spec for t in active}.values(), key=lambda b: b.index))
         self._phase("distillation")
         if self.progress is not None:
-            self.progress.trainers(trainers, force=True)
+            self.progress.units_now([t.progress() for t in trainers])
         last_save = time.time()
         interrupted = False
         while active:
@@ -424,8 +430,8 @@ class LocalDistiller:
             if group:
                 self._step(group)
                 progress.update(len(group), group)
-                if self.progress is not None:
-                    self.progress.trainers(trainers)
+                if self.progress is not None and self.progress.due():
+                    self.progress.units_now([t.progress() for t in trainers])
             for t in self._close_epochs(active, group):
                 active.remove(t)
                 progress.skip(t.epochs * t.steps - (t.epoch * t.steps))
@@ -441,7 +447,7 @@ class LocalDistiller:
                 last_save = time.time()
         self._stop(active, interrupted)
         if self.progress is not None:
-            self.progress.trainers(trainers, force=True)
+            self.progress.units_now([t.progress() for t in trainers])
         progress.close()
         return results, interrupted
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from hpc_bkd.dist.netaddr import LOOPBACK, interface_towards, offered_addresses, reachable
+from hpc_bkd.errors import UserError
 
 TORCH_BACKENDS = ("nccl", "gloo")
 CPU = torch.device("cpu")
@@ -62,7 +63,7 @@ RENDEZVOUS_TIMEOUT_S = 60.0  # members meeting the leader's store and each other
 PROBE_TIMEOUT_S = 5.0        # one member trying one of the leader's addresses
 
 
-class TeamRendezvousError(RuntimeError):
+class TeamRendezvousError(UserError, RuntimeError):
     """A team's members cannot meet the leader: names the addresses and port tried and who failed."""
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from hpc_bkd.config import Config
-from hpc_bkd.data.sources import Data, load_data, steps_per_epoch, train_batch
+from hpc_bkd.data.batches import Data, steps_per_epoch, train_batch
+from hpc_bkd.data.sources import load_data
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from torch import nn
 
 from hpc_bkd.blocks.models import build_model
 from hpc_bkd.config import Config, ConfigError
+from hpc_bkd.data.sources import SOURCES
 from hpc_bkd.dist.runtime import mem_available_bytes
 
 # images held in memory by the built-in datasets (digits, CIFAR): decoded as uint8
 _DATASET_IMAGES = {"digits": 1797, "cifar10": 60_000, "cifar100": 60_000}
-_DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 # bytes per parameter while training: weights, gradients, optimizer state, a best copy (fp32)
 _PER_PARAM = 4 * 4
 # bytes per activation value kept for the backward pass (fp32; its gradient is transient): a low
@@ -46,7 +46,9 @@ class Footprint:
 def footprint(cfg: Config) -> Footprint | None:
     """The teacher's training footprint, from a model on the meta device; None when the model is
     too large even to describe (its sizes overflow)."""
-    classes = _DATASET_CLASSES.get(cfg.data.dataset, 1000)  # an ImageFolder's: unknown before listing it
+    source = SOURCES.get(cfg.data.dataset)
+    names = source.class_names(cfg.data) if source is not None else None
+    classes = len(names) if names else 1000  # unknown until the source is loaded: ImageNet's count
     size = cfg.data.image_size
     try:
         with torch.device("meta"):

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from hpc_bkd.blocks.surgery import BlockSpec
     from hpc_bkd.config import Config
     from hpc_bkd.distill.distiller import BlockResult
-    from hpc_bkd.job.stages import Clock, RankOutcome, StudentResult
+    from hpc_bkd.job.outcomes import Clock, RankOutcome, StudentResult
 
 log = logging.getLogger("hpc_bkd")
 

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from torch import nn
@@ -36,26 +35,44 @@ from torch import nn
 from hpc_bkd.blocks.candidates import Candidate, Unit, job_units
 from hpc_bkd.blocks.models import build_model
 from hpc_bkd.blocks.students import applies, build_candidate
-from hpc_bkd.blocks.surgery import BlockSpec, assemble, find_blocks, model_size
+from hpc_bkd.blocks.surgery import BlockSpec, assemble, find_blocks
 from hpc_bkd.config import Config, ConfigError, job_candidates
 from hpc_bkd.costs.inputs import exchange_seconds_per_byte
 from hpc_bkd.costs.measure import CostTable, block_costs, team_sizes
-from hpc_bkd.data.sources import Data, check_batches, describe, load_data
+from hpc_bkd.data.batches import Data, describe
+from hpc_bkd.data.sources import check_batches, load_data
 from hpc_bkd.deploy.export import export_run, missing_extra
-from hpc_bkd.deploy.form import TimingPlan, measure_models
+from hpc_bkd.deploy.form import TimingPlan, measure_models, model_size
 from hpc_bkd.dist.energy import EnergyMeter
 from hpc_bkd.dist.peers import watching_peers
-from hpc_bkd.dist.runtime import Interrupted, Runtime, init_runtime, peak_memory_mb, setup_logging
+from hpc_bkd.dist.runtime import (
+    Interrupted,
+    Runtime,
+    clear_stop,
+    init_runtime,
+    install_stop_handlers,
+    peak_memory_mb,
+    setup_logging,
+)
 from hpc_bkd.distill.distiller import BlockResult, LocalDistiller
 from hpc_bkd.distill.finetune import finetune, recalibrate_bn
 from hpc_bkd.distill.teacher import accuracy, get_teacher, state_fingerprint
 from hpc_bkd.distill.teacher_cache import CacheDecision, decide, memory_budget
 from hpc_bkd.distill.teams import Team, team_backend
 from hpc_bkd.job.limits import check_fits
+from hpc_bkd.job.outcomes import (
+    Clock,
+    PreparedTeacher,
+    RankOutcome,
+    Resume,
+    ScheduleChoice,
+    StudentResult,
+    TeacherShare,
+)
 from hpc_bkd.job.report import build_record, write_report
 from hpc_bkd.job.tracking import Trackers
 from hpc_bkd.planning.planner import Plan, TeamModel, describe_plan, make_plan
-from hpc_bkd.planning.schedule import Schedule, schedule_for
+from hpc_bkd.planning.schedule import schedule_for
 from hpc_bkd.selection.options import Choice, TrainedUnits, check_prediction, choose_students, kl_to_teacher
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.lock import run_dir_lock
@@ -67,7 +84,6 @@ from hpc_bkd.store.records import (
     Comparison,
     Energy,
     ExportResult,
-    FinetuneEpoch,
     InferenceReport,
     JobRecord,
     ModelSizes,
@@ -75,117 +91,6 @@ from hpc_bkd.store.records import (
 from hpc_bkd.store.rundir import BlockStore, RunDir, UnitShape, job_fingerprint
 
 log = logging.getLogger("hpc_bkd")
-T = TypeVar("T")
-
-
-@dataclass
-class Clock:
-    """Rank 0's wall time per phase and the seconds spent in the job's broadcasts and gathers.
-    (Mutable on purpose: it is a stopwatch that stages tick, not data that flows between them.)"""
-
-    phases: dict[str, float] = field(default_factory=dict)
-    comm: dict[str, float] = field(default_factory=lambda: {"broadcast_s": 0.0, "gather_s": 0.0})
-    started: float = field(default_factory=time.time)
-    _t: float = field(default_factory=time.perf_counter)
-
-    def mark(self, name: str) -> None:
-        now = time.perf_counter()
-        self.phases[name] = self.phases.get(name, 0.0) + now - self._t
-        self._t = now
-
-    def collective(self, kind: str, call: Callable[[], T]) -> T:
-        t0 = time.perf_counter()
-        out = call()
-        self.comm[kind] += time.perf_counter() - t0
-        return out
-
-
-@dataclass(frozen=True)
-class TeacherShare:
-    """What rank 0 broadcasts about the teacher (``interrupted``: it was stopped while training)."""
-
-    state: dict | None = None
-    info: dict | None = None
-    val_acc: float = 0.0
-    test_acc: float = 0.0
-    blocks: list[BlockSpec] = field(default_factory=list)
-    fingerprint: str = ""
-    interrupted: bool = False
-
-
-@dataclass(frozen=True)
-class PreparedTeacher:
-    """The frozen teacher on this rank, its blocks and the job's fingerprint."""
-
-    model: nn.Module
-    info: dict
-    val_acc: float
-    test_acc: float
-    blocks: list[BlockSpec]
-    fingerprint: str
-
-
-@dataclass(frozen=True)
-class ScheduleChoice:
-    """The step order every rank follows and whether ranks cache the teacher's activations."""
-
-    schedule: Schedule
-    cache: CacheReport
-
-
-@dataclass(frozen=True)
-class Resume:
-    """Units finished by an earlier run of this job, and which ranks can see each."""
-
-    finished: list[int]
-    seen: list[list[int]]  # per rank
-
-    def remaining(self, units: list[Unit]) -> list[Unit]:
-        return [u for u in units if u.id not in self.finished]
-
-    def carried_by(self, rank: int) -> list[int]:
-        """Finished units rank 0 cannot see that this rank forwards (the lowest rank seeing it)."""
-        return [i for i in self.finished if i not in self.seen[0]
-                and rank == min(r for r, s in enumerate(self.seen) if i in s)]
-
-
-@dataclass(frozen=True)
-class RankOutcome:
-    """One rank's distillation, as gathered to rank 0."""
-
-    rank: int
-    host: str
-    device: str
-    threads: int
-    blocks: list[int]
-    results: list[BlockResult]
-    carried: list[BlockResult]  # finished blocks of an earlier run that rank 0 cannot see
-    interrupted: bool
-    start: float
-    end: float
-    energy: Energy
-    peak_mem_mb: float
-    cache: CacheUse | None
-    local_rank: int = 0
-    data_wait_s: float = 0.0  # seconds the distillation loop waited for its batches
-    bad_images: int = 0       # unreadable files skipped (data.on_bad_image: skip)
-    heartbeat_cpu_s: float | None = None  # CPU seconds of this rank's heartbeat thread so far (None: no heartbeat)
-    heartbeat_wall_s: float | None = None  # and the seconds it has run: the thread's share of a core is their ratio
-    phases: list[list] = field(default_factory=list)  # [name, start, end] up to the gather (``progress``)
-    work: list[list] = field(default_factory=list)    # [start, end, epoch, unit ids, steps] (``progress``)
-
-
-@dataclass(frozen=True)
-class StudentResult:
-    """The assembled, fine-tuned student and what it scored."""
-
-    model: nn.Module
-    accepted: list[int]
-    accuracy: Accuracy
-    finetune: list[FinetuneEpoch]
-    sizes: ModelSizes
-    kl: dict[str, float] = field(default_factory=dict)  # KL(teacher || student) on validation: assembled, finetuned
-    chosen_units: list[int] = field(default_factory=list)
 
 
 def run_job(cfg: Config, rt: Runtime | None = None) -> JobRecord | None:
@@ -198,6 +103,16 @@ def run_job(cfg: Config, rt: Runtime | None = None) -> JobRecord | None:
     setup_logging(rt.rank, rt.size)
     with watching_peers(rt, cfg.run.peer_timeout_s), job_lock(cfg, rt):
         return _run_stages(cfg, rt)
+
+
+def run_rank(cfg: Config, received: list[int] | None = None) -> JobRecord | None:
+    """This rank's whole job as every entry point starts it (``hpc-bkd run``, a submitit task):
+    stop signals only ask the loop to save and stop (``received`` collects their numbers), any stale
+    stop request is cleared, then :func:`run_job`. Errors propagate: each entry point ends them its
+    own way (an exit code; submitit's result file and requeue)."""
+    install_stop_handlers(received=received)
+    clear_stop()  # a caller's process (submitit's debug executor, a test) may hold a stale flag
+    return run_job(cfg)
 
 
 def job_lock(cfg: Config, rt: Runtime) -> AbstractContextManager:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpc_bkd.errors import UserError
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.progress import DONE, FAILED, INTERRUPTED, RUNNING, RankProgressRecord, UnitProgress, read_progress
 from hpc_bkd.store.records import JobRecord, JsonRecord
@@ -24,7 +25,7 @@ LOST_AFTER_MIN_S = 30.0
 RATE_FROM = 0.05      # below this share of its work done, a rank's time left comes from the plan
 
 
-class NoJob(FileNotFoundError):
+class NoJob(UserError, FileNotFoundError):
     """The run directory holds no job to report on (a user error: exit 2)."""
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from hpc_bkd.config import TRACKERS
+
 if TYPE_CHECKING:
     from hpc_bkd.config import Config
     from hpc_bkd.store.records import JobRecord
@@ -250,6 +252,7 @@ def _warm_up(backends: list[Backend]) -> None:
 
 
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (TensorBoardBackend, MlflowBackend)}
+assert tuple(BACKENDS) == TRACKERS, "config.TRACKERS names the backends run.tracking accepts"
 
 
 @dataclass(frozen=True)

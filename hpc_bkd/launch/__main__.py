@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from hpc_bkd.cli.args import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, add_job_arguments
+from hpc_bkd.cli.args import add_job_arguments
+from hpc_bkd.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from hpc_bkd.launch.submitit_backend import EXECUTORS, LaunchError, report, submit
 
 

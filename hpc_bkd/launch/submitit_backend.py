@@ -47,7 +47,7 @@ Stop, checkpoint, requeue (how our stop flag and submitit's requeue cooperate)
       ``max_requeues`` the job fails with submitit's "timed-out too many times" and a hint to
       resubmit.
     * only TERM/INT (``scancel``, preemption, ``scontrol requeue`` by hand): every rank exits with
-      code 3 (``cli_args.EXIT_INTERRUPTED``) without a result and SLURM decides: a cancelled job
+      code 3 (``errors.EXIT_INTERRUPTED``) without a result and SLURM decides: a cancelled job
       stays cancelled (``job.result()`` raises; resubmitting with the same ``run_dir`` resumes), a
       requeued or preempted one runs the same pickle again and resumes.
 
@@ -68,7 +68,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from hpc_bkd.cli.args import EXIT_FAILED, EXIT_INTERRUPTED
+from hpc_bkd.errors import EXIT_FAILED, EXIT_INTERRUPTED
 from hpc_bkd.launch import submitit_compat as compat
 
 log = logging.getLogger("hpc_bkd")
@@ -127,7 +127,7 @@ class DistillJob:
 
         from hpc_bkd.config import load_config
         from hpc_bkd.dist import runtime
-        from hpc_bkd.job.stages import Interrupted, run_job
+        from hpc_bkd.job.stages import Interrupted, run_rank
 
         started = time.time()
         env = submitit.JobEnvironment()
@@ -145,10 +145,9 @@ class DistillJob:
         cfg = load_config(self.config, overrides)
 
         received: list[int] = []
-        previous = runtime.install_stop_handlers(received=received)
-        runtime.clear_stop()  # the debug executor runs in the caller's process: no stale flag
+        previous = runtime.current_stop_handlers()  # the debug executor runs in the caller's process
         try:
-            record = run_job(cfg)
+            record = run_rank(cfg, received=received)  # the same start as `hpc-bkd run`
             return record.to_json() if record is not None else None  # the report.json dict
         except Interrupted:
             self._after_interrupt(env, comm, received, started)

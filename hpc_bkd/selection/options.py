@@ -32,7 +32,7 @@ from hpc_bkd.blocks.candidates import TEACHER, Candidate, Unit
 from hpc_bkd.blocks.students import build_candidate
 from hpc_bkd.blocks.surgery import BlockSpec, BlockTap, SwappedForward, total_macs
 from hpc_bkd.config import ConfigError, SelectConfig
-from hpc_bkd.data.sources import Data, eval_batches
+from hpc_bkd.data.batches import Data, eval_batches
 from hpc_bkd.deploy.form import deploy_form, latency_table, teacher_block
 from hpc_bkd.deploy.runtimes import FP32, INT8, Prepared, SelectionRuntime, TorchRuntime, make_runtime
 from hpc_bkd.distill.distiller import BlockResult

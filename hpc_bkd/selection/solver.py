@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, OptimizeResult, milp  # type: ignore[import-untyped]  # no stubs
 
+from hpc_bkd.errors import UserError
+
 __all__ = ["RTOL", "BRUTE_FORCE_MAX", "Option", "Problem", "Solution", "FrontPoint", "Infeasible", "solve",
            "brute_force", "tightest_fraction", "pareto_front"]
 
@@ -95,7 +97,7 @@ class FrontPoint:
     totals: dict[str, float]
 
 
-class Infeasible(ValueError):
+class Infeasible(UserError, ValueError):
     """No choice of options meets the limits. ``tightest`` holds the least raised limits that some
     choice meets, all raised in the same proportion of themselves (of the teacher's sum where a
     limit is <= 0); with one limit, that is the smallest sum possible. The message says both."""

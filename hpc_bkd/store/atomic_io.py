@@ -23,18 +23,22 @@ from typing import Any
 
 import torch
 
+from hpc_bkd.errors import UserError
+
 log = logging.getLogger("hpc_bkd")
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class DamagedFile(Exception):
+class DamagedFile(UserError):
     """A file the toolkit wrote cannot be read back (truncated, overwritten, not what it should hold).
 
     It carries the path so that the message names the file (a bare zip-reader error does not), and
     so that a caller able to rebuild the file can move exactly that one aside.
     """
+
+    advice = "; move it aside or delete it: running the job again rebuilds it"
 
     def __init__(self, path: str | Path, reason: str) -> None:
         super().__init__(path, reason)
@@ -44,7 +48,7 @@ class DamagedFile(Exception):
         return f"{self.path} is damaged or unreadable ({self.reason})"
 
 
-class DiskFull(Exception):
+class DiskFull(UserError):
     """No room to write ``path``: it needs ``needed`` bytes (None when unknown), ``free`` are left.
 
     Raised instead of the writer's own error (torch's says "unexpected pos 576 vs 534"), so that

@@ -27,11 +27,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hpc_bkd.errors import UserError
+
 log = logging.getLogger("hpc_bkd")
 LOCK_NAME = "job.lock"
 
 
-class RunDirLocked(RuntimeError):
+class RunDirLocked(UserError, RuntimeError):
     """Another job holds the run directory's lock; the message names it."""
 
 

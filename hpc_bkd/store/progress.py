@@ -20,13 +20,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.records import JsonRecord
-
-if TYPE_CHECKING:
-    from hpc_bkd.distill.distiller import BlockTrainer
 
 PROGRESS_VERSION = 1
 RUNNING, DONE, INTERRUPTED, FAILED = "running", "done", "interrupted", "failed"
@@ -165,10 +162,9 @@ class RankProgress:
         self.predicted_distill_s = predicted_s_per_batch * steps * epochs
         self.units_total = units
 
-    def worked_on(self, group: Sequence[BlockTrainer], start: float, end: float) -> None:
-        """One step of ``group``: extends the current stretch of work, or starts the next one."""
-        epoch = group[0].epoch + 1
-        ids = [t.unit.id for t in group]
+    def worked_on(self, epoch: int, ids: list[int], start: float, end: float) -> None:
+        """One step of the units ``ids`` in (1-based) ``epoch``: extends the current stretch of work,
+        or starts the next one."""
         last = self.work[-1] if self.work else None
         if last is not None and last[2] == epoch and last[3] == ids:
             last[1] = end
@@ -176,11 +172,13 @@ class RankProgress:
         else:
             self.work.append([start, end, epoch, ids, 1])
 
-    def trainers(self, trainers: Sequence[BlockTrainer], force: bool = False) -> None:
-        """Record the units' cursors; written when the log's interval has passed (or ``force``)."""
-        if not force and time.time() - self._last_write < self.interval:
-            return
-        self.units = [_unit(t) for t in trainers]
+    def due(self) -> bool:
+        """Whether the log's interval has passed since the file was last written."""
+        return time.time() - self._last_write >= self.interval
+
+    def units_now(self, units: Sequence[UnitProgress]) -> None:
+        """Record the units' cursors (the distiller builds them) and write the file."""
+        self.units = list(units)
         self.write(force=True)
 
     # ------------------------------------------------------------------ the file
@@ -213,14 +211,6 @@ class RankProgress:
             if self.phases and self.phases[-1][2] is None:
                 self.phases[-1][2] = time.time()
         self.write(force=True, state=state)
-
-
-def _unit(t: BlockTrainer) -> UnitProgress:
-    if t.loss_count:
-        loss: float | None = t.loss_sum / t.loss_count
-    else:
-        loss = t.history[-1]["loss"] if t.history else None
-    return UnitProgress(t.unit.key, t.spec.index, t.epoch, t.epochs, t.step, t.steps, loss, t.done)
 
 
 def read_progress(folder: Path) -> list[RankProgressRecord]:

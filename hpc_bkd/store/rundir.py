@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpc_bkd.config import Config, config_from_saved
+from hpc_bkd.errors import UserError
 from hpc_bkd.store import atomic_io
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class UnitShape:
     shapes: dict[str, tuple[int, ...]]
 
 
-class RunDirConflict(RuntimeError):
+class RunDirConflict(UserError, RuntimeError):
     """The run directory holds blocks from a different job; refusing to overwrite them."""
 
 
