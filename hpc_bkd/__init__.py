@@ -1,23 +1,23 @@
 """hpc_bkd: parallel blockwise knowledge distillation (PBKD) of deep CNNs over MPI.
 
-Data flows one way, one stage after the other in ``pipeline.run_job``: config -> teacher -> blocks
--> costs -> plan -> per-rank distill -> gather -> assemble/fine-tune -> measure and export -> report.
+Data flows one way, one stage after the other in ``job.stages.run_job``: config -> teacher -> blocks
+-> costs -> plan -> per-rank distill -> gather -> select/assemble/fine-tune -> export -> report.
 
-Modules, each with one job:
+Subpackages by concern; each imports only from those listed after it (no import cycles):
 
-* config (the YAML config), data (datasets from local files, seeded batches), models (teachers);
-* surgery (blocks of a teacher, taps, swapping and assembling, MACs), students (student blocks and
-  their loss);
-* schedule (step orders and their predicted makespan), plan (the torch-free planner), costs (the
-  cost measurement and ``costs.json``);
-* teacher (train or load the teacher), teacher_cache (its activations, cached), teams (data-parallel
-  teams and their transports), distill (the per-rank distiller), finetune (acceptance, KD);
-* deploy (folded BatchNorm, inference measurement), export (standalone files, ``load_student``);
-* rundir (every file of a run directory), atomic_io (atomic writes, safe loads), records (the job
-  record: the one report schema), report (summary and plots), pipeline (the stages);
-* runtime (MPI, device, threads, logging, signals), peers (the heartbeat that names a lost rank),
-  netaddr (addresses the nodes reach each other on), energy, cli_args and cli (the command line);
-  launchers live in ``hpc_bkd.launch`` (submitit), the sbatch scripts in ``slurm/``.
+* ``cli`` (the command line) and ``launch`` (submitit; the sbatch scripts are in ``slurm/``);
+* ``job``: the stages in order, their records, the report, status and tracking;
+* ``selection``: building each block's options and the exact choice among them;
+* ``deploy``: deploy form, timing runtimes, standalone export;
+* ``costs``: measuring unit and input costs (``costs.json``);
+* ``distill``: the per-rank distiller, the teacher and its cache, teams, fine-tuning;
+* ``data``: data sources, batches, streaming;
+* ``store``: the run directory, atomic files, the report schema, progress files;
+* ``config`` (the YAML config), ``dist`` (MPI runtime, heartbeat), ``blocks`` (models, surgery,
+  candidate kinds, students), ``planning`` (the torch-free cost model and planner), ``errors``.
+
+Extension points: ``data.sources.register_source`` (a dataset), ``blocks.candidates.register_kind``
+(a kind of student block), ``job.stages.run_rank`` (what a launcher runs on each rank).
 """
 __version__ = "0.1.0"
 

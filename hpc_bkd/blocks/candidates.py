@@ -10,14 +10,16 @@ with its internal widths halved, started from the teacher's weights). Every (blo
 that applies to the block is a *unit*: an independent distillation job with its own seed, checkpoint
 and result, planned like a block.
 
-Torch-free, so configs are checked and plans made without it (the modules are built in
-``students.py``).
+Torch-free, so configs are checked and plans made without it (the modules are built by each
+kind's builder, ``students.py`` for the built-in ones). A new kind is one :func:`register_kind`.
 """
 from __future__ import annotations
 
+import importlib
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from hpc_bkd.errors import UserError
 
@@ -26,30 +28,57 @@ TEACHER = "teacher"  # the option of keeping the teacher's own block: never trai
 
 @dataclass(frozen=True)
 class Kind:
-    """A kind of candidate: its parameters (one letter each, with defaults) and what it is."""
+    """A kind of candidate: its parameters (one letter each, with defaults), what it is, and the
+    function that builds its student block.
+
+    The builder is named ``"module:function"`` and imported only when a student is built, so that
+    kinds stay torch-free data (configs are checked and plans made without torch). It is called as
+    ``builder(spec, params, teacher)`` and returns a function making the student's modules (see
+    ``students.Builder``); it raises ``whole_units.NotApplicable`` for a block the kind does not fit.
+    """
 
     name: str
     params: dict[str, float]
     integer: tuple[str, ...]
     about: str
     fractions: tuple[str, ...] = ()  # parameters that must lie in (0, 1)
+    builder: str = ""  # "module:function", e.g. "hpc_bkd.blocks.students:separable"
 
     def example(self) -> str:
         return Candidate(self.name, dict(self.params)).name
 
+    def load_builder(self) -> Callable[..., Any]:
+        module, _, function = self.builder.partition(":")
+        return getattr(importlib.import_module(module), function)
 
-KINDS: dict[str, Kind] = {k.name: k for k in (
+
+KINDS: dict[str, Kind] = {}
+
+
+def register_kind(kind: Kind) -> Kind:
+    """Make ``kind`` a valid candidate kind (``blocks.candidates``) in this process; returns it."""
+    if ":" not in kind.builder:
+        raise ValueError(f"candidate kind {kind.name!r}: builder must be 'module:function', got {kind.builder!r}")
+    KINDS[kind.name] = kind
+    return kind
+
+
+_STUDENTS = "hpc_bkd.blocks.students"
+for _kind in (
     Kind("separable", {"d": 2, "w": 1.0}, ("d",),
-         "d stacked 3x3 depthwise + 1x1 pointwise layers, hidden width w x the output channels"),
+         "d stacked 3x3 depthwise + 1x1 pointwise layers, hidden width w x the output channels",
+         builder=f"{_STUDENTS}:separable"),
     Kind("lowrank", {"r": 0.25}, (),
-         "3x3 conv to r x the output channels, then a 1x1 conv back (two dense operators)"),
+         "3x3 conv to r x the output channels, then a 1x1 conv back (two dense operators)",
+         builder=f"{_STUDENTS}:lowrank"),
     Kind("skip", {}, (),
          "the block removed: identity where its input and output shapes match, else a strided 1x1 conv + BN "
-         "(maps) or a linear map + LayerNorm (tokens)"),
+         "(maps) or a linear map + LayerNorm (tokens)", builder=f"{_STUDENTS}:skip"),
     Kind("shrink", {"w": 0.5}, (),
          "the teacher's own unit with its internal widths cut to w, initialised from its weights (unit granularity)",
-         fractions=("w",)),
-)}
+         fractions=("w",), builder=f"{_STUDENTS}:shrink"),
+):
+    register_kind(_kind)
 
 
 class CandidateError(UserError, ValueError):

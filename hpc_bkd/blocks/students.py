@@ -1,4 +1,5 @@
-"""Student blocks with the teacher block's shapes, one builder per candidate kind (``candidates``)."""
+"""Student blocks with the teacher block's shapes: the builders of the built-in candidate kinds
+(``candidates.KINDS`` names them), and ``build_candidate``, which builds any kind's student."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpc_bkd.blocks.candidates import Candidate, paper_candidate, unit_seed
+from hpc_bkd.blocks.candidates import KINDS, Candidate, paper_candidate, unit_seed
 from hpc_bkd.blocks.surgery import BlockSpec
 from hpc_bkd.blocks.whole_units import NotApplicable, shrink_unit, skip_layers
 
@@ -87,21 +88,33 @@ def _shrink(spec: BlockSpec, fraction: float, teacher: nn.Module | None) -> Call
 
 
 Builder = Callable[[BlockSpec, dict[str, float], "nn.Module | None"], Callable[[], list[nn.Module]]]
-# one builder per candidate kind (``candidates.KINDS``): the modules of a student block; a kind that
-# does not fit a block raises ``NotApplicable``
-BUILDERS: dict[str, Builder] = {
-    "separable": lambda spec, p, t: _separable(spec, int(p["d"]), p["w"]),
-    "lowrank": lambda spec, p, t: _lowrank(spec, p["r"]),
-    "skip": lambda spec, p, t: (lambda: skip_layers(spec)),
-    "shrink": lambda spec, p, t: _shrink(spec, p["w"], t),
-}
+"""A candidate kind's builder (``candidates.Kind.builder``): from the block, the candidate's
+parameters and the teacher the block was found in, a function making the student's modules (called
+under the unit's seed); raises ``NotApplicable`` where the kind does not fit the block."""
+
+
+def separable(spec: BlockSpec, params: dict[str, float], teacher: nn.Module | None) -> Callable[[], list[nn.Module]]:
+    return _separable(spec, int(params["d"]), params["w"])
+
+
+def lowrank(spec: BlockSpec, params: dict[str, float], teacher: nn.Module | None) -> Callable[[], list[nn.Module]]:
+    return _lowrank(spec, params["r"])
+
+
+def skip(spec: BlockSpec, params: dict[str, float], teacher: nn.Module | None) -> Callable[[], list[nn.Module]]:
+    return lambda: skip_layers(spec)
+
+
+def shrink(spec: BlockSpec, params: dict[str, float], teacher: nn.Module | None) -> Callable[[], list[nn.Module]]:
+    return _shrink(spec, params["w"], teacher)
 
 
 def build_candidate(spec: BlockSpec, candidate: Candidate, seed: int = 0,
                     teacher: nn.Module | None = None) -> nn.Sequential:
     """Block ``spec``'s student of kind ``candidate``, seeded by block and candidate (never rank).
     ``teacher``: the model ``spec`` was found in (``shrink`` starts from its unit's weights)."""
-    return _checked(spec, BUILDERS[candidate.kind](spec, candidate.params, teacher),
+    build: Builder = KINDS[candidate.kind].load_builder()
+    return _checked(spec, build(spec, candidate.params, teacher),
                     unit_seed(seed, spec.index, candidate.name))
 
 

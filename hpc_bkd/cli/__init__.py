@@ -1,1 +1,5 @@
-"""TODO"""
+"""The command line: ``hpc-bkd`` / ``python -m hpc_bkd``.
+
+* ``main``: the commands and how each ends (exit codes in ``hpc_bkd.errors``).
+* ``args``: the job-selecting options every entry point shares.
+"""
