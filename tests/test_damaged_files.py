@@ -19,7 +19,7 @@ import torch
 from conftest import hpc
 
 from hpc_bkd.blocks.candidates import Candidate, job_units
-from hpc_bkd.costs.measure import CostTable
+from hpc_bkd.costs.measure import read_costs
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.rundir import RunDir
 
@@ -99,9 +99,9 @@ def test_damaged_costs_are_measured_again(tmp_path: Path, caplog: pytest.LogCapt
     path = tmp_path / "costs.json"
     path.write_text('{"blocks": ["a"], "costs": [{"teach')
     with caplog.at_level(logging.WARNING, logger="hpc_bkd"):
-        assert CostTable.read(path, []) is None
+        assert read_costs(path, []) is None
     assert f"{path} is damaged" in caplog.text and "measuring the costs again" in caplog.text
-    assert CostTable.read(tmp_path / "none.json", []) is None
+    assert read_costs(tmp_path / "none.json", []) is None
 
 
 def test_cli_run_resumes_after_a_damaged_block(tmp_path: Path, tiny_teacher: Path):

@@ -7,7 +7,9 @@ import pytest
 import torch
 from conftest import hpc
 
-from hpc_bkd.planning.planner import BlockCost, Feed, costs_from_json, lower_bound, make_plan, rank_cost
+from hpc_bkd.planning.inputs import Feed
+from hpc_bkd.planning.planner import BlockCost, lower_bound, make_plan, rank_cost
+from hpc_bkd.planning.table import costs_from_json
 
 
 def brute_force(costs, ranks):

@@ -174,7 +174,8 @@ def test_data_bench_shows_rates_next_to_consumption(folder, tmp_path):
 def test_cost_model_charges_the_input_and_the_cache_bytes():
     from hpc_bkd.blocks.models import build_model
     from hpc_bkd.blocks.surgery import find_blocks
-    from hpc_bkd.costs.inputs import InputCosts, with_input
+    from hpc_bkd.costs.inputs import with_input
+    from hpc_bkd.planning.inputs import InputCosts
     from hpc_bkd.planning.planner import BlockCost
 
     blocks = find_blocks(build_model("vgg11", 10, 0.125), (3, 32, 32))[:2]

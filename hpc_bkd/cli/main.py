@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from hpc_bkd.planning.planner import TeamModel, costs_from_json, describe_plan, make_plan
+    from hpc_bkd.planning.planner import TeamModel, describe_plan, make_plan
+    from hpc_bkd.planning.table import costs_from_json
 
     if args.costs:
         costs = costs_from_json(args.costs)

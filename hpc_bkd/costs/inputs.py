@@ -10,7 +10,7 @@ Costs the block timing (``costs.Timer``, on batches fetched beforehand) does not
   compute speed while its workers decode (``shared_speed``, p: 1 on cores of their own, 0.5 with
   none) is measured, the teacher term (paid once per batch whatever a rank owns) carries what
   decoding takes from the compute, I (1 - p)/p, and the plan bounds each rank by its input
-  (``plan.Feed.bound``): a batch takes max(C + I(1 - p)/p, I + C(1 - p)/p), the time of the
+  (``planning.inputs.Feed.bound``): a batch takes max(C + I(1 - p)/p, I + C(1 - p)/p), the time of the
   slower of the two sharing the machine. ``input_seconds`` is timed on every rank at once, so
   ranks' workers sharing a node slow each other as they will.
 * **The teacher cache's bytes.** Filling the cache is not only a teacher pass: every image's input
@@ -31,7 +31,6 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +38,8 @@ import torch
 from hpc_bkd.blocks.surgery import BlockSpec
 from hpc_bkd.data.batches import Data, train_batch
 from hpc_bkd.distill.teams import MpiTransport
-from hpc_bkd.planning.planner import BlockCost, Feed
+from hpc_bkd.planning.inputs import InputCosts
+from hpc_bkd.planning.planner import BlockCost
 
 
 def input_seconds(data: Data, batch_size: int, seed: int, augment: str, batches: int) -> float:
@@ -134,46 +134,6 @@ def exchange_seconds_per_byte(comm: Any, nbytes: int = 128 * 2**20) -> float:
     MpiTransport(comm).allgather_rows_(rows, list(range(n + 1)))
     seconds = time.perf_counter() - t0
     return comm.allreduce(seconds, op=MPI.MAX) / ((n - 1) * rows[0].numel() * 4)
-
-
-@dataclass(frozen=True)
-class InputCosts:
-    """What feeding the students costs on this rank (see the module's docstring)."""
-
-    seconds: float = 0.0       # per batch the input pipeline delivers (0: data in memory)
-    shared_speed: float = 1.0  # p: compute speed while the workers decode, vs alone
-    store: float = 0.0         # s/byte: the cache fill's channels-last copy
-    gather: float = 0.0        # s/byte: a cached step's row gather
-    exchange: float = 0.0      # s/byte received: a team's exchange of the rows its members filled
-
-    def describe(self) -> str:
-        """One log line for people, or "" when there is nothing to say (data in memory, no cache)."""
-        parts = []
-        if self.seconds > 0:
-            parts.append(f"input pipeline {self.seconds:.4f}s/batch, compute at {self.shared_speed:.2f}x of its speed "
-                         "while the workers decode")
-        if self.store > 0:
-            parts.append(f"teacher cache copies at {1 / self.store / 2**30:.1f} GiB/s (fill), "
-                         f"{1 / max(self.gather, 1e-15) / 2**30:.1f} GiB/s (gather)"
-                         + (f", team row exchange {1 / self.exchange / 2**30:.2f} GiB/s" if self.exchange > 0 else ""))
-        return "; ".join(parts)
-
-    @property
-    def feed(self) -> Feed:
-        """What the planner applies per rank (``plan.Feed.bound``)."""
-        return Feed(self.seconds, (1 - self.shared_speed) / self.shared_speed)
-
-    def teacher_term(self, teacher: float, members: int = 1) -> float:
-        """The per-batch term a rank pays whatever it owns, with what its workers' decoding takes
-        from its compute, I (1 - p)/p (a member reads only its rows: I/members); the plan's
-        ``Feed.bound`` adds the data-bound side."""
-        return teacher + self.seconds / members * self.feed.drag
-
-    def cache_seconds(self, nbytes: float, epochs: int, members: int = 1) -> float:
-        """Per step, a block caching ``nbytes`` per batch: the fill (this member's rows stored,
-        the others' received) spread over the run's steps, and the gather of its rows."""
-        fill = nbytes / members * self.store + nbytes * (members - 1) / members * self.exchange
-        return fill / max(epochs, 1) + nbytes / members * self.gather
 
 
 def with_input(costs: Sequence[BlockCost], blocks: Sequence[BlockSpec], batch_size: int, inputs: InputCosts,

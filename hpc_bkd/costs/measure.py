@@ -13,9 +13,7 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -24,67 +22,32 @@ from hpc_bkd.blocks.candidates import Candidate, Unit
 from hpc_bkd.blocks.students import TRAIN_FORMAT, block_loss, build_candidate, matches_activation
 from hpc_bkd.blocks.surgery import BlockSpec, BlockTap, SwappedForward, total_macs
 from hpc_bkd.config import Config
-from hpc_bkd.costs.inputs import InputCosts, copy_seconds_per_byte, input_seconds, shared_speed, with_input
+from hpc_bkd.costs.inputs import copy_seconds_per_byte, input_seconds, shared_speed, with_input
 from hpc_bkd.data.batches import Data, steps_per_epoch, train_batch
 from hpc_bkd.distill.precision import autocast
 from hpc_bkd.distill.teams import GhostLayout, ghost_batchnorms, prepare_student
+from hpc_bkd.planning.inputs import InputCosts
 from hpc_bkd.planning.planner import BlockCost, TeamModel, member_rows, rank_cost, team_layouts
 from hpc_bkd.planning.schedule import Schedule
+from hpc_bkd.planning.table import _FIELDS, CostTable
 from hpc_bkd.store import atomic_io
 
 log = logging.getLogger("hpc_bkd")
 
-_FIELDS = ("teacher", "student", "forward")
 _STEP_FIELDS = _FIELDS[1:]  # timed per student; the teacher term is its block's prefix (``Timer.prefix_costs``)
 
 
-@dataclass(frozen=True)
-class CostTable:
-    """Per-block costs for planning (the per-field median over ranks), the busiest team member's
-    share of one rank's time for each team size the plan may use (``plan.TeamModel``), how they
-    were obtained (measured | macs), and each rank's own figures."""
-
-    costs: list[BlockCost]
-    member_share: dict[int, float]
-    cost_model: str
-    per_rank: list[list[BlockCost]] = field(default_factory=list)
-    inputs: InputCosts = InputCosts()  # the input pipeline and the cache's copies (the median rank's)
-
-    @classmethod
-    def combine(cls, measured: Sequence[CostTable]) -> CostTable:
-        """The per-field median over ranks of every rank's measurement."""
-        per_rank = [m.costs for m in measured]
-        costs = [BlockCost(*(statistics.median(getattr(r[i], f) for r in per_rank) for f in _FIELDS))
-                 for i in range(len(per_rank[0]))]
-        shares = {m: statistics.median(t.member_share[m] for t in measured) for m in measured[0].member_share}
-        inputs = InputCosts(**{f: statistics.median(getattr(m.inputs, f) for m in measured)
-                               for f in InputCosts.__dataclass_fields__})
-        return cls(costs, shares, measured[0].cost_model, per_rank, inputs)
-
-    def to_json(self, units: Sequence[Unit], **context: Any) -> dict[str, Any]:
-        """``costs.json``: the table, the units it is for and the ``context`` it was measured in."""
-        return {"cost_model": self.cost_model, **context, "units": [u.key for u in units],
-                "costs": [vars(c) for c in self.costs], "member_share": self.member_share, "inputs": vars(self.inputs),
-                "per_rank": [[vars(c) for c in r] for r in self.per_rank]}
-
-    @classmethod
-    def read(cls, path: Path, units: Sequence[Unit]) -> CostTable | None:
-        """The table an earlier run of this job stored at ``path``, if it covers these units; a
-        damaged file is named in the log and None returned (the costs are measured again)."""
-        try:
-            stored = atomic_io.load_json(path)
-            if stored.get("units") != [u.key for u in units]:
-                return None
-            return cls([BlockCost(**c) for c in stored["costs"]],
-                       {int(m): v for m, v in stored["member_share"].items()}, stored["cost_model"],
-                       [[BlockCost(**c) for c in r] for r in stored.get("per_rank", [])],
-                       InputCosts(**stored.get("inputs", {})))
-        except FileNotFoundError:
-            return None
-        except (atomic_io.DamagedFile, OSError, ValueError, KeyError, TypeError) as exc:
-            damaged = exc if isinstance(exc, atomic_io.DamagedFile) else atomic_io.DamagedFile(path, repr(exc))
-            log.warning("%s: measuring the costs again", damaged)
-            return None
+def read_costs(path: Path, units: Sequence[Unit]) -> CostTable | None:
+    """The table an earlier run of this job stored at ``path``, if it covers these units; a
+    damaged file is named in the log and None returned (the costs are measured again)."""
+    try:
+        return CostTable.from_json(atomic_io.load_json(path), [u.key for u in units])
+    except FileNotFoundError:
+        return None
+    except (atomic_io.DamagedFile, OSError, ValueError, KeyError, TypeError) as exc:
+        damaged = exc if isinstance(exc, atomic_io.DamagedFile) else atomic_io.DamagedFile(path, repr(exc))
+        log.warning("%s: measuring the costs again", damaged)
+        return None
 
 
 def team_sizes(cfg: Config, ranks: int, n_units: int) -> list[int]:

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpc_bkd.costs.measure import CostTable
 from hpc_bkd.planning.planner import Plan
+from hpc_bkd.planning.table import CostTable
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.records import (
     BlockRecord,

@@ -38,7 +38,7 @@ from hpc_bkd.blocks.students import applies, build_candidate
 from hpc_bkd.blocks.surgery import BlockSpec, assemble, find_blocks
 from hpc_bkd.config import Config, ConfigError, job_candidates
 from hpc_bkd.costs.inputs import exchange_seconds_per_byte
-from hpc_bkd.costs.measure import CostTable, block_costs, team_sizes
+from hpc_bkd.costs.measure import block_costs, read_costs, team_sizes
 from hpc_bkd.data.batches import Data, describe
 from hpc_bkd.data.sources import check_batches, load_data
 from hpc_bkd.deploy.export import export_run, missing_extra
@@ -73,6 +73,7 @@ from hpc_bkd.job.report import build_record, write_report
 from hpc_bkd.job.tracking import Trackers
 from hpc_bkd.planning.planner import Plan, TeamModel, describe_plan, make_plan
 from hpc_bkd.planning.schedule import schedule_for
+from hpc_bkd.planning.table import CostTable
 from hpc_bkd.selection.options import Choice, TrainedUnits, check_prediction, choose_students, kl_to_teacher
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.lock import run_dir_lock
@@ -339,7 +340,7 @@ def measure_costs(cfg: Config, rt: Runtime, teacher: PreparedTeacher, units: lis
     elif not rt.is_root:
         return None
     else:
-        stored = CostTable.read(run_dir.costs, units)
+        stored = read_costs(run_dir.costs, units)
         if stored is not None:
             log.info("every unit is finished: no cost measurement (costs from %s)", run_dir.costs)
             return stored
@@ -350,7 +351,7 @@ def measure_costs(cfg: Config, rt: Runtime, teacher: PreparedTeacher, units: lis
     if described := table.inputs.describe():
         log.info("costs: %s", described)
     atomic_io.write_json(run_dir.costs, table.to_json(
-        units, device=str(rt.device), threads=rt.threads, batch_size=cfg.data.batch_size,
+        [u.key for u in units], device=str(rt.device), threads=rt.threads, batch_size=cfg.data.batch_size,
         teacher_cache=choice.cache.use, teacher_passes_per_step=1.0 / cfg.distill.epochs if choice.cache.use else 1.0))
     return table
 

@@ -19,12 +19,12 @@ split. This is what lets more ranks than blocks, or a dominant teacher prefix, s
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
+
+from hpc_bkd.planning.inputs import NO_FEED, Feed
 
 
 @dataclass(frozen=True)
@@ -316,28 +316,9 @@ def _assign(costs: list[BlockCost], sizes: list[int], tm: TeamModel, method: str
     return bins, used, optimal
 
 
-@dataclass(frozen=True)
-class Feed:
-    """The input pipeline as the planner sees it (``input_costs``): a whole batch takes at least
-    ``seconds`` to arrive, and decoding takes ``drag`` = (1 - p)/p of itself from the compute it
-    overlaps (p: the compute's speed meanwhile). The teacher terms already carry seconds x drag."""
-
-    seconds: float = 0.0
-    drag: float = 0.0
-
-    def bound(self, load: float, members: int = 1) -> float:
-        """A busy team's seconds per batch with its input: max(C + I drag, I + C drag), C its
-        compute and I its input (a member reads its share of the rows); monotone in ``load``."""
-        if load <= 0 or self.seconds <= 0:
-            return load
-        feed = self.seconds / members
-        compute = load - feed * self.drag
-        return max(load, feed + compute * self.drag)
-
-
 def make_plan(costs: Sequence[BlockCost], ranks: int, method: str = "auto", hybrid: bool = False,
               teams: int | None = None, node_limit: int = 200_000, tm: TeamModel = TeamModel(),
-              feed: Feed = Feed()) -> Plan:
+              feed: Feed = NO_FEED) -> Plan:
     """Assign blocks to ``ranks`` ranks (or, if ``hybrid``, to teams of ranks) minimising the
     predicted makespan. ``tm`` says what teams cost and how large they may be; ``feed`` what the
     input pipeline adds: every busy rank waits for its input whatever it owns, so the feed is
@@ -384,28 +365,3 @@ def make_plan(costs: Sequence[BlockCost], ranks: int, method: str = "auto", hybr
     if math.isclose(makespan, bound, rel_tol=1e-9):
         optimal = True
     return Plan(ranks, assignment, predicted, makespan, bound, sequential, used, optimal, costs, team_ranks)
-
-
-# ------------------------------------------------------------------------------------ costs
-
-
-def costs_from_json(path: str | Path) -> list[BlockCost]:
-    """Per-block costs from a file: a list of seconds, or of {"teacher": s, "student": s} objects
-    (optionally with "forward": s, a student forward without gradients)."""
-    raw = json.loads(Path(path).read_text())
-    if isinstance(raw, dict) and "costs" in raw:
-        raw = raw["costs"]
-    if not isinstance(raw, list) or not raw:
-        raise ValueError(f"{path}: expected a non-empty JSON list of per-block costs")
-    out = []
-    for i, item in enumerate(raw):
-        if isinstance(item, (int, float)) and not isinstance(item, bool):
-            out.append(BlockCost(0.0, float(item)))
-        elif isinstance(item, dict) and {"teacher", "student"} <= set(item):
-            out.append(BlockCost(float(item["teacher"]), float(item["student"]), float(item.get("forward", 0.0))))
-        else:
-            raise ValueError(f"{path}: item {i} must be a number or an object with 'teacher' and 'student' "
-                             f"seconds, got {item!r}")
-        if out[-1].teacher < 0 or out[-1].student < 0:
-            raise ValueError(f"{path}: item {i} has a negative cost")
-    return out
