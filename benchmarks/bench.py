@@ -293,12 +293,12 @@ def _energy_text(energy: Energy | None) -> tuple[str, str | None]:
 def predicted_per_batch(record: JobRecord) -> float:
     """The plan's predicted seconds per batch of the slowest rank under the schedule the job ran."""
     cached = bool(record.teacher_cache and record.teacher_cache.use)
-    return schedule_for(record.config["distill"]["schedule"], cached=cached).predicted_per_batch(record.plan)
+    return schedule_for(record.config.distill.schedule, cached=cached).predicted_per_batch(record.plan)
 
 
 def _block_images(record: JobRecord, steps: int) -> dict[int, float]:
     """Images each block's student put through its train step (its epochs x steps x batch)."""
-    bs, epochs = record.config["data"]["batch_size"], record.config["distill"]["epochs"]
+    bs, epochs = record.config.data.batch_size, record.config.distill.epochs
     return {b.index: (b.epochs or epochs) * steps * bs for b in record.blocks}
 
 
@@ -341,7 +341,7 @@ def _prediction(record: JobRecord, steps: int) -> dict[str, Any]:
     """The plan's prediction of the distillation makespan, against the measured one."""
     distill_s = record.distill.makespan_s
     per_batch = predicted_per_batch(record)
-    predicted = per_batch * steps * record.config["distill"]["epochs"]
+    predicted = per_batch * steps * record.config.distill.epochs
     return {"predicted_s_per_batch": per_batch, "predicted_distill_s": predicted,
             "prediction_error": (predicted - distill_s) / distill_s if distill_s > 0 else None,
             "plan_predicted_speedup": record.plan.predicted_speedup, "plan_makespan": record.plan.makespan}

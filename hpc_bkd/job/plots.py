@@ -134,8 +134,8 @@ def draw(record: JobRecord, path: Path) -> None:
     ax.set_ylim(2 * len(ranks) - 0.5, -0.6)
     ax.set_xlim(0, span * 1.01)
     ax.set_xlabel("seconds since the job started")
-    ax.set_title(f"{record.config['model']['arch']}: {len(record.blocks)} units on {len(ranks)} rank(s) "
-                 f"({record.config['distill'].get('schedule', '')} schedule"
+    ax.set_title(f"{record.config.model.arch}: {len(record.blocks)} units on {len(ranks)} rank(s) "
+                 f"({record.config.distill.schedule} schedule"
                  f"{', teacher cache: units stepped one after another' if cache else ''})", fontsize=10)
     ax.legend(handles=[Patch(facecolor=c, edgecolor="#555555", label=n,
                              hatch="//" if n in ("idle", "waiting for rank 0") else None) for n, c in seen.items()],

@@ -85,7 +85,7 @@ def build_record(cfg: Config, world_size: int, run_dir: RunDir, teacher_info: di
                   for u in units]
     return JobRecord(
         status="completed", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), run_dir=str(run_dir),
-        world_size=world_size, config=cfg.to_dict(), teacher=teacher_info, cost_model=costs.cost_model,
+        world_size=world_size, config=cfg, teacher=teacher_info, cost_model=costs.cost_model,
         member_share={str(m): v for m, v in costs.member_share.items()}, teacher_cache=cache, plan=plan,
         blocks=block_rows, ranks=ranks,
         distill=DistillTimes(t0, t1, t1 - t0, [b.unit or 0 for b in block_rows if b.resumed_finished or b.resumed],
@@ -185,7 +185,7 @@ def pareto_plot(record: JobRecord, path: Path) -> None:
         ax.axvline(s.budget * s.teacher[key], ls="--", color="gray", lw=0.8, label="budget")
     ax.set_xlabel(key.replace("latency_ms@", "latency (ms) at batch "))
     ax.set_ylabel("summed KL to the teacher (nats/image)")
-    ax.set_title(f"{record.config['model']['arch']}: quality vs cost per choice of blocks")
+    ax.set_title(f"{record.config.model.arch}: quality vs cost per choice of blocks")
     ax.legend(fontsize=8)
     atomic_io.savefig(fig, path)
     plt.close(fig)
@@ -259,7 +259,7 @@ def _speed_lines(r: JobRecord) -> list[str]:
 def summary_text(r: JobRecord) -> str:
     """The report for people: blocks, ranks, block speeds, then plan, accuracy, size, speed,
     energy and time."""
-    head = [f"hpc_bkd report: {r.config['model']['arch']} on {r.config['data']['dataset']}, "
+    head = [f"hpc_bkd report: {r.config.model.arch} on {r.config.data.dataset}, "
             f"{r.world_size} rank(s), run dir {r.run_dir}", ""]
     return "\n".join(head + _block_lines(r) + [""] + _rank_lines(r) + [""] + _selection_lines(r) + _speed_lines(r)
                      + _outcome_lines(r))

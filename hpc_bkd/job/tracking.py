@@ -55,7 +55,7 @@ def job_metrics(r: JobRecord) -> list[Metric]:
         for h in b.history:
             step = int(h.get("epoch", 0))
             out += [Metric(f"unit/{unit}/{k}", float(v), step) for k, v in h.items() if k != "epoch"]
-    batch = int(r.config["data"]["batch_size"])
+    batch = r.config.data.batch_size
     for row in r.ranks:
         steps = sum(int(w[4]) for w in row.work if len(w) > 4)  # teacher batches this rank stepped
         unit_steps = sum(int(w[4]) * len(w[3]) for w in row.work if len(w) > 4)
@@ -97,10 +97,10 @@ def _key(text: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in text)
 
 
-def job_params(cfg: dict[str, Any]) -> dict[str, str | float | int | bool]:
+def job_params(cfg: Config) -> dict[str, str | float | int | bool]:
     """The config as flat ``section.key`` parameters (lists and nulls as text)."""
     flat: dict[str, str | float | int | bool] = {}
-    for section, values in cfg.items():
+    for section, values in cfg.to_dict().items():
         for key, value in (values or {}).items():
             flat[f"{section}.{key}"] = value if isinstance(value, (str, int, float, bool)) else str(value)
     return flat
@@ -209,7 +209,7 @@ class MlflowBackend(Backend):
         name = self.cfg.run.mlflow_experiment
         experiment = client.get_experiment_by_name(name)
         exp_id = experiment.experiment_id if experiment is not None else client.create_experiment(name)
-        run = client.create_run(exp_id, run_name=f"{record.config['model']['arch']} {record.finished_at}",
+        run = client.create_run(exp_id, run_name=f"{record.config.model.arch} {record.finished_at}",
                                 tags={"run_dir": str(self.run_dir.root.resolve()), "world_size": str(record.world_size)})
         run_id = run.info.run_id
         now = int(time.time() * 1000)

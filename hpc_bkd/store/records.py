@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hpc_bkd.config import Config
 from hpc_bkd.planning.planner import BlockCost, Plan
 
 T = TypeVar("T")
@@ -375,7 +376,7 @@ class JobRecord(JsonRecord):
     finished_at: str
     run_dir: str
     world_size: int
-    config: dict[str, Any]
+    config: Config  # the job's whole config, as run (report.json holds it as a mapping)
     teacher: dict[str, Any]           # where the teacher came from (``teacher.get_teacher``)
     cost_model: str                   # measured | macs
     member_share: dict[str, float]    # team size -> busiest member's share of one rank's time
