@@ -9,7 +9,7 @@ trains the teacher or fine-tunes for hours while the others wait), so every rank
 doing. Rank 0 hears every rank, the others hear rank 0 (2(n-1) messages per period, not n^2).
 Beats go out on a fixed clock, one per period per peer, whatever arrives in between, so rank 0's
 thread wakes n-1 times per period and the others once: the heartbeat's cost is in the report
-(``ranks[].heartbeat_cpu_s``) and bounded by a test (``tests/test_peer_loss.py``).
+(``ranks[].heartbeat_cpu_s``) and bounded by a test (``tests/dist/test_peer_loss.py``).
 
 The heartbeat has TCP connections of its own (rank 0 listens; the others connect to an address of
 rank 0's that they reach, ``netaddr``), not MPI: MPI libraries do not survive talking to a dead

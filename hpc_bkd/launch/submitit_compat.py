@@ -10,7 +10,7 @@ Why private API at all
     Re-implementing those would copy more of submitit than borrowing them does.
 
 Every private name the backend relies on is listed in :data:`PRIVATE_API` and verified by
-:func:`problems`; ``tests/test_submitit_compat.py`` runs it and the real requeue code against a
+:func:`problems`; ``tests/launch/test_submitit_compat.py`` runs it and the real requeue code against a
 fake job, so an upgrade of submitit that changes these internals fails there, by name, instead
 of in a cluster job hours later. :data:`TESTED_VERSIONS` are those this was last checked with.
 """

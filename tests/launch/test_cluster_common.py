@@ -20,7 +20,7 @@ from conftest import hpc
 from hpc_bkd.launch.mpich import step_segments
 from hpc_bkd.store import atomic_io
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N_BLOCKS = 8  # the tiny config's VGG11
 
 

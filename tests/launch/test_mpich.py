@@ -10,7 +10,7 @@ import pytest
 
 from hpc_bkd.launch import mpich
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_step_hash_is_fnv1a_of_job_dot_step():

@@ -17,7 +17,7 @@ if str(REPO) not in sys.path:  # benchmarks/ is a top-level folder, not part of 
     sys.path.insert(0, str(REPO))
 
 # report.json of a real 2-rank `tiny` run whose one team of 2 trained all 8 blocks (teacher cache on)
-TEAM_REPORT = Path(__file__).parent / "fixtures" / "report-tiny-2ranks-team.json"
+TEAM_REPORT = Path(__file__).resolve().parents[1] / "fixtures" / "report-tiny-2ranks-team.json"
 
 
 def test_kd_baseline_tiny(tmp_path: Path, tiny_teacher: Path):

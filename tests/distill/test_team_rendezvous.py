@@ -1,6 +1,6 @@
 """A torch.distributed team meets at an address its members really reach, or says at once that it
 cannot (#15: a cross-node Gloo team used to retry its rendezvous for five minutes in silence).
-Across real nodes: tests/test_multinode.py."""
+Across real nodes: tests/launch/test_multinode.py."""
 from __future__ import annotations
 
 import subprocess
