@@ -35,7 +35,7 @@ from hpc_bkd.blocks.surgery import BlockSpec
 from hpc_bkd.cli.args import add_job_arguments, job_config
 from hpc_bkd.config import Config, ConfigError
 from hpc_bkd.data.batches import Data
-from hpc_bkd.dist.runtime import available_cores, keep_freed_memory, peak_memory_mb, pick_device, setup_logging
+from hpc_bkd.distributed.runtime import available_cores, keep_freed_memory, peak_memory_mb, pick_device, setup_logging
 from hpc_bkd.errors import EXIT_BAD_INPUT, EXIT_OK
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.records import Energy, JsonRecord, ModelSize, ModelSizes, from_plain
@@ -223,9 +223,9 @@ def _train(cfg: Config, prep: _Prepared, epochs: int, lr: float,
            device: torch.device) -> tuple[list[KDEpoch], float, Energy, float]:
     """Train the student; returns its epochs, the training wall time, the energy and the seconds the
     test evaluation after each epoch took (outside the training clock)."""
-    from hpc_bkd.dist.energy import EnergyMeter
     from hpc_bkd.distill.finetune import kd_train
     from hpc_bkd.distill.teacher import accuracy
+    from hpc_bkd.distributed.energy import EnergyMeter
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

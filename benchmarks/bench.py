@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hpc_bkd.dist.runtime import available_cores, cpu_model, keep_freed_memory, mem_total_bytes
+from hpc_bkd.distributed.runtime import available_cores, cpu_model, keep_freed_memory, mem_total_bytes
 from hpc_bkd.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from hpc_bkd.planning.schedule import schedule_for
 from hpc_bkd.store import atomic_io

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from hpc_bkd.deploy.form import InferenceMeasurement, TimingPlan, deploy_form, measure_inference
-from hpc_bkd.dist.runtime import cpu_model
+from hpc_bkd.distributed.runtime import cpu_model
 from hpc_bkd.store import atomic_io
 
 SHAPE = (3, 32, 32)

@@ -23,7 +23,7 @@ from typing import Any
 from hpc_bkd.deploy.export import INPUT_NAME, MODEL_JSON, export_onnx, load_eval_split, load_run, ort_session
 from hpc_bkd.deploy.form import deploy_form, random_input
 from hpc_bkd.deploy.runtimes import image_batches, interleaved, quantize_int8
-from hpc_bkd.dist.runtime import cpu_model
+from hpc_bkd.distributed.runtime import cpu_model
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.rundir import RunDir
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_bkd.config import job_candidates, load_config
-from hpc_bkd.dist.runtime import available_cores, cpu_model
+from hpc_bkd.distributed.runtime import available_cores, cpu_model
 from hpc_bkd.errors import EXIT_BAD_INPUT
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.records import JobRecord

@@ -13,7 +13,7 @@ Subpackages by concern; each imports only from those listed after it (no import 
 * ``distill``: the per-rank distiller, the teacher and its cache, teams, fine-tuning;
 * ``data``: data sources, batches, streaming;
 * ``store``: the run directory, atomic files, the report schema, progress files;
-* ``config`` (the YAML config), ``dist`` (MPI runtime, heartbeat), ``blocks`` (models, surgery,
+* ``config`` (the YAML config), ``distributed`` (MPI runtime, heartbeat), ``blocks`` (models, surgery,
   candidate kinds, students), ``planning`` (the torch-free cost model and planner), ``errors``.
 
 Extension points: ``data.sources.register_source`` (a dataset), ``blocks.candidates.register_kind``

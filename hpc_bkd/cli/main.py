@@ -106,9 +106,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_train_teacher(args: argparse.Namespace) -> int:
     from hpc_bkd.data.sources import check_batches, load_data
-    from hpc_bkd.dist.peers import watching_peers
-    from hpc_bkd.dist.runtime import Interrupted, init_runtime, install_stop_handlers, setup_logging
     from hpc_bkd.distill.teacher import accuracy, get_teacher
+    from hpc_bkd.distributed.peers import watching_peers
+    from hpc_bkd.distributed.runtime import Interrupted, init_runtime, install_stop_handlers, setup_logging
     from hpc_bkd.job.limits import check_fits
     from hpc_bkd.store.lock import run_dir_lock
     from hpc_bkd.store.rundir import RunDir
@@ -140,8 +140,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from hpc_bkd.data.sources import load_data
     from hpc_bkd.deploy.export import load_run
     from hpc_bkd.deploy.form import TimingPlan, measure_models
-    from hpc_bkd.dist.runtime import init_runtime
     from hpc_bkd.distill.teacher import accuracy
+    from hpc_bkd.distributed.runtime import init_runtime
 
     cfg = job_config(args)
     try:
@@ -235,7 +235,7 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
 
 def _cmd_data_bench(args: argparse.Namespace) -> int:
     """Input throughput by worker count against a rank's consumption (see ``databench``)."""
-    from hpc_bkd.dist.runtime import init_runtime, setup_logging
+    from hpc_bkd.distributed.runtime import init_runtime, setup_logging
     from hpc_bkd.job.databench import describe, run_bench
 
     cfg = job_config(args)
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_status(args)
     from mpi4py import MPI
 
-    from hpc_bkd.dist.peers import PeerLost
+    from hpc_bkd.distributed.peers import PeerLost
 
     comm = MPI.COMM_WORLD
     try:
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hpc-bkd: {prefix}unexpected error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             code = EXIT_FAILED
         if comm.size > 1:  # never leave the other ranks waiting in a collective
-            from hpc_bkd.dist.runtime import abort_all
+            from hpc_bkd.distributed.runtime import abort_all
 
             # the delay lets the launcher forward the message: MPI_Abort tears its stdio down
             abort_all(comm, code, f"hpc-bkd: {prefix}aborting all {comm.size} ranks", delay_s=1.0)

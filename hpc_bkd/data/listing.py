@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpc_bkd.dist.runtime import Interrupted, stop_requested
+from hpc_bkd.distributed.runtime import Interrupted, stop_requested
 from hpc_bkd.errors import UserError
 
 log = logging.getLogger("hpc_bkd")

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hpc_bkd.data.batches import DataError, DataStats, ImageSet, batch_indices, steps_per_epoch
 from hpc_bkd.data.decode import EVAL, BadImage, Geometry, load_sample, mode_for
-from hpc_bkd.dist.runtime import Interrupted, stop_requested
+from hpc_bkd.distributed.runtime import Interrupted, stop_requested
 
 log = logging.getLogger("hpc_bkd")
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from hpc_bkd.blocks.surgery import BlockSpec, conv_params, total_macs
-from hpc_bkd.dist.runtime import cpu_model
+from hpc_bkd.distributed.runtime import cpu_model
 from hpc_bkd.store.records import BlockInference, Comparison, InferenceMeasurement, InferenceReport, ModelSize
 
 log = logging.getLogger("hpc_bkd")

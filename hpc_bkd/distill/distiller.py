@@ -30,10 +30,10 @@ from hpc_bkd.blocks.students import TRAIN_FORMAT, block_loss, build_candidate, m
 from hpc_bkd.blocks.surgery import BlockSpec, BlockTap, SwappedForward
 from hpc_bkd.config import Config
 from hpc_bkd.data.batches import Data, batch_indices, eval_batches, steps_per_epoch, train_batch
-from hpc_bkd.dist.runtime import stop_requested
 from hpc_bkd.distill.precision import Amp, autocast
 from hpc_bkd.distill.teacher_cache import TeacherCache
 from hpc_bkd.distill.teams import GhostLayout, StepBucket, Team, ghost_batchnorms, prepare_student
+from hpc_bkd.distributed.runtime import stop_requested
 from hpc_bkd.planning.schedule import Schedule
 from hpc_bkd.store.progress import RankProgress, UnitProgress
 from hpc_bkd.store.rundir import BlockStore

@@ -16,9 +16,9 @@ from torch import nn
 from hpc_bkd.blocks.students import TRAIN_FORMAT
 from hpc_bkd.config import Config, FinetuneConfig
 from hpc_bkd.data.batches import Data, steps_per_epoch, train_batch
-from hpc_bkd.dist.runtime import Interrupted, stop_requested
 from hpc_bkd.distill.precision import Amp
 from hpc_bkd.distill.teacher import accuracy
+from hpc_bkd.distributed.runtime import Interrupted, stop_requested
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.records import FinetuneEpoch
 

@@ -14,7 +14,7 @@ from torch import nn
 from hpc_bkd.blocks.models import build_model
 from hpc_bkd.config import Config
 from hpc_bkd.data.batches import Data, eval_batches, steps_per_epoch, train_batch
-from hpc_bkd.dist.runtime import Interrupted, stop_requested
+from hpc_bkd.distributed.runtime import Interrupted, stop_requested
 from hpc_bkd.errors import UserError
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.rundir import RunDir, RunDirConflict

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from hpc_bkd.blocks.surgery import BlockSpec, BlockTap
-from hpc_bkd.dist.runtime import mem_available_bytes
+from hpc_bkd.distributed.runtime import mem_available_bytes
 from hpc_bkd.planning.schedule import Schedule
 from hpc_bkd.store.records import CacheReport
 

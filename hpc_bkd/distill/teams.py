@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpc_bkd.dist.netaddr import LOOPBACK, interface_towards, offered_addresses, reachable
+from hpc_bkd.distributed.netaddr import LOOPBACK, interface_towards, offered_addresses, reachable
 from hpc_bkd.errors import UserError
 
 TORCH_BACKENDS = ("nccl", "gloo")

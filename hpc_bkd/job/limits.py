@@ -17,7 +17,7 @@ from torch import nn
 from hpc_bkd.blocks.models import build_model
 from hpc_bkd.config import Config, ConfigError
 from hpc_bkd.data.sources import SOURCES
-from hpc_bkd.dist.runtime import mem_available_bytes
+from hpc_bkd.distributed.runtime import mem_available_bytes
 
 # images held in memory by the built-in datasets (digits, CIFAR): decoded as uint8
 _DATASET_IMAGES = {"digits": 1797, "cifar10": 60_000, "cifar100": 60_000}

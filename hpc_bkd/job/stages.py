@@ -43,9 +43,14 @@ from hpc_bkd.data.batches import Data, describe
 from hpc_bkd.data.sources import check_batches, load_data
 from hpc_bkd.deploy.export import export_run, missing_extra
 from hpc_bkd.deploy.form import TimingPlan, measure_models, model_size
-from hpc_bkd.dist.energy import EnergyMeter
-from hpc_bkd.dist.peers import watching_peers
-from hpc_bkd.dist.runtime import (
+from hpc_bkd.distill.distiller import BlockResult, LocalDistiller
+from hpc_bkd.distill.finetune import finetune, recalibrate_bn
+from hpc_bkd.distill.teacher import accuracy, get_teacher, state_fingerprint
+from hpc_bkd.distill.teacher_cache import CacheDecision, decide, memory_budget
+from hpc_bkd.distill.teams import Team, team_backend
+from hpc_bkd.distributed.energy import EnergyMeter
+from hpc_bkd.distributed.peers import watching_peers
+from hpc_bkd.distributed.runtime import (
     Interrupted,
     Runtime,
     clear_stop,
@@ -54,11 +59,6 @@ from hpc_bkd.dist.runtime import (
     peak_memory_mb,
     setup_logging,
 )
-from hpc_bkd.distill.distiller import BlockResult, LocalDistiller
-from hpc_bkd.distill.finetune import finetune, recalibrate_bn
-from hpc_bkd.distill.teacher import accuracy, get_teacher, state_fingerprint
-from hpc_bkd.distill.teacher_cache import CacheDecision, decide, memory_budget
-from hpc_bkd.distill.teams import Team, team_backend
 from hpc_bkd.job.limits import check_fits
 from hpc_bkd.job.outcomes import (
     Clock,

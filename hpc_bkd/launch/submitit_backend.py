@@ -34,7 +34,7 @@ Stop, checkpoint, requeue (how our stop flag and submitit's requeue cooperate)
     training until SLURM killed them.
 
     So ``DistillJob.__call__`` replaces them while it runs: USR2, USR1, TERM and INT only call
-    ``hpc_bkd.dist.runtime.request_stop()`` and note the signal. The loop saves every unfinished block at
+    ``hpc_bkd.distributed.runtime.request_stop()`` and note the signal. The loop saves every unfinished block at
     its current step within one step, the ranks agree, and ``run_job`` raises ``Interrupted`` on all
     of them. Then:
 
@@ -116,7 +116,7 @@ class DistillJob:
         """submitit's hook on preemption/timeout: ask the loop to stop, resubmit the same job."""
         from submitit.helpers import DelayedSubmission
 
-        from hpc_bkd.dist.runtime import request_stop
+        from hpc_bkd.distributed.runtime import request_stop
 
         request_stop()
         return DelayedSubmission(DistillJob(self.config, self.overrides, self.run_dir))
@@ -126,7 +126,7 @@ class DistillJob:
         from mpi4py import MPI
 
         from hpc_bkd.config import load_config
-        from hpc_bkd.dist import runtime
+        from hpc_bkd.distributed import runtime
         from hpc_bkd.job.stages import Interrupted, run_rank
 
         started = time.time()
@@ -191,7 +191,7 @@ class DistillJob:
 
 def _abort_with_result(env: Any, comm: Any) -> NoReturn:
     """Record this task's error where submitit looks for it, then end every rank of the job."""
-    from hpc_bkd.dist.runtime import abort_all
+    from hpc_bkd.distributed.runtime import abort_all
 
     trace = traceback.format_exc()
     print(f"hpc_bkd: [rank {comm.rank}/{comm.size}] error:\n{trace}hpc_bkd: aborting all {comm.size} ranks",

@@ -26,7 +26,7 @@ from hpc_bkd.deploy.form import (
     measure_models,
     speed_line,
 )
-from hpc_bkd.dist import runtime
+from hpc_bkd.distributed import runtime
 
 SHAPE = (3, 32, 32)
 QUICK = TimingPlan(batch_size=8, runs=50, warmup=2, throughput_runs=4, throughput_warmup=1, probe_runs=3, threads=1)

@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import MPIRUN, REPO, cli_env
 
-from hpc_bkd.dist.netaddr import LOOPBACK, offered_addresses
+from hpc_bkd.distributed.netaddr import LOOPBACK, offered_addresses
 
 # one Gloo team of every rank: report the sum of the ranks + 1, or the error and how long it took
 TEAM = """

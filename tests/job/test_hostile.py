@@ -22,8 +22,8 @@ from hpc_bkd.config import ConfigError, DataConfig, load_config
 from hpc_bkd.data.batches import DataError
 from hpc_bkd.data.listing import list_images
 from hpc_bkd.data.sources import load_data
-from hpc_bkd.dist.runtime import Interrupted, clear_stop, request_stop
 from hpc_bkd.distill.distiller import step_schedule
+from hpc_bkd.distributed.runtime import Interrupted, clear_stop, request_stop
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.lock import run_dir_lock
 from hpc_bkd.store.rundir import RunDir, UnitShape, block_identity

@@ -12,9 +12,9 @@ import torch
 
 from hpc_bkd.blocks.candidates import Candidate, job_units
 from hpc_bkd.config import job_candidates, load_config
-from hpc_bkd.dist import runtime
 from hpc_bkd.distill.distiller import BlockResult, LocalDistiller
 from hpc_bkd.distill.finetune import finetune
+from hpc_bkd.distributed import runtime
 from hpc_bkd.job import stages as pipeline
 from hpc_bkd.job.report import summary_text
 from hpc_bkd.planning.planner import BlockCost, Plan

@@ -170,7 +170,7 @@ def test_sbatch_script_two_nodes_two_tasks_each(multinode_cluster, tmp_path: Pat
     assert placed == [(0, "n1", 0, "cpu", 1), (1, "n1", 1, "cpu", 1), (2, "n2", 0, "cpu", 1), (3, "n2", 1, "cpu", 1)]
 
 
-# as tests/dist/test_mpi.py compares a team with one rank: SGD (RMSprop magnifies last-bit differences)
+# as tests/distributed/test_mpi.py compares a team with one rank: SGD (RMSprop magnifies last-bit differences)
 TEAM_SETTINGS = ["run.threads=1", "distill.epochs=1", "finetune.epochs=0", "distill.bn_groups=1", "distill.optimizer=sgd"]
 
 

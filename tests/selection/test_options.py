@@ -17,7 +17,7 @@ from hpc_bkd.blocks.students import build_candidate
 from hpc_bkd.blocks.surgery import find_blocks
 from hpc_bkd.config import ConfigError, load_config
 from hpc_bkd.deploy.export import load_run
-from hpc_bkd.dist import runtime
+from hpc_bkd.distributed import runtime
 from hpc_bkd.job import stages as pipeline
 from hpc_bkd.selection.options import BudgetError, MeasuredOptions, select
 from hpc_bkd.store import atomic_io

@@ -5,7 +5,7 @@ retraining any finished block.
 Under the bundled ``mpirun`` (MPICH hydra) a SIGKILLed rank takes the job down at once (hydra
 kills the rest: checked here too). A rank that stops answering without exiting (SIGSTOP: a hung
 process or node, what ``srun`` without ``--kill-on-bad-exit`` leaves after a death as well) is
-left to the job, and the heartbeat (``hpc_bkd.dist.peers``) must find it.
+left to the job, and the heartbeat (``hpc_bkd.distributed.peers``) must find it.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import pytest
 from conftest import MPIRUN, REPO, cli_env, hpc
 
 from hpc_bkd.config import ConfigError, load_config
-from hpc_bkd.dist.peers import LostPeer, PeerLost, heartbeat_period
+from hpc_bkd.distributed.peers import LostPeer, PeerLost, heartbeat_period
 
 TIMEOUT_S = 3
 
@@ -94,7 +94,7 @@ def test_lost_peer_message_and_setting():
 HEARTBEAT_PROBE = """
 import json, socket, time
 from mpi4py import MPI
-from hpc_bkd.dist.peers import Heartbeat
+from hpc_bkd.distributed.peers import Heartbeat
 comm = MPI.COMM_WORLD
 beat = Heartbeat(comm, socket.gethostname(), timeout_s={timeout})
 time.sleep({idle})

@@ -9,7 +9,7 @@ trains the teacher or fine-tunes for hours while the others wait), so every rank
 doing. Rank 0 hears every rank, the others hear rank 0 (2(n-1) messages per period, not n^2).
 Beats go out on a fixed clock, one per period per peer, whatever arrives in between, so rank 0's
 thread wakes n-1 times per period and the others once: the heartbeat's cost is in the report
-(``ranks[].heartbeat_cpu_s``) and bounded by a test (``tests/dist/test_peer_loss.py``).
+(``ranks[].heartbeat_cpu_s``) and bounded by a test (``tests/distributed/test_peer_loss.py``).
 
 The heartbeat has TCP connections of its own (rank 0 listens; the others connect to an address of
 rank 0's that they reach, ``netaddr``), not MPI: MPI libraries do not survive talking to a dead
@@ -38,8 +38,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from hpc_bkd.dist.netaddr import LOOPBACK, dial, offered_addresses
-from hpc_bkd.dist.runtime import Runtime, request_stop
+from hpc_bkd.distributed.netaddr import LOOPBACK, dial, offered_addresses
+from hpc_bkd.distributed.runtime import Runtime, request_stop
 from hpc_bkd.errors import EXIT_PEER_LOST, UserError
 
 log = logging.getLogger("hpc_bkd")

@@ -7,13 +7,13 @@ import sys
 import pytest
 import torch
 
-from hpc_bkd.dist import runtime
+from hpc_bkd.distributed import runtime
 
 FAULTS = r"""
 import resource, sys, torch
 from torch import nn
 if sys.argv[1] == "keep":
-    from hpc_bkd.dist.runtime import keep_freed_memory
+    from hpc_bkd.distributed.runtime import keep_freed_memory
     assert keep_freed_memory()
 torch.set_num_threads(1)
 torch.manual_seed(0)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 import torch
+
 from hpc_bkd.errors import EXIT_INTERRUPTED, UserError
 
 log = logging.getLogger("hpc_bkd")
