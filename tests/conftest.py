@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,26 @@ except ImportError:
 else:
     raise SystemExit("hpc_bkd is importable: the check would prove nothing")
 """
+# Loads an export's .pt2 and ONNX files in a process without hpc_bkd and compares them with the
+# in-toolkit student's logits (argv: export dir, a torch file of inputs and logits); prints JSON.
+STANDALONE = WITHOUT_HPC_BKD + textwrap.dedent("""
+    import json
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    export_dir, data = sys.argv[1], torch.load(sys.argv[2])
+    x, want = data["inputs"], data["logits"]
+    pt2 = torch.export.load(f"{export_dir}/student.pt2").module()
+    with torch.no_grad():
+        got_pt2 = pt2(x)
+    session = ort.InferenceSession(f"{export_dir}/student.onnx", providers=["CPUExecutionProvider"])
+    got_onnx = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    card = json.load(open(f"{export_dir}/model.json"))
+    print(json.dumps({"pt2": float((got_pt2 - want).abs().max()), "onnx": float((got_onnx - want).abs().max()),
+                      "classes": card["output"]["num_classes"], "hpc_bkd_loaded": any(k.split(".")[0] == "hpc_bkd" and m is not None
+                                            for k, m in sys.modules.items())}))
+""")
 BIN = Path(sys.executable).parent
 MPIRUN = BIN / "mpirun"
 

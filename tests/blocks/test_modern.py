@@ -169,14 +169,15 @@ def test_unit_job_end_to_end_on_two_ranks_exports_and_resumes(tmp_path):
     import sys
 
     import torch
-    from conftest import hpc
-    from test_export import STANDALONE
+    from conftest import STANDALONE, hpc
 
     from hpc_bkd.deploy.export import load_eval_split, load_run
     run = tmp_path / "run"
     args = ["-c", "tiny", "--run-dir", str(run), "--set", "model.arch=torchvision:VisionTransformer",
             "--set", "model.kwargs=" + json.dumps(SMALL_VIT), "--set", "blocks.granularity=unit",
             "--set", "blocks.candidates=separable-d1,skip,shrink-w0.5", "--set", "select.method=budget",
+            # a loose budget: the test is of units, export and resume, not of a tight choice
+            "--set", "select.budget=0.95",
             "--set", "run.threads=1", "--set", "teacher.epochs=1", "--set", "finetune.epochs=0"]
     first = hpc("run", *args, "--set", "run.export=true", np=2, timeout=600)
     assert "candidate separable-d1 left out for 2 block(s)" in first.stderr

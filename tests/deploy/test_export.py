@@ -5,12 +5,11 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITHOUT_HPC_BKD, hpc
+from conftest import STANDALONE, hpc
 
 import hpc_bkd
 from hpc_bkd.blocks.surgery import total_macs
@@ -30,26 +29,6 @@ from hpc_bkd.store.rundir import RunDir
 QUICK = TimingPlan(batch_size=32, runs=50, warmup=2, throughput_runs=4, throughput_warmup=1, probe_runs=3, threads=1)
 
 # Runs in a fresh interpreter without hpc_bkd (conftest.WITHOUT_HPC_BKD).
-STANDALONE = WITHOUT_HPC_BKD + textwrap.dedent("""
-    import json
-    import numpy as np
-    import onnxruntime as ort
-    import torch
-
-    export_dir, data = sys.argv[1], torch.load(sys.argv[2])
-    x, want = data["inputs"], data["logits"]
-    pt2 = torch.export.load(f"{export_dir}/student.pt2").module()
-    with torch.no_grad():
-        got_pt2 = pt2(x)
-    session = ort.InferenceSession(f"{export_dir}/student.onnx", providers=["CPUExecutionProvider"])
-    got_onnx = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-    card = json.load(open(f"{export_dir}/model.json"))
-    print(json.dumps({"pt2": float((got_pt2 - want).abs().max()), "onnx": float((got_onnx - want).abs().max()),
-                      "classes": card["output"]["num_classes"], "hpc_bkd_loaded": any(k.split(".")[0] == "hpc_bkd" and m is not None
-                                            for k, m in sys.modules.items())}))
-""")
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_teacher: Path) -> Path:
     """A finished tiny job (distill + assemble): a run directory holding student.pt."""
