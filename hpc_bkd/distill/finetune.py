@@ -34,11 +34,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return cfg.alpha * soft + (1 - cfg.alpha) * F.cross_entropy(student_logits, labels)
 
 
-def accept_blocks(block_accs: dict[int, float | None], teacher_val_acc: float, tolerance: float) -> list[int]:
-    """Blocks whose swapped validation accuracy stays within ``tolerance`` points of the teacher's."""
-    return sorted(i for i, acc in block_accs.items() if acc is not None and acc >= teacher_val_acc - tolerance)
-
-
 def _kd_optimizer(student: nn.Module, lr: float, steps: int, epochs: int
                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """SGD with Nesterov momentum and a cosine schedule after one epoch of linear warm-up (an

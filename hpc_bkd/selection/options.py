@@ -36,7 +36,7 @@ from hpc_bkd.data.batches import Data, eval_batches
 from hpc_bkd.deploy.form import deploy_form, latency_table, teacher_block
 from hpc_bkd.deploy.runtimes import FP32, INT8, Prepared, SelectionRuntime, TorchRuntime, make_runtime
 from hpc_bkd.distill.distiller import BlockResult
-from hpc_bkd.distill.finetune import accept_blocks
+from hpc_bkd.selection.rules import accept_blocks
 from hpc_bkd.selection.solver import Infeasible, Option, Problem, Solution, pareto_front, solve, tightest_fraction
 from hpc_bkd.store.records import FrontPointRecord, OptionRecord, SelectionRecord
 
