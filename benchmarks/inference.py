@@ -84,7 +84,8 @@ def run_subject(run_dir: Path) -> Subject:
 def measure_runtimes(model: nn.Module, shape: Sequence[int], plan: TimingPlan, name: str,
                      workdir: Path) -> list[InferenceMeasurement]:
     """The deploy form under eager PyTorch, as a torch.export program, and under ONNX Runtime."""
-    from hpc_bkd.deploy.export import export_onnx, measure_onnxruntime
+    from hpc_bkd.deploy.export import measure_onnxruntime
+    from hpc_bkd.deploy.formats import export_onnx
 
     deployed = deploy_form(model)
     out = [measure_inference(deployed, shape, plan, name=name, deploy=False)]

@@ -20,8 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hpc_bkd.deploy.export import INPUT_NAME, MODEL_JSON, export_onnx, load_eval_split, load_run, ort_session
+from hpc_bkd.deploy.export import MODEL_JSON, load_eval_split, load_run
 from hpc_bkd.deploy.form import deploy_form, random_input
+from hpc_bkd.deploy.formats import INPUT_NAME, export_onnx, ort_session
 from hpc_bkd.deploy.runtimes import image_batches, interleaved, quantize_int8
 from hpc_bkd.distributed.runtime import cpu_model
 from hpc_bkd.store import atomic_io

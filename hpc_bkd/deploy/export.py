@@ -16,7 +16,6 @@ the in-toolkit student is written to model.json.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import time
@@ -44,7 +43,16 @@ from hpc_bkd.deploy.form import (
     model_size,
     random_input,
 )
-from hpc_bkd.errors import UserError
+from hpc_bkd.deploy.formats import (
+    FORMATS,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    _example,
+    export_onnx,
+    export_pt2,
+    ort_session,
+    require_formats,
+)
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.records import Comparison, ExportResult
 from hpc_bkd.store.rundir import RunDir
@@ -52,16 +60,6 @@ from hpc_bkd.store.rundir import RunDir
 log = logging.getLogger("hpc_bkd")
 
 MODEL_JSON = "model.json"  # under the export directory (``RunDir.export_dir``)
-FORMATS: dict[str, str] = {"pt2": "{role}.pt2", "onnx": "{role}.onnx"}  # format -> file name template
-EXTRA = "pip install -e '.[export]'"
-EXTRA_MODULES: dict[str, tuple[str, ...]] = {"pt2": (), "onnx": ("onnx", "onnxruntime", "onnxscript")}
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
-
-
-class MissingExtraError(UserError, ImportError, ValueError):
-    """An export format needs a package that is not installed; the message names the extra.
-
-    A UserError, so the CLI reports it as bad input (exit 2) and not as a crash."""
 
 
 @dataclass(frozen=True)
@@ -79,27 +77,6 @@ class RunModels:
 
 
 # ------------------------------------------------------------------------------------ rebuilding
-
-
-def require_formats(formats: Sequence[str]) -> tuple[str, ...]:
-    """Validate ``formats`` and fail before any work when a package they need is missing."""
-    formats = tuple(dict.fromkeys(formats))
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise ValueError(f"unknown export format(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(FORMATS)}")
-    for fmt in formats:
-        why = missing_extra(fmt)
-        if why:
-            raise MissingExtraError(why)
-    return formats
-
-
-def missing_extra(fmt: str) -> str | None:
-    """Why ``fmt`` cannot be exported here (a package of the export extra is missing), or None."""
-    missing = [m for m in EXTRA_MODULES[fmt] if importlib.util.find_spec(m) is None]
-    if not missing:
-        return None
-    return f"export format {fmt!r} needs {', '.join(missing)}, not installed: install the export extra with `{EXTRA}`"
 
 
 def _student_file(run_dir: RunDir) -> Path:
@@ -199,49 +176,6 @@ def load_teacher(run_dir: str | Path) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------ writing
-
-
-def _example(shape: Sequence[int]) -> tuple[torch.Tensor]:
-    return (torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)),)  # batch 2: not specialised
-
-
-def _batch_dim() -> tuple[dict[int, Any]]:
-    return ({0: torch.export.Dim("batch", min=1)},)
-
-
-def export_pt2(model: nn.Module, shape: Sequence[int], path: Path) -> None:
-    """``torch.export`` with a dynamic batch, saved atomically with ``torch.export.save``."""
-    program = torch.export.export(model, _example(shape), dynamic_shapes=_batch_dim())
-    atomic_io.write_atomically(path, lambda tmp: torch.export.save(program, tmp), keep_suffix=True)
-
-
-def export_onnx(model: nn.Module, shape: Sequence[int], path: Path) -> None:
-    """ONNX through torch's exporter (torch.export based), one self-contained file, checked."""
-    import onnx
-
-    external = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8 * 2**30  # protobuf's 2 GB
-
-    def write(target: str | Path) -> None:
-        torch.onnx.export(model, _example(shape), target, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_shapes=_batch_dim(), dynamo=True, external_data=external, verbose=False)
-
-    if external:  # weights go to <name>.data next to the file: it must be written under its own name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(path)
-    else:
-        atomic_io.write_atomically(path, write, keep_suffix=True)
-    onnx.checker.check_model(str(path))
-
-
-def ort_session(path: Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads (torch's count by default)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def measure_onnxruntime(path: Path, shape: Sequence[int], plan: TimingPlan, name: str) -> InferenceMeasurement:

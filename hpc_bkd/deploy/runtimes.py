@@ -150,7 +150,7 @@ class OnnxRuntime:
         return self.workdir / f"{self._files:03d}-{safe}.onnx"
 
     def prepare(self, model: nn.Module, shape: Sequence[int], name: str) -> Prepared:
-        from hpc_bkd.deploy.export import export_onnx
+        from hpc_bkd.deploy.formats import export_onnx
 
         path = self._path(name)
         export_onnx(deploy_form(model).cpu(), shape, path)  # ONNX Runtime runs on the CPU
@@ -174,7 +174,7 @@ class OnnxRuntime:
         return {b: ORT_LAYOUT for b in batches}
 
     def session(self, item: Prepared) -> Any:
-        from hpc_bkd.deploy.export import ort_session
+        from hpc_bkd.deploy.formats import ort_session
 
         if item.path is None:
             raise ValueError(f"{item.name} has no ONNX file to run")
@@ -183,7 +183,7 @@ class OnnxRuntime:
     def latency_table(self, items: Sequence[Prepared], layouts: dict[int, str]) -> list[dict[str, float]]:
         """As ``deploy.latency_table``, in ONNX Runtime: every item in interleaved rounds, keeping
         its fastest round's median, so a burst of load slows one round of every item alike."""
-        from hpc_bkd.deploy.export import INPUT_NAME
+        from hpc_bkd.deploy.formats import INPUT_NAME
 
         runs: list[dict[int, Callable[[], object]]] = []
         for p in items:
@@ -193,7 +193,7 @@ class OnnxRuntime:
         return interleaved(runs, list(layouts))
 
     def module(self, item: Prepared) -> nn.Module:
-        from hpc_bkd.deploy.export import INPUT_NAME
+        from hpc_bkd.deploy.formats import INPUT_NAME
 
         return OrtModule(self.session(item), INPUT_NAME)
 
@@ -205,7 +205,7 @@ class OnnxRuntime:
         import onnx
         from onnx import TensorProto, helper
 
-        from hpc_bkd.deploy.export import INPUT_NAME, OUTPUT_NAME
+        from hpc_bkd.deploy.formats import INPUT_NAME, OUTPUT_NAME
 
         out = []
         for shape in dict.fromkeys(tuple(s) for s in shapes):
@@ -259,7 +259,7 @@ def _quantize(source: Path, target: Path, calibration: Sequence[np.ndarray], met
               nodes: Sequence[str] | None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from hpc_bkd.deploy.export import INPUT_NAME
+    from hpc_bkd.deploy.formats import INPUT_NAME
 
     quantize_static(str(source), str(target), CalibrationReader(INPUT_NAME, calibration),
                     quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
@@ -302,7 +302,7 @@ def image_batches(data: Any, images: int, batch: int = 32) -> list[np.ndarray]:
 
 def onnxruntime_missing() -> str | None:
     """Why ONNX Runtime cannot time options here (the export extra is not installed), or None."""
-    from hpc_bkd.deploy.export import missing_extra
+    from hpc_bkd.deploy.formats import missing_extra
 
     return missing_extra("onnx")
 

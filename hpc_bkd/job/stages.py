@@ -41,8 +41,9 @@ from hpc_bkd.costs.inputs import exchange_seconds_per_byte
 from hpc_bkd.costs.measure import block_costs, read_costs, team_sizes
 from hpc_bkd.data.batches import Data, describe
 from hpc_bkd.data.sources import check_batches, load_data
-from hpc_bkd.deploy.export import export_run, missing_extra
+from hpc_bkd.deploy.export import export_run
 from hpc_bkd.deploy.form import TimingPlan, measure_models, model_size
+from hpc_bkd.deploy.formats import missing_extra
 from hpc_bkd.distill.distiller import BlockResult, LocalDistiller
 from hpc_bkd.distill.finetune import finetune, recalibrate_bn
 from hpc_bkd.distill.teacher import accuracy, get_teacher, state_fingerprint

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc_bkd.deploy.export import missing_extra
+from hpc_bkd.deploy.formats import missing_extra
 from hpc_bkd.store import atomic_io
 
 WHY = missing_extra("onnx")

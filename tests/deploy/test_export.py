@@ -13,16 +13,9 @@ from conftest import STANDALONE, hpc
 
 import hpc_bkd
 from hpc_bkd.blocks.surgery import total_macs
-from hpc_bkd.deploy.export import (
-    EXTRA,
-    MissingExtraError,
-    export_main,
-    export_run,
-    load_eval_split,
-    load_run,
-    require_formats,
-)
+from hpc_bkd.deploy.export import export_main, export_run, load_eval_split, load_run
 from hpc_bkd.deploy.form import TimingPlan
+from hpc_bkd.deploy.formats import EXTRA, MissingExtraError, require_formats
 from hpc_bkd.distill.teacher import state_fingerprint
 from hpc_bkd.store.rundir import RunDir
 
