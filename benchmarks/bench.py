@@ -350,17 +350,17 @@ def _prediction(record: JobRecord, steps: int) -> dict[str, Any]:
 def pbkd_metrics(record: JobRecord, n_train: int) -> dict[str, Any]:
     """What the bench tabulates of one PBKD run (its own output: plain JSON, keys as in bench.json)."""
     cfg = record.config
-    steps = max(1, n_train // cfg["data"]["batch_size"])
+    steps = max(1, n_train // cfg.data.batch_size)
     distill_s = record.distill.makespan_s
     timeline = _timeline(record)
     energy_text, energy_reason = _energy_text(record.energy)
     return {
-        "world_size": record.world_size, "schedule": cfg["distill"]["schedule"], "hybrid": cfg["plan"]["hybrid"],
+        "world_size": record.world_size, "schedule": cfg.distill.schedule, "hybrid": cfg.plan.hybrid,
         **_plan_layout(record), "teacher_cache": bool(record.teacher_cache and record.teacher_cache.use),
         "phases_s": record.phases_s, "wall_s": record.wall_s,
         "distill_s": distill_s, "broadcast_s": record.distill.broadcast_s, "gather_s": record.distill.gather_s,
         **_prediction(record, steps),
-        "steps_per_epoch": steps, "distill_epochs": cfg["distill"]["epochs"],
+        "steps_per_epoch": steps, "distill_epochs": cfg.distill.epochs,
         "block_images_per_s": sum(_block_images(record, steps).values()) / distill_s if distill_s else None,
         "ranks": _rank_rows(record, steps),
         "accuracy": to_plain(record.accuracy), "accepted_blocks": len(record.accepted_blocks),
