@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hpc_bkd.planning.planner import Plan
 from hpc_bkd.planning.table import CostTable
@@ -20,6 +20,7 @@ from hpc_bkd.store.records import (
     JobRecord,
     RankRecord,
     SelectionRecord,
+    record_from,
 )
 from hpc_bkd.store.rundir import RunDir
 
@@ -37,10 +38,8 @@ __all__ = ["build_record", "write_report", "summary_text", "gantt"]
 
 def _rank_records(outcomes: list[RankOutcome], plan: Plan) -> tuple[list[RankRecord], float, float]:
     t0, t1 = min(o.start for o in outcomes), max(o.end for o in outcomes)
-    rows = [RankRecord(o.rank, o.host, o.device, o.threads, o.blocks, o.end - o.start, (t1 - t0) - (o.end - o.start),
-                       plan.predicted[o.rank], o.peak_mem_mb, o.energy, o.cache, o.local_rank,
-                       data_wait_s=o.data_wait_s, bad_images=o.bad_images, heartbeat_cpu_s=o.heartbeat_cpu_s,
-                       heartbeat_wall_s=o.heartbeat_wall_s, phases=o.phases, work=o.work)
+    rows = [record_from(RankRecord, o, busy_s=o.end - o.start, idle_s=(t1 - t0) - (o.end - o.start),
+                        predicted_s_per_batch=plan.predicted[o.rank], teacher_cache=o.cache)
             for o in sorted(outcomes, key=lambda o: o.rank)]
     return rows, t0, t1
 
@@ -61,16 +60,14 @@ def _energy_total(outcomes: list[RankOutcome]) -> Energy:
 
 def _block_record(spec: BlockSpec, unit: Unit, result: BlockResult | None, accepted: bool,
                   costs: CostTable) -> BlockRecord:
-    r = result
-    return BlockRecord(
-        index=spec.index, name=spec.name, members=list(spec.members), in_shape=list(spec.in_shape),
-        out_shape=list(spec.out_shape), teacher_params=spec.params, teacher_macs=spec.macs,
-        rank=r.rank if r else None, train_time_s=r.train_time_s if r else 0.0, epochs=r.epochs if r else None,
-        final_loss=r.final_loss if r else None, swapped_val_acc=r.swapped_val_acc if r else None,
-        accepted=accepted, early_stopped=r.early_stopped if r else False, resumed=r.resumed if r else False,
-        resumed_finished=r.resumed_finished if r else False, spans=r.spans if r else [],
-        history=r.history if r else [], cost=costs.costs[unit.id], candidate=unit.candidate, unit=unit.id,
-        swapped_val_kl=r.swapped_val_kl if r else None)
+    spec_fields: dict[str, Any] = dict(index=spec.index, name=spec.name, members=list(spec.members), in_shape=list(spec.in_shape),
+                                       out_shape=list(spec.out_shape), teacher_params=spec.params, teacher_macs=spec.macs)
+    unit_fields: dict[str, Any] = dict(accepted=accepted, cost=costs.costs[unit.id], candidate=unit.candidate, unit=unit.id)
+    if result is None:  # kept the teacher's block: nothing was trained
+        return BlockRecord(**spec_fields, **unit_fields, rank=None, train_time_s=0.0, epochs=None, final_loss=None,
+                           swapped_val_acc=None, early_stopped=False, resumed=False, resumed_finished=False, spans=[],
+                           history=[])
+    return record_from(BlockRecord, result, **spec_fields, **unit_fields)
 
 
 def build_record(cfg: Config, world_size: int, run_dir: RunDir, teacher_info: dict, cache: CacheReport,

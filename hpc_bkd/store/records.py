@@ -65,6 +65,21 @@ def _convert(tp: Any, data: Any) -> Any:
     return data
 
 
+def record_from(cls: type[T], *sources: Any, **fields: Any) -> T:
+    """A ``cls`` record whose fields are taken from the same-named attributes of ``sources`` (the
+    first that has one), with ``fields`` given explicitly: how a stage's record becomes the report's
+    without a hand-kept copy of every field (a field added to both travels by itself)."""
+    values = dict(fields)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in values or not f.init:
+            continue
+        for source in sources:
+            if source is not None and hasattr(source, f.name):
+                values[f.name] = getattr(source, f.name)
+                break
+    return cls(**values)
+
+
 R = TypeVar("R", bound="JsonRecord")
 
 
