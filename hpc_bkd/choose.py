@@ -142,10 +142,9 @@ def option_values(o: OptionRecord) -> dict[str, float]:
     return _values(o.latency_ms, o.params, o.macs, o.kl)
 
 
-def _fp32_row(t: TrainedUnits, spec: BlockSpec, runtime: SelectionRuntime
-              ) -> tuple[list[Unit | None], list[Prepared], list[tuple[int, int]]]:
+def _fp32_row(t: TrainedUnits, spec: BlockSpec) -> tuple[list[Unit | None], list[nn.Module], list[tuple[int, int]]]:
     """A block's fp32 options (the teacher's block, then its trained candidates in the config's
-    order), prepared for ``runtime``, with their params and MACs."""
+    order) in deploy form, with their params and MACs."""
     units: list[Unit | None] = [None]
     modules: list[nn.Module] = [teacher_block(t.teacher, spec)]
     for u in (u for u in t.units if u.block == spec.index and u.id in t.results):
@@ -153,15 +152,15 @@ def _fp32_row(t: TrainedUnits, spec: BlockSpec, runtime: SelectionRuntime
         student.load_state_dict(t.results[u.id].state_dict)
         units.append(u)
         modules.append(student.eval())
-    prepared = [runtime.prepare(m, spec.in_shape, f"block{spec.index}-{u.candidate if u else TEACHER}")
-                for m, u in zip(modules, units)]
-    return units, prepared, [_size(m, spec.in_shape) for m in modules]
+    deployed = [deploy_form(m) for m in modules]
+    return units, deployed, [_size(m, spec.in_shape, deployed=True) for m in deployed]
 
 
-def _size(model: nn.Module, shape: Sequence[int]) -> tuple[int, int]:
-    """Params and MACs of ``model``'s deploy form (BatchNorm folded): what ships."""
-    deployed = deploy_form(model)
-    return sum(p.numel() for p in deployed.parameters()), total_macs(deployed, shape)
+def _size(model: nn.Module, shape: Sequence[int], deployed: bool = False) -> tuple[int, int]:
+    """Params and MACs of ``model``'s deploy form (BatchNorm folded): what ships (``deployed``:
+    ``model`` is in deploy form already)."""
+    deployed_model = model if deployed else deploy_form(model)
+    return sum(p.numel() for p in deployed_model.parameters()), total_macs(deployed_model, shape)
 
 
 def measure_options(t: TrainedUnits, batches: Sequence[int], runtime: SelectionRuntime | None = None,
@@ -177,11 +176,16 @@ def measure_options(t: TrainedUnits, batches: Sequence[int], runtime: SelectionR
     items, rows, sizes = [whole], [], [_size(t.teacher, t.input_shape)]
     int8 = INT8 in precisions
     calibration = block_inputs(t, calibration_images) if int8 else {}
-    for spec in t.blocks:
-        units, prepared, size = _fp32_row(t, spec, runtime)
-        precision = [FP32] * len(units)
-        if int8:  # every option again, quantized on the block's real inputs; fp32 first wins a tie
-            prepared += [runtime.quantize(p, calibration[spec.index]) for p in prepared]
+    built = [(spec, *_fp32_row(t, spec)) for spec in t.blocks]
+    fp32 = runtime.prepare_rows([(spec.in_shape, [(m, f"block{spec.index}-{u.candidate if u else TEACHER}")
+                                                  for m, u in zip(modules, units)])
+                                 for spec, units, modules, _ in built])
+    # every option again, quantized on the block's real inputs (one calibration for all)
+    quantized = runtime.quantize_rows(fp32, [calibration[spec.index] for spec in t.blocks]) if int8 else []
+    for k, (spec, units, _, size) in enumerate(built):
+        prepared, precision = list(fp32[k]), [FP32] * len(units)
+        if int8:  # fp32 first wins a tie
+            prepared += quantized[k]
             units, size, precision = units * 2, size * 2, precision + [INT8] * len(precision)
         items += prepared
         sizes += size
@@ -190,7 +194,8 @@ def measure_options(t: TrainedUnits, batches: Sequence[int], runtime: SelectionR
     t1 = time.perf_counter()
     calls = runtime.call_items([spec.in_shape for spec in t.blocks])
     table = runtime.latency_table(items + calls, layouts)
-    latency = iter(_minus_calls(table[:len(items)], items, table[len(items):], calls))
+    alone = _minus_calls(table[:len(items)], items, table[len(items):], calls)
+    latency = iter(_minus_conversions(alone, [prep for _, _, _, prep in rows], runtime, batches))
     t2 = time.perf_counter()
     scores = int8_scores(t, runtime, [(spec.index, p) for spec, _, _, prep in rows for p in prep
                                       if p.precision == INT8]) if int8 else {}
@@ -214,6 +219,27 @@ def _minus_calls(table: list[dict[str, float]], items: Sequence[Prepared], call_
     for p, row in zip(items[1:], table[1:]):
         call = by_shape.get(p.shape, {})
         out.append({b: max(v - call.get(b, 0.0), 0.01 * v) for b, v in row.items()})
+    return out
+
+
+def _minus_conversions(table: list[dict[str, float]], rows: Sequence[Sequence[Prepared]], runtime: SelectionRuntime,
+                       batches: Sequence[int]) -> list[dict[str, float]]:
+    """Each option's time as inside a whole model between blocks of its own precision: without
+    the layout and precision conversions it pays at its edges when run alone
+    (``SelectionRuntime.conversions``). Those depend on the block's edge shapes and the option's
+    precision, not on the option, so they are profiled once per block and precision (its first
+    option of that precision, the teacher's block) and taken off every option of that precision.
+    A switch of precision between two blocks does cost such conversions in the whole model: the
+    measured student beside its prediction (``check_prediction``) shows it. Never below 1 % of
+    the figure alone; the whole teacher (first row of ``table``) keeps its own."""
+    refs = {(k, p.precision): p for k, row in reversed(list(enumerate(rows))) for p in reversed(row)}
+    keys = list(refs)
+    conv = dict(zip(keys, runtime.conversions([refs[k] for k in keys], batches)))
+    out, flat = [table[0]], iter(table[1:])
+    for k, row in enumerate(rows):
+        for p in row:
+            c = conv[(k, p.precision)]
+            out.append({b: max(v - c.get(b, 0.0), 0.01 * v) for b, v in next(flat).items()})
     return out
 
 
@@ -437,12 +463,13 @@ def _check_in_onnxruntime(selection: SelectionRecord, student: nn.Module, teache
     from .deploy_runtime import OnnxRuntime, image_batches
 
     int8 = [m for b in blocks if precisions.get(b.index) == INT8 for m in b.members]
+    fp32 = [m for b in blocks if precisions.get(b.index) != INT8 for m in b.members]
     calibration = image_batches(data, c.calibration_images) if data is not None and (
         int8 or INT8 in selection.precisions) else []
     with tempfile.TemporaryDirectory(prefix="hpc_bkd_check_") as tmp:
         rt = OnnxRuntime(threads, Path(tmp), c.calibration)
         s = rt.prepare(student, input_shape, "student")
-        items = [rt.quantize_blocks(s, int8, calibration) if int8 else s, rt.prepare(teacher, input_shape, "teacher")]
+        items = [rt.quantize_blocks(s, int8, calibration, fp32) if int8 else s, rt.prepare(teacher, input_shape, "teacher")]
         if INT8 in selection.precisions and calibration:
             items.append(rt.quantize(items[1], calibration))
         table = rt.latency_table(items, {int(b): v for b, v in selection.layouts.items()})
