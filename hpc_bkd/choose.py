@@ -227,19 +227,27 @@ def _minus_conversions(table: list[dict[str, float]], rows: Sequence[Sequence[Pr
     """Each option's time as inside a whole model between blocks of its own precision: without
     the layout and precision conversions it pays at its edges when run alone
     (``SelectionRuntime.conversions``). Those depend on the block's edge shapes and the option's
-    precision, not on the option, so they are profiled once per block and precision (its first
-    option of that precision, the teacher's block) and taken off every option of that precision.
-    A switch of precision between two blocks does cost such conversions in the whole model: the
-    measured student beside its prediction (``check_prediction``) shows it. Never below 1 % of
-    the figure alone; the whole teacher (first row of ``table``) keeps its own."""
-    refs = {(k, p.precision): p for k, row in reversed(list(enumerate(rows))) for p in reversed(row)}
+    precision, not on the option: per block and precision its first option (the teacher's
+    block) is profiled, the conversions' share of its time turned into milliseconds of its timed
+    figure, and those milliseconds taken off every option of that precision. A switch of
+    precision between two blocks does cost such conversions in the whole model; the measured
+    student beside its prediction (``check_prediction``) shows it. Never below 1 % of the figure
+    alone; the whole teacher (first row of ``table``) keeps its own."""
+    flat = [p for row in rows for p in row]
+    timed = dict(zip((p.name for p in flat), table[1:]))
+    refs: dict[tuple[int, str], Prepared] = {}
+    for k, row in enumerate(rows):
+        for p in row:
+            refs.setdefault((k, p.precision), p)
     keys = list(refs)
-    conv = dict(zip(keys, runtime.conversions([refs[k] for k in keys], batches)))
-    out, flat = [table[0]], iter(table[1:])
+    shares = dict(zip(keys, runtime.conversions([refs[k] for k in keys], batches)))
+    conv = {key: {b: share.get(b, 0.0) * timed[refs[key].name][b] for b in timed[refs[key].name]}
+            for key, share in shares.items()}
+    out = [table[0]]
     for k, row in enumerate(rows):
         for p in row:
             c = conv[(k, p.precision)]
-            out.append({b: max(v - c.get(b, 0.0), 0.01 * v) for b, v in next(flat).items()})
+            out.append({b: max(v - c.get(b, 0.0), 0.01 * v) for b, v in timed[p.name].items()})
     return out
 
 

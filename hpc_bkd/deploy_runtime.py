@@ -289,12 +289,14 @@ class OnnxRuntime:
         return OrtModule(self.session(item), INPUT_NAME)
 
     def conversions(self, items: Sequence[Prepared], batches: Sequence[int]) -> list[dict[str, float]]:
-        """Milliseconds per call that each item, run alone, spends converting its input and output
+        """The share of its work that each item, run alone, spends converting its input and output
         at its edges (``CONVERSIONS``, from ONNX Runtime's own per-node profile): an fp32 graph
         reorders NCHW to the blocked layout its convolutions run in and back; an int8 one
         quantizes, transposes to NHWC, and back. Inside a whole model a block between two blocks of
         its own precision does neither (fp32 stays blocked, int8 stays int8 NHWC from one block to
-        the next), so the selection counts each option without them (see ``choose``)."""
+        the next), so the selection counts each option without them (see ``choose``). A share and
+        not milliseconds: a profiled call is slower than a timed one, and on a loaded machine by a
+        varying amount, but both parts of one profiled call are slowed alike."""
         import json
 
         from .export import INPUT_NAME
@@ -318,7 +320,7 @@ class OnnxRuntime:
             profile = Path(sess.end_profiling())
             events = json.loads(profile.read_text())
             profile.unlink(missing_ok=True)
-            out.append(_conversion_ms(events, [(str(b), 2, runs[str(b)]) for b in batches]))
+            out.append(_conversion_share(events, [(str(b), 2, runs[str(b)]) for b in batches]))
         return out
 
     def call_items(self, shapes: Sequence[tuple[int, ...]]) -> list[Prepared]:
@@ -356,22 +358,23 @@ def _session_options(threads: int | None) -> Any:
     return opts
 
 
-def _conversion_ms(events: Sequence[dict[str, Any]], calls: Sequence[tuple[str, int, int]]) -> dict[str, float]:
+def _conversion_share(events: Sequence[dict[str, Any]], calls: Sequence[tuple[str, int, int]]) -> dict[str, float]:
     """From an ONNX Runtime profile of ``calls`` (per batch key: warm-up calls, then timed calls,
-    in that order), the median over the timed calls of the summed kernel time of the layout and
-    precision conversion nodes (``CONVERSIONS``), in milliseconds."""
+    in that order), the median over the timed calls of the share of the call's summed kernel time
+    spent in layout and precision conversion nodes (``CONVERSIONS``)."""
     runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
     nodes = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
-    per_run = [0.0] * len(runs)
+    conv, total = [0.0] * len(runs), [0.0] * len(runs)
     for e in nodes:
-        if e.get("args", {}).get("op_name") in CONVERSIONS:
-            k = next((i for i, r in enumerate(runs) if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]), None)
-            if k is not None:
-                per_run[k] += e["dur"] / 1e3
+        k = next((i for i, r in enumerate(runs) if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]), None)
+        if k is not None:
+            total[k] += e["dur"]
+            conv[k] += e["dur"] if e.get("args", {}).get("op_name") in CONVERSIONS else 0.0
     out, start = {}, 0
     for key, warm, timed in calls:
-        timed_runs = per_run[start + warm:start + warm + timed]
-        out[key] = statistics.median(timed_runs) if timed_runs else 0.0
+        shares = [c / t for c, t in zip(conv[start + warm:start + warm + timed], total[start + warm:start + warm + timed])
+                  if t > 0]
+        out[key] = statistics.median(shares) if shares else 0.0
         start += warm + timed
     return out
 
