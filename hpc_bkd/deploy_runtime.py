@@ -202,7 +202,7 @@ class OnnxRuntime:
         inputs, outputs = [f"x{i}" for i in range(len(rows))], [f"y{j}" for j in range(len(parts))]
         bundle = self._path("options")
         try:
-            _export_bundle(_Bundle([m for m, _ in parts], [i for _, i in parts]), [s for s, _ in rows], bundle,
+            _export_bundle(_Bundle([m for m, _ in parts], [i for _, i in parts]).eval(), [s for s, _ in rows], bundle,
                            inputs, outputs)
             extractor = onnx.utils.Extractor(onnx.load(str(bundle)))
         except Exception as exc:  # an exporter limit on the joint module: one export per option
