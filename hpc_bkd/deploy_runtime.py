@@ -361,20 +361,28 @@ def _session_options(threads: int | None) -> Any:
 def _conversion_share(events: Sequence[dict[str, Any]], calls: Sequence[tuple[str, int, int]]) -> dict[str, float]:
     """From an ONNX Runtime profile of ``calls`` (per batch key: warm-up calls, then timed calls,
     in that order), the median over the timed calls of the share of the call's summed kernel time
-    spent in layout and precision conversion nodes (``CONVERSIONS``)."""
+    spent in layout and precision conversion nodes (``CONVERSIONS``), under the batch key; under
+    ``in@<key>`` the share of those run before the first other node (the input edge's)."""
     runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    nodes = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
-    conv, total = [0.0] * len(runs), [0.0] * len(runs)
+    nodes = sorted((e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")),
+                   key=lambda e: e["ts"])
+    conv, first, total = [0.0] * len(runs), [0.0] * len(runs), [0.0] * len(runs)
+    started = [False] * len(runs)
     for e in nodes:
         k = next((i for i, r in enumerate(runs) if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]), None)
-        if k is not None:
-            total[k] += e["dur"]
-            conv[k] += e["dur"] if e.get("args", {}).get("op_name") in CONVERSIONS else 0.0
+        if k is None:
+            continue
+        total[k] += e["dur"]
+        if e.get("args", {}).get("op_name") in CONVERSIONS:
+            conv[k] += e["dur"]
+            first[k] += 0.0 if started[k] else e["dur"]
+        else:
+            started[k] = True
     out, start = {}, 0
     for key, warm, timed in calls:
-        shares = [c / t for c, t in zip(conv[start + warm:start + warm + timed], total[start + warm:start + warm + timed])
-                  if t > 0]
-        out[key] = statistics.median(shares) if shares else 0.0
+        span = range(start + warm, start + warm + timed)
+        out[key] = statistics.median([conv[i] / total[i] for i in span if total[i] > 0] or [0.0])
+        out[f"in@{key}"] = statistics.median([first[i] / total[i] for i in span if total[i] > 0] or [0.0])
         start += warm + timed
     return out
 
