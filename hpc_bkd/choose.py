@@ -201,7 +201,7 @@ def measure_options(t: TrainedUnits, batches: Sequence[int], runtime: SelectionR
     in_model, switches = _minus_conversions(alone, [prep for _, _, _, prep in rows], runtime, batches)
     # a switch where something between two blocks changes the activation's shape (pooling) is not
     # offered: ONNX Runtime moves the quantization above the pooling and runs that pooling in int8
-    # NCHW (the default job: 2.5 ms at batch 64 for a 0.06 ms fp32 max-pool, a quarter of the
+    # NCHW (the default job: 2.5 ms at batch 64 for a 0.06 ms fp32 max-pool, 45 % of that
     # student); between int8 blocks pooling runs in int8 NHWC and is cheap
     offered: list[dict[str, float] | None] = [sw if t.blocks[k].out_shape == t.blocks[k + 1].in_shape else None
                                               for k, sw in enumerate(switches)]
