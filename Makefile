@@ -67,7 +67,8 @@ bench-select-paper-scale: install  ## the same on full-width VGG16-BN at 32x32 (
 # exported student against the teacher in fp32 and the whole teacher in int8, at batch 1 and 64, 1 thread.
 bench-int8: install  ## the default job with int8 options; exported student vs fp32 and int8 teacher (ONNX Runtime)
 	$(PY) -m hpc_bkd run --run-dir bench/results-int8/run --set 'select.precisions=[fp32,int8]' --set run.export=true
-	$(PY) -m benchmarks.int8_bench --run-dir bench/results-int8/run --out bench/results-int8 --threads 1
+	$(PY) -m benchmarks.int8_bench --run-dir bench/results-int8/run --out bench/results-int8 --threads 1 --rounds 30
+	$(PY) -m benchmarks.int8_predict --run-dir bench/results-int8/run --out bench/results-int8 --threads 1
 
 bench-data: install  ## streaming input: images/s by workers vs a ResNet18-at-224 rank, RSS 5k vs 20k images, data wait
 	$(PY) -m benchmarks.data_bench --out bench/results-data

@@ -282,12 +282,14 @@ class Int8Blocks:
     members: tuple[str, ...]          # the modules of those blocks (the exporter's name scopes)
     calibration: tuple[Any, ...]      # numpy input batches
     method: str = "minmax"
+    fp32_members: tuple[str, ...] = ()  # the modules of the blocks kept fp32 (the rest is glue)
 
     def apply(self, path: Path) -> None:
-        """Quantize ``path`` in place (written beside it, then renamed over it)."""
-        from hpc_bkd.deploy.runtimes import module_nodes, quantize_int8
+        """Quantize ``path`` in place (written beside it, then renamed over it): the int8 blocks and
+        the nodes between two of them (``runtimes.int8_nodes``)."""
+        from hpc_bkd.deploy.runtimes import int8_nodes, quantize_int8
 
-        nodes = module_nodes(path, self.members)
+        nodes = int8_nodes(path, self.members, self.fp32_members)
         atomic_io.write_atomically(path, lambda tmp: quantize_int8(path, Path(tmp), self.calibration, self.method,
                                                                    nodes), keep_suffix=True)
         import onnx
@@ -303,7 +305,9 @@ class Int8Blocks:
         if not members:
             return None
         s = run.config.select
-        return Int8Blocks(members, tuple(image_batches(split.data, s.calibration_images)), s.calibration)
+        fp32_members = tuple(m for b in run.blocks if run.precisions.get(str(b.index)) != INT8 for m in b.members)
+        return Int8Blocks(members, tuple(image_batches(split.data, s.calibration_images)), s.calibration,
+                          fp32_members)
 
 
 def _check_role(model: nn.Module, files: dict[str, Path], split: EvalSplit,

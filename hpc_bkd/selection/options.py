@@ -131,6 +131,9 @@ class MeasuredOptions:
     layouts: dict[str, str]
     runtime: str = "torch"
     precisions: tuple[str, ...] = (FP32,)
+    # with int8: per block k >= 1, the milliseconds per batch key of switching from fp32 (block
+    # k - 1) to int8 (block k) inside the model (``_minus_conversions``); see ``_int8_suffix``
+    switches: list[dict[str, float] | None] = field(default_factory=list)  # None: no switch there
 
 
 def _values(latency: dict[str, float], params: int, macs: int, kl: float = 0.0) -> dict[str, float]:
@@ -142,10 +145,9 @@ def option_values(o: OptionRecord) -> dict[str, float]:
     return _values(o.latency_ms, o.params, o.macs, o.kl)
 
 
-def _fp32_row(t: TrainedUnits, spec: BlockSpec, runtime: SelectionRuntime
-              ) -> tuple[list[Unit | None], list[Prepared], list[tuple[int, int]]]:
+def _fp32_row(t: TrainedUnits, spec: BlockSpec) -> tuple[list[Unit | None], list[nn.Module], list[tuple[int, int]]]:
     """A block's fp32 options (the teacher's block, then its trained candidates in the config's
-    order), prepared for ``runtime``, with their params and MACs."""
+    order) in deploy form, with their params and MACs."""
     units: list[Unit | None] = [None]
     modules: list[nn.Module] = [teacher_block(t.teacher, spec)]
     for u in (u for u in t.units if u.block == spec.index and u.id in t.results):
@@ -153,15 +155,15 @@ def _fp32_row(t: TrainedUnits, spec: BlockSpec, runtime: SelectionRuntime
         student.load_state_dict(t.results[u.id].state_dict)
         units.append(u)
         modules.append(student.eval())
-    prepared = [runtime.prepare(m, spec.in_shape, f"block{spec.index}-{u.candidate if u else TEACHER}")
-                for m, u in zip(modules, units)]
-    return units, prepared, [_size(m, spec.in_shape) for m in modules]
+    deployed = [deploy_form(m) for m in modules]
+    return units, deployed, [_size(m, spec.in_shape, deployed=True) for m in deployed]
 
 
-def _size(model: nn.Module, shape: Sequence[int]) -> tuple[int, int]:
-    """Params and MACs of ``model``'s deploy form (BatchNorm folded): what ships."""
-    deployed = deploy_form(model)
-    return sum(p.numel() for p in deployed.parameters()), total_macs(deployed, shape)
+def _size(model: nn.Module, shape: Sequence[int], deployed: bool = False) -> tuple[int, int]:
+    """Params and MACs of ``model``'s deploy form (BatchNorm folded): what ships (``deployed``:
+    ``model`` is in deploy form already)."""
+    deployed_model = model if deployed else deploy_form(model)
+    return sum(p.numel() for p in deployed_model.parameters()), total_macs(deployed_model, shape)
 
 
 def measure_options(t: TrainedUnits, batches: Sequence[int], runtime: SelectionRuntime | None = None,
@@ -177,11 +179,16 @@ def measure_options(t: TrainedUnits, batches: Sequence[int], runtime: SelectionR
     items, rows, sizes = [whole], [], [_size(t.teacher, t.input_shape)]
     int8 = INT8 in precisions
     calibration = block_inputs(t, calibration_images) if int8 else {}
-    for spec in t.blocks:
-        units, prepared, size = _fp32_row(t, spec, runtime)
-        precision = [FP32] * len(units)
-        if int8:  # every option again, quantized on the block's real inputs; fp32 first wins a tie
-            prepared += [runtime.quantize(p, calibration[spec.index]) for p in prepared]
+    built = [(spec, *_fp32_row(t, spec)) for spec in t.blocks]
+    fp32 = runtime.prepare_rows([(spec.in_shape, [(m, f"block{spec.index}-{u.candidate if u else TEACHER}")
+                                                  for m, u in zip(modules, units)])
+                                 for spec, units, modules, _ in built])
+    # every option again, quantized on the block's real inputs (one calibration for all)
+    quantized = runtime.quantize_rows(fp32, [calibration[spec.index] for spec in t.blocks]) if int8 else []
+    for k, (spec, units, _, size) in enumerate(built):
+        prepared, precision = list(fp32[k]), [FP32] * len(units)
+        if int8:  # fp32 first wins a tie
+            prepared += quantized[k]
             units, size, precision = units * 2, size * 2, precision + [INT8] * len(precision)
         items += prepared
         sizes += size
@@ -190,7 +197,15 @@ def measure_options(t: TrainedUnits, batches: Sequence[int], runtime: SelectionR
     t1 = time.perf_counter()
     calls = runtime.call_items([spec.in_shape for spec in t.blocks])
     table = runtime.latency_table(items + calls, layouts)
-    latency = iter(_minus_calls(table[:len(items)], items, table[len(items):], calls))
+    alone = _minus_calls(table[:len(items)], items, table[len(items):], calls)
+    in_model, switches = _minus_conversions(alone, [prep for _, _, _, prep in rows], runtime, batches)
+    # a switch where something between two blocks changes the activation's shape (pooling) is not
+    # offered: ONNX Runtime moves the quantization above the pooling and runs that pooling in int8
+    # NCHW (the default job: 2.5 ms at batch 64 for a 0.06 ms fp32 max-pool, 45 % of that
+    # student); between int8 blocks pooling runs in int8 NHWC and is cheap
+    offered: list[dict[str, float] | None] = [sw if t.blocks[k].out_shape == t.blocks[k + 1].in_shape else None
+                                              for k, sw in enumerate(switches)]
+    latency = iter(in_model)
     t2 = time.perf_counter()
     scores = int8_scores(t, runtime, [(spec.index, p) for spec, _, _, prep in rows for p in prep
                                       if p.precision == INT8]) if int8 else {}
@@ -202,7 +217,7 @@ def measure_options(t: TrainedUnits, batches: Sequence[int], runtime: SelectionR
     options = [[_option(spec, u, t.results, next(latency), *next(size_it), prec, scores.get(p.name))
                 for u, prec, p in zip(units, precision, prep)] for spec, units, precision, prep in rows]
     measured = _with_rest(options, _values(t_lat, t_params, t_macs), {str(b): v for b, v in layouts.items()})
-    return replace(measured, runtime=runtime.name, precisions=tuple(precisions))
+    return replace(measured, runtime=runtime.name, precisions=tuple(precisions), switches=offered if int8 else [])
 
 
 def _minus_calls(table: list[dict[str, float]], items: Sequence[Prepared], call_table: list[dict[str, float]],
@@ -215,6 +230,44 @@ def _minus_calls(table: list[dict[str, float]], items: Sequence[Prepared], call_
         call = by_shape.get(p.shape, {})
         out.append({b: max(v - call.get(b, 0.0), 0.01 * v) for b, v in row.items()})
     return out
+
+
+def _minus_conversions(table: list[dict[str, float]], rows: Sequence[Sequence[Prepared]], runtime: SelectionRuntime,
+                       batches: Sequence[int]) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """Each option's time as inside a whole model between blocks of its own precision: without
+    the layout and precision conversions it pays at its edges when run alone
+    (``SelectionRuntime.conversions``). Those depend on the block's edge shapes and the option's
+    precision, not on the option: per block and precision its first option (the teacher's
+    block) is profiled, the conversions' share of its time turned into milliseconds of its timed
+    figure, and those milliseconds taken off every option of that precision. Never below 1 % of
+    the figure alone; the whole teacher (first row of ``table``) keeps its own.
+
+    Also returned, per block k >= 1: what a switch from fp32 (block k - 1) to int8 (block k)
+    costs inside the model: the output-edge conversions of block k - 1 in fp32 and the input-edge
+    ones of block k in int8 (see ``_int8_suffix``)."""
+    flat = [p for row in rows for p in row]
+    timed = dict(zip((p.name for p in flat), table[1:]))
+    refs: dict[tuple[int, str], Prepared] = {}
+    for k, row in enumerate(rows):
+        for p in row:
+            refs.setdefault((k, p.precision), p)
+    keys = list(refs)
+    shares = dict(zip(keys, runtime.conversions([refs[k] for k in keys], batches)))
+    conv = {key: {b: share.get(b, 0.0) * timed[refs[key].name][b] for b in timed[refs[key].name]}
+            for key, share in shares.items()}
+    edge_in = {key: {b: share.get(f"in@{b}", 0.0) * timed[refs[key].name][b] for b in timed[refs[key].name]}
+               for key, share in shares.items()}
+    out = [table[0]]
+    for k, row in enumerate(rows):
+        for p in row:
+            c = conv[(k, p.precision)]
+            out.append({b: max(v - c.get(b, 0.0), 0.01 * v) for b, v in timed[p.name].items()})
+    switches = []
+    for k in range(1, len(rows)):
+        if (k - 1, FP32) in conv and (k, INT8) in conv:
+            before, after = (k - 1, FP32), (k, INT8)
+            switches.append({b: conv[before][b] - edge_in[before][b] + edge_in[after][b] for b in conv[after]})
+    return out, switches
 
 
 def block_inputs(t: TrainedUnits, images: int) -> dict[int, list[np.ndarray]]:
@@ -342,11 +395,51 @@ def _budget_error(s: SelectConfig, m: MeasuredOptions, exc: Infeasible) -> Budge
                        f"select.budget of at least that to choose without training")
 
 
+def _int8_suffix(s: SelectConfig, m: MeasuredOptions) -> Solution:
+    """With int8 options: the exact choice among those whose int8 blocks form one run to the end
+    of the network (blocks 0..k-1 fp32, k..n-1 int8, for every k), each run's cost including the
+    one precision switch it makes (``MeasuredOptions.switches``). A switch costs a conversion of
+    the whole activation (the default job: ~0.3 ms at batch 64 after its first block), which no
+    per-block sum can see: a choice free to alternate fp32 and int8 picked an fp32 block between
+    int8 ones because it looked cheap alone and was slower in the model. The first blocks (few
+    channels, large images) are where fp32 is kept, so the run to the end loses little."""
+    n = len(m.options)
+    best: tuple[tuple[float, float], Solution, int] | None = None
+    last: Infeasible | None = None
+    for k in range(n + 1):
+        rows = [[o for o in row if o.precision == (FP32 if b < k else INT8)] for b, row in enumerate(m.options)]
+        switch = m.switches[k - 1] if 0 < k < n else {}
+        if switch is None:
+            continue
+        rest = {key: v + switch.get(key.split("@")[-1], 0.0) if key.startswith("latency_ms@") else v
+                for key, v in m.rest.items()}
+        restricted = replace(m, options=rows, rest=rest)
+        try:
+            solution = solve_for(s, problem_for(s, restricted), restricted)
+        except Infeasible as exc:
+            last = exc
+            continue
+        rank = ((solution.totals["kl"], 0.0) if s.objective == "quality" else
+                (max(solution.totals[key] / m.teacher[key] for key in cost_keys(s)), solution.totals["kl"]))
+        if best is None or rank < best[0]:
+            index = [[j for j, o in enumerate(row) if o.precision == (FP32 if b < k else INT8)]
+                     for b, row in enumerate(m.options)]
+            choice = [index[b][c] for b, c in enumerate(solution.choice[:n])] + solution.choice[n:]
+            best = (rank, replace(solution, choice=choice), k)
+    if best is None:
+        assert last is not None
+        raise last
+    if 0 < best[2] < n:
+        log.info("selection: fp32 up to block %d, int8 from there on (one precision switch)", best[2] - 1)
+    return best[1]
+
+
 def select(s: SelectConfig, m: MeasuredOptions, measure_s: float = 0.0) -> SelectionRecord:
-    """The exact choice under the budget, and the quality/cost front around it."""
+    """The exact choice under the budget, and the quality/cost front around it (with int8, among
+    the choices whose int8 blocks run to the end of the network, see ``_int8_suffix``)."""
     problem = problem_for(s, m)
     try:
-        solution = solve_for(s, problem, m)
+        solution = _int8_suffix(s, m) if INT8 in m.precisions and m.switches else solve_for(s, problem, m)
     except Infeasible as exc:
         raise _budget_error(s, m, exc) from None
     keys = cost_keys(s)
@@ -437,12 +530,13 @@ def _check_in_onnxruntime(selection: SelectionRecord, student: nn.Module, teache
     from hpc_bkd.deploy.runtimes import OnnxRuntime, image_batches
 
     int8 = [m for b in blocks if precisions.get(b.index) == INT8 for m in b.members]
+    fp32 = [m for b in blocks if precisions.get(b.index) != INT8 for m in b.members]
     calibration = image_batches(data, c.calibration_images) if data is not None and (
         int8 or INT8 in selection.precisions) else []
     with tempfile.TemporaryDirectory(prefix="hpc_bkd_check_") as tmp:
         rt = OnnxRuntime(threads, Path(tmp), c.calibration)
         s = rt.prepare(student, input_shape, "student")
-        items = [rt.quantize_blocks(s, int8, calibration) if int8 else s, rt.prepare(teacher, input_shape, "teacher")]
+        items = [rt.quantize_blocks(s, int8, calibration, fp32) if int8 else s, rt.prepare(teacher, input_shape, "teacher")]
         if INT8 in selection.precisions and calibration:
             items.append(rt.quantize(items[1], calibration))
         table = rt.latency_table(items, {int(b): v for b, v in selection.layouts.items()})

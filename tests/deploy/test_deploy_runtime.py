@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc_bkd.deploy.formats import missing_extra
+from hpc_bkd.deploy.form.formats import missing_extra
 from hpc_bkd.store import atomic_io
 
 WHY = missing_extra("onnx")
@@ -23,9 +23,9 @@ import onnx  # noqa: E402  (only with the extra)
 from conftest import WITHOUT_HPC_BKD, hpc  # noqa: E402
 
 from hpc_bkd.blocks.surgery import swapped  # noqa: E402
-from hpc_bkd.deploy.export import export_run, load_eval_split, load_run  # noqa: E402
-from hpc_bkd.deploy.form import TimingPlan, teacher_block  # noqa: E402
-from hpc_bkd.deploy.runtimes import INT8, OnnxRuntime, OrtModule  # noqa: E402
+from hpc_bkd.deploy.form.export import export_run, load_eval_split, load_run  # noqa: E402
+from hpc_bkd.deploy.form.form import TimingPlan, teacher_block  # noqa: E402
+from hpc_bkd.deploy.form.runtimes import INT8, OnnxRuntime, OrtModule  # noqa: E402
 from hpc_bkd.selection.options import TrainedUnits, block_inputs, int8_scores, kl_to_teacher  # noqa: E402
 from hpc_bkd.store.records import JobRecord  # noqa: E402
 from hpc_bkd.store.rundir import RunDir  # noqa: E402
@@ -145,3 +145,67 @@ def test_mixed_precision_export_loads_without_hpc_bkd(int8_run: Path, tmp_path: 
     standalone = json.loads(proc.stdout.strip().splitlines()[-1])
     assert standalone["accuracy"] == pytest.approx(card["test_accuracy"]["student.onnx"])
     assert card["test_accuracy"]["student.onnx"] > 0.5 * card["test_accuracy"]["student"]
+
+
+def _conv(channels: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU()).eval()
+
+
+def test_options_exported_and_quantized_together_are_each_option_alone(tmp_path: Path):
+    """One export and one calibration for every option (``prepare_rows``/``quantize_rows``) give,
+    per option, a file of its own that computes that option, fp32 exactly and int8 as close to the
+    option as a calibration of it alone; each block's calibration reaches its own options only."""
+    import numpy as np
+
+    from hpc_bkd.deploy.runtimes import FP32
+
+    rt = OnnxRuntime(1, tmp_path)
+    rows = [((4, 8, 8), [(_conv(4, 0), "a0"), (_conv(4, 1), "a1")]), ((4, 8, 8), [(_conv(4, 2), "b0")])]
+    fp32 = rt.prepare_rows(rows)
+    assert [[p.name for p in row] for row in fp32] == [["a0", "a1"], ["b0"]]
+    x = torch.randn(3, 4, 8, 8)
+    for row, (_, options) in zip(fp32, rows):
+        for p, (module, _) in zip(row, options):
+            assert p.precision == FP32 and p.source is not None
+            got = torch.from_numpy(rt.session(p).run(None, {"input": x.numpy()})[0])
+            assert torch.allclose(got, module(x), atol=1e-5)
+    # block b sees inputs 10x larger than block a: its ranges, not a's, must be calibrated
+    calibration = [[np.random.RandomState(k).randn(8, 4, 8, 8).astype(np.float32) * scale for k in range(2)]
+                   for scale in (1.0, 10.0)]
+    int8 = rt.quantize_rows(fp32, calibration)
+    alone = rt.quantize(fp32[1][0], calibration[1])
+    big = calibration[1][0]
+    together = rt.session(int8[1][0]).run(None, {"input": big})[0]
+    assert [p.name for p in int8[0]] == ["a0-int8", "a1-int8"] and all(p.precision == INT8 for p in int8[0])
+    assert np.allclose(together, rt.session(alone).run(None, {"input": big})[0], atol=1e-5)
+    reference = rows[1][1][0][0](torch.from_numpy(big)).detach().numpy()
+    assert 0 < np.abs(together - reference).max() < 0.05 * np.abs(reference).max()
+
+
+def test_glue_between_two_int8_blocks_is_quantized_and_nothing_else(tmp_path: Path):
+    """``int8_nodes``: the ReLU and pooling between two int8 blocks join them; the nodes after the
+    last int8 block (feeding an fp32 head) and an fp32 block's own nodes do not."""
+    from onnx import TensorProto, helper
+
+    from hpc_bkd.deploy.runtimes import int8_nodes
+
+    def node(op: str, inputs: list[str], output: str, scope: str) -> onnx.NodeProto:
+        n = helper.make_node(op, inputs, [output], name=output)
+        n.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr([scope]))
+        return n
+
+    chain = [("Conv", "c0", "b0"), ("Relu", "r0", "act0"), ("MaxPool", "p0", "pool0"), ("Conv", "c1", "b1"),
+             ("Relu", "r1", "act1"), ("Conv", "c2", "b2"), ("Relu", "r2", "act2"), ("Conv", "c3", "b3"),
+             ("Relu", "r3", "act3"), ("Flatten", "f", "flat")]
+    nodes, previous = [], "input"
+    for op, out, scope in chain:
+        nodes.append(node(op, [previous, "w"] if op == "Conv" else [previous], out, scope))
+        previous = out
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 4, 4])],
+                              [helper.make_tensor_value_info("f", TensorProto.FLOAT, None)],
+                              [helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 1, 1], [1.0])])
+    path = tmp_path / "chain.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    # blocks 0, 1 and 3 int8, block 2 fp32: glue only between 0 and 1
+    assert sorted(int8_nodes(path, ["b0", "b1", "b3"], ["b2"])) == ["c0", "c1", "c3", "p0", "r0"]

@@ -88,6 +88,38 @@ def test_select_is_exact_and_names_the_tightest_budget():
         load_config("tiny", ["select.method=budget", "select.objective=cost"])
 
 
+def test_int8_runs_to_the_end_and_its_one_switch_is_paid():
+    """With int8 options the choice is fp32 up to some block and int8 from there on, its precision
+    switch costed in the prediction; a switch that was not offered (pooling between two blocks:
+    ``None``) is never made, and an alternating choice the sum alone would prefer is not taken."""
+    from dataclasses import replace
+
+    def row(b: int, t32: float, t8: float, kl8: float) -> list[OptionRecord]:
+        return [OptionRecord(b, "teacher", None, 0.0, None, {"1": t32}, 10, 100, False),
+                OptionRecord(b, "teacher", None, kl8, None, {"1": t8}, 10, 100, False, "int8")]
+
+    # block 1 is cheap in fp32 alone; the sum would take int8, fp32, int8 (2.0 + 0.5 + 1.0 + rest 1)
+    rows = [row(0, 3.0, 2.0, 0.01), row(1, 0.5, 1.0, 0.01), row(2, 3.0, 1.0, 0.01)]
+    teacher = {"kl": 0.0, "latency_ms@1": 7.5, "params": 30.0, "macs": 300.0}
+    m = MeasuredOptions(rows, teacher, {"kl": 0.0, "latency_ms@1": 1.0, "params": 0.0, "macs": 0.0},
+                        {"1": "contiguous"}, "onnxruntime", ("fp32", "int8"), [{"1": 0.2}, {"1": 0.3}])
+    s = load_config("tiny", ["select.method=budget", "select.latency_batches=1", "select.objective=cost",
+                             "select.budget_unit=absolute", "select.budget=1.0"]).select
+    chosen = select(s, m)
+    labels = [o.label for o in chosen.options if o.chosen]
+    assert labels == ["teacher-int8", "teacher-int8", "teacher-int8"]  # 2 + 1 + 1 + 1 = 5.0 ms, no switch
+    assert chosen.predicted["latency_ms@1"] == pytest.approx(5.0)
+    # int8 block 0 made dear: fp32 up to block 1, then int8, paying the 0.3 ms switch before block 2
+    rows[0][1] = replace(rows[0][1], latency_ms={"1": 9.0})
+    chosen = select(s, replace(m, options=rows))
+    assert [o.label for o in chosen.options if o.chosen] == ["teacher", "teacher", "teacher-int8"]
+    assert chosen.predicted["latency_ms@1"] == pytest.approx(3.0 + 0.5 + 1.0 + 1.0 + 0.3)
+    # that switch not offered: the best left is int8 from block 1 on (switch 0.2 ms)
+    chosen = select(s, replace(m, options=rows, switches=[{"1": 0.2}, None]))
+    assert [o.label for o in chosen.options if o.chosen] == ["teacher", "teacher-int8", "teacher-int8"]
+    assert chosen.predicted["latency_ms@1"] == pytest.approx(3.0 + 1.0 + 1.0 + 1.0 + 0.2)
+
+
 def _files(run: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((run / "blocks").glob("block-*.pt"))}
 
