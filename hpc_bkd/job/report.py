@@ -11,6 +11,8 @@ from hpc_bkd.planning.planner import Plan
 from hpc_bkd.planning.table import CostTable
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.records import (
+    KL,
+    SIZES,
     BlockRecord,
     CacheReport,
     DistillTimes,
@@ -20,6 +22,9 @@ from hpc_bkd.store.records import (
     JobRecord,
     RankRecord,
     SelectionRecord,
+    kl_key,
+    latency_batch,
+    latency_key,
     record_from,
 )
 from hpc_bkd.store.rundir import RunDir
@@ -122,19 +127,20 @@ def _selection_lines(r: JobRecord) -> list[str]:
     s = r.selection
     if s is None:
         return []
-    keys = [k for k in s.teacher if k.startswith("latency_ms") or k in ("params", "macs")]
+    keys = [k for k in s.teacher if latency_batch(k) is not None or k in SIZES]
     lines = [f"selection: minimise {'summed KL' if s.objective == 'quality' else s.metric} with "
              f"{s.metric if s.objective == 'quality' else 'summed KL'} within {s.budget:g}"
              f"{' of the teacher' if s.budget_unit == 'fraction' else ''} ({'optimal' if s.optimal else 'not proven'}"
              f"; timed in {s.runtime}, precisions {'/'.join(s.precisions)}"
              f"; layouts {', '.join(f'batch {b}: {v}' for b, v in s.layouts.items())})",
              f"  {'':<18} {'teacher':>12} {'predicted':>12} {'measured':>12} {'error':>7}"]
-    for k in keys + ["kl"]:  # the whole student's KL after BN recalibration: what its blocks' scores predict
-        meas = s.measured.get(k if k != "kl" else "kl_recalibrated")
+    for k in keys + [KL]:  # the whole student's KL after BN recalibration: what its blocks' scores predict
+        meas = s.measured.get(k if k != KL else kl_key("recalibrated"))
         err = f"{100 * (meas / s.predicted[k] - 1):+6.1f}%" if meas is not None and s.predicted[k] else ""
         lines.append(f"  {k:<18} {s.teacher[k]:>12.4g} {s.predicted[k]:>12.4g} "
                      f"{meas if meas is not None else float('nan'):>12.4g} {err:>7}")
-        ref = s.measured.get(f"teacher_{k}")
+        batch = latency_batch(k)
+        ref = s.measured.get(latency_key(batch, "teacher")) if batch is not None else None
         if meas is not None and ref:  # as fractions of the teacher timed in the same pass: machine drift cancels
             lines.append(f"  {'  x teacher':<18} {1.0:>12.3f} {s.predicted[k] / s.teacher[k]:>12.3f} "
                          f"{meas / ref:>12.3f} {100 * ((meas / ref) / (s.predicted[k] / s.teacher[k]) - 1):+6.1f}%")
@@ -166,21 +172,21 @@ def pareto_plot(record: JobRecord, path: Path) -> None:
 
     s = record.selection
     assert s is not None
-    key = next(k for k in s.teacher if k.startswith("latency_ms")) if s.metric == "latency" else s.metric
+    key = next(k for k in s.teacher if latency_batch(k) is not None) if s.metric == "latency" else s.metric
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.plot([p.totals[key] for p in s.front], [p.totals["kl"] for p in s.front], "o-", color="tab:blue",
+    ax.plot([p.totals[key] for p in s.front], [p.totals[KL] for p in s.front], "o-", color="tab:blue",
             label="exact front (predicted)" + (", with int8" if s.front_fp32 else ""))
     if s.front_fp32:
-        ax.plot([p.totals[key] for p in s.front_fp32], [p.totals["kl"] for p in s.front_fp32], "o--",
+        ax.plot([p.totals[key] for p in s.front_fp32], [p.totals[KL] for p in s.front_fp32], "o--",
                 color="tab:green", label="exact front, fp32 only")
-    ax.plot([s.predicted[key]], [s.predicted["kl"]], "*", ms=16, color="tab:red", label="chosen (predicted)")
+    ax.plot([s.predicted[key]], [s.predicted[KL]], "*", ms=16, color="tab:red", label="chosen (predicted)")
     if key in s.measured:
-        ax.plot([s.measured[key]], [s.measured.get("kl_recalibrated", s.predicted["kl"])], "x", ms=12,
+        ax.plot([s.measured[key]], [s.measured.get(kl_key("recalibrated"), s.predicted[KL])], "x", ms=12,
                 color="tab:red", label="chosen (measured whole)")
     ax.plot([s.teacher[key]], [0.0], "s", ms=9, color="black", label="teacher")
     if s.budget_unit == "fraction" and s.objective == "quality":
         ax.axvline(s.budget * s.teacher[key], ls="--", color="gray", lw=0.8, label="budget")
-    ax.set_xlabel(key.replace("latency_ms@", "latency (ms) at batch "))
+    ax.set_xlabel(f"latency (ms) at batch {latency_batch(key)}" if latency_batch(key) is not None else key)
     ax.set_ylabel("summed KL to the teacher (nats/image)")
     ax.set_title(f"{record.config.model.arch}: quality vs cost per choice of blocks")
     ax.legend(fontsize=8)

@@ -38,7 +38,16 @@ from hpc_bkd.deploy.runtimes import FP32, INT8, Prepared, SelectionRuntime, Torc
 from hpc_bkd.distill.distiller import BlockResult
 from hpc_bkd.selection.rules import accept_blocks
 from hpc_bkd.selection.solver import Infeasible, Option, Problem, Solution, pareto_front, solve, tightest_fraction
-from hpc_bkd.store.records import FrontPointRecord, OptionRecord, SelectionRecord
+from hpc_bkd.store.records import (
+    KL,
+    CostVector,
+    FrontPointRecord,
+    OptionRecord,
+    SelectionRecord,
+    kl_key,
+    latency_batch,
+    latency_key,
+)
 
 log = logging.getLogger("hpc_bkd")
 
@@ -137,8 +146,7 @@ class MeasuredOptions:
 
 
 def _values(latency: dict[str, float], params: int, macs: int, kl: float = 0.0) -> dict[str, float]:
-    return {"kl": kl, **{f"latency_ms@{b}": v for b, v in latency.items()}, "params": float(params),
-            "macs": float(macs)}
+    return CostVector(kl, {int(b): v for b, v in latency.items()}, params, macs).values()
 
 
 def option_values(o: OptionRecord) -> dict[str, float]:
@@ -355,7 +363,7 @@ def fp32_only(m: MeasuredOptions) -> MeasuredOptions:
 def cost_keys(s: SelectConfig) -> list[str]:
     """The summed values ``select.metric`` budgets or minimises."""
     if s.metric == "latency":
-        return [f"latency_ms@{b}" for b in s.latency_batches]
+        return [latency_key(b) for b in s.latency_batches]
     return [s.metric]
 
 
@@ -367,9 +375,9 @@ def problem_for(s: SelectConfig, m: MeasuredOptions, with_limits: bool = True) -
     blocks.append([Option(REST, dict(m.rest))])
     if s.objective == "quality":
         limits = {k: s.budget * m.teacher[k] if s.budget_unit == "fraction" else s.budget for k in keys}
-        return Problem(blocks, {"kl": 1.0}, limits if with_limits else {})
+        return Problem(blocks, {KL: 1.0}, limits if with_limits else {})
     # the least KL among the choices whose largest cost fraction is least (see ``solve_for``)
-    return Problem(blocks, {"kl": 1.0}, {"kl": s.budget} if with_limits else {})
+    return Problem(blocks, {KL: 1.0}, {KL: s.budget} if with_limits else {})
 
 
 def solve_for(s: SelectConfig, problem: Problem, m: MeasuredOptions) -> Solution:
@@ -411,7 +419,7 @@ def _int8_suffix(s: SelectConfig, m: MeasuredOptions) -> Solution:
         switch = m.switches[k - 1] if 0 < k < n else {}
         if switch is None:
             continue
-        rest = {key: v + switch.get(key.split("@")[-1], 0.0) if key.startswith("latency_ms@") else v
+        rest = {key: v + switch.get(str(batch), 0.0) if (batch := latency_batch(key)) is not None else v
                 for key, v in m.rest.items()}
         restricted = replace(m, options=rows, rest=rest)
         try:
@@ -419,8 +427,8 @@ def _int8_suffix(s: SelectConfig, m: MeasuredOptions) -> Solution:
         except Infeasible as exc:
             last = exc
             continue
-        rank = ((solution.totals["kl"], 0.0) if s.objective == "quality" else
-                (max(solution.totals[key] / m.teacher[key] for key in cost_keys(s)), solution.totals["kl"]))
+        rank = ((solution.totals[KL], 0.0) if s.objective == "quality" else
+                (max(solution.totals[key] / m.teacher[key] for key in cost_keys(s)), solution.totals[KL]))
         if best is None or rank < best[0]:
             index = [[j for j, o in enumerate(row) if o.precision == (FP32 if b < k else INT8)]
                      for b, row in enumerate(m.options)]
@@ -444,8 +452,8 @@ def select(s: SelectConfig, m: MeasuredOptions, measure_s: float = 0.0) -> Selec
         raise _budget_error(s, m, exc) from None
     keys = cost_keys(s)
     reference = {k: m.teacher[k] for k in keys}
-    front = pareto_front(problem_for(s, m, with_limits=False), "kl", reference)
-    front_fp32 = (pareto_front(problem_for(s, fp32_only(m), with_limits=False), "kl", reference)
+    front = pareto_front(problem_for(s, m, with_limits=False), KL, reference)
+    front_fp32 = (pareto_front(problem_for(s, fp32_only(m), with_limits=False), KL, reference)
                   if INT8 in m.precisions else [])
     options = [[replace(o, chosen=j == solution.choice[b]) for j, o in enumerate(row)]
                for b, row in enumerate(m.options)]
@@ -508,12 +516,12 @@ def check_prediction(selection: SelectionRecord, student: nn.Module, teacher: nn
         got, ref = latency_table([(deploy_form(student), input_shape), (deploy_form(teacher), input_shape)], layouts,
                                  device, threads)
         extra = {}
-    measured = {f"latency_ms@{b}": v for b, v in got.items()}
-    measured.update({f"teacher_latency_ms@{b}": v for b, v in ref.items()})
-    measured.update({f"teacher_int8_latency_ms@{b}": v for b, v in extra.items()})
-    measured.update({f"kl_{k}": v for k, v in kl.items()})
+    measured = {latency_key(b): v for b, v in got.items()}
+    measured.update({latency_key(b, "teacher"): v for b, v in ref.items()})
+    measured.update({latency_key(b, "teacher_int8"): v for b, v in extra.items()})
+    measured.update({kl_key(k): v for k, v in kl.items()})
     for b in selection.layouts:
-        key = f"latency_ms@{b}"
+        key = latency_key(b)
         log.info("student latency at batch %s (%s): predicted %.3f ms, measured %.3f ms (%+.1f %%); teacher %.3f ms "
                  "(%.2fx)%s", b, selection.runtime, selection.predicted[key], measured[key],
                  100 * (measured[key] / selection.predicted[key] - 1), ref[b], ref[b] / measured[key],

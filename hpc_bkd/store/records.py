@@ -324,6 +324,49 @@ class ExportResult(JsonRecord):
 # ----------------------------------------------------------------------- the choice of students
 
 
+KL = "kl"  # summed KL(teacher || teacher with the option), nats per image
+SIZES = ("params", "macs")
+
+
+def latency_key(batch: int | str, of: str = "") -> str:
+    """The key of milliseconds per batch of ``batch`` images in a cost mapping: ``latency_ms@64``;
+    ``of`` names a reference model timed beside it (``teacher``, ``teacher_int8``)."""
+    return f"{of + '_' if of else ''}latency_ms@{batch}"
+
+
+def latency_batch(key: str) -> int | None:
+    """The batch size of a latency key of the option itself (``latency_ms@64`` -> 64), else None."""
+    name, _, batch = key.partition("@")
+    return int(batch) if name == "latency_ms" and batch.isdigit() else None
+
+
+def kl_key(stage: str) -> str:
+    """The key of the whole student's KL measured at ``stage`` (``kl_recalibrated``)."""
+    return f"{KL}_{stage}"
+
+
+@dataclass(frozen=True)
+class CostVector:
+    """What one option (or a whole model) costs, as the exact choice sums it per block: its KL, its
+    milliseconds per batch at each batch size, its parameters and MACs. ``values`` is the flat
+    mapping the solver and ``report.json`` use (``kl``, ``latency_ms@<batch>``, ``params``,
+    ``macs``); the key names are defined here and nowhere else."""
+
+    kl: float
+    latency_ms: dict[int, float]
+    params: float
+    macs: float
+
+    def values(self) -> dict[str, float]:
+        return {KL: self.kl, **{latency_key(b): v for b, v in self.latency_ms.items()}, "params": float(self.params),
+                "macs": float(self.macs)}
+
+    @classmethod
+    def from_values(cls, values: dict[str, float]) -> CostVector:
+        latency = {b: v for k, v in values.items() if (b := latency_batch(k)) is not None}
+        return cls(values.get(KL, 0.0), latency, values.get("params", 0.0), values.get("macs", 0.0))
+
+
 @dataclass(frozen=True)
 class OptionRecord:
     """One option for one block (the teacher's own block, or a trained candidate): what it costs,

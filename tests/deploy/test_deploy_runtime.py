@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc_bkd.deploy.form.formats import missing_extra
+from hpc_bkd.deploy.formats import missing_extra
 from hpc_bkd.store import atomic_io
 
 WHY = missing_extra("onnx")
@@ -23,9 +23,9 @@ import onnx  # noqa: E402  (only with the extra)
 from conftest import WITHOUT_HPC_BKD, hpc  # noqa: E402
 
 from hpc_bkd.blocks.surgery import swapped  # noqa: E402
-from hpc_bkd.deploy.form.export import export_run, load_eval_split, load_run  # noqa: E402
-from hpc_bkd.deploy.form.form import TimingPlan, teacher_block  # noqa: E402
-from hpc_bkd.deploy.form.runtimes import INT8, OnnxRuntime, OrtModule  # noqa: E402
+from hpc_bkd.deploy.export import export_run, load_eval_split, load_run  # noqa: E402
+from hpc_bkd.deploy.form import TimingPlan, teacher_block  # noqa: E402
+from hpc_bkd.deploy.runtimes import INT8, OnnxRuntime, OrtModule  # noqa: E402
 from hpc_bkd.selection.options import TrainedUnits, block_inputs, int8_scores, kl_to_teacher  # noqa: E402
 from hpc_bkd.store.records import JobRecord  # noqa: E402
 from hpc_bkd.store.rundir import RunDir  # noqa: E402
