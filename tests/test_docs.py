@@ -121,7 +121,7 @@ def test_yaml_config_blocks_load():
     from hpc_bkd.config import config_from_dict
     sections = {"model", "data", "teacher", "blocks", "distill", "plan", "select", "finetune", "run"}
     checked = 0
-    for page, _, code in blocks("yaml"):
+    for _, _, code in blocks("yaml"):
         raw = yaml.safe_load(code)
         if isinstance(raw, dict) and raw and set(raw) <= sections:
             config_from_dict(raw)
