@@ -23,7 +23,7 @@ Costs the block timing (``costs.Timer``, on batches fetched beforehand) does not
   this job's ranks exchange rows (``exchange_seconds_per_byte``, into fresh memory as the fill
   does). Unpriced, the exchange let a team look as cheap as a block split at paper scale and lose
   to it by 20 % (issue #16); a 128 MiB sample still underprices a whole cache's first touch on
-  some VMs (README, *Known limitations*).
+  some VMs (docs/limitations.md).
 """
 from __future__ import annotations
 
