@@ -28,7 +28,13 @@ from hpc_bkd.deploy.runtimes import FP32, OnnxRuntime
 from hpc_bkd.distill.distiller import BlockResult
 from hpc_bkd.distributed.runtime import cpu_model
 from hpc_bkd.job.stages import candidate_units
-from hpc_bkd.selection.options import TrainedUnits, check_prediction, describe_selection, measure_options, select
+from hpc_bkd.selection.options import (
+    TrainedUnits,
+    check_prediction,
+    choose_within_budget,
+    describe_selection,
+    measure_options,
+)
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.rundir import RunDir
 
@@ -49,7 +55,7 @@ def measure(run_dir: Path, threads: int) -> dict[str, Any]:
         measured = measure_options(t, s.latency_batches, OnnxRuntime(threads, Path(tmp), s.calibration),
                                    ("fp32", "int8"), s.calibration_images)
     options_s = time.perf_counter() - t0
-    selection = select(s, measured, options_s)
+    selection = choose_within_budget(s, measured, options_s)
     chosen = [o for o in selection.options if o.chosen]
     students = {}
     for o in chosen:

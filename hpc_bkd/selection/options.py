@@ -7,7 +7,7 @@ swapped validation accuracy stays within ``distill.accept_tolerance`` of the tea
 every option is measured alone in deploy form on this device (latency at each
 ``select.latency_batches``, params, MACs), each trained unit brings its quality score from
 distillation (the KL divergence of the teacher's logits from those of the teacher with only that
-unit swapped in), and the choice is a multiple-choice knapsack solved exactly (``select.solve``).
+unit swapped in), and the choice is a multiple-choice knapsack solved exactly (``solver.solve``).
 The whole model is predicted additively: the teacher's cost outside its blocks (stem, pooling,
 classifier: the whole teacher measured, minus its blocks) plus the chosen blocks. Every latency of a
 batch size is taken in one memory layout, the one the whole teacher runs fastest in, so the blocks
@@ -113,7 +113,7 @@ class BudgetChoice:
         with tempfile.TemporaryDirectory(prefix="hpc_bkd_options_") as tmp:  # the options' ONNX files
             runtime = make_runtime(c.runtime, t.device, t.threads, Path(tmp), c.calibration)
             measured = measure_options(t, list(c.latency_batches), runtime, c.precisions, c.calibration_images)
-        selection = select(self.cfg, measured, time.perf_counter() - t0)
+        selection = choose_within_budget(self.cfg, measured, time.perf_counter() - t0)
         for line in describe_selection(selection):
             log.info("%s", line)
         chosen = [o for o in selection.options if o.chosen]
@@ -442,7 +442,7 @@ def _int8_suffix(s: SelectConfig, m: MeasuredOptions) -> Solution:
     return best[1]
 
 
-def select(s: SelectConfig, m: MeasuredOptions, measure_s: float = 0.0) -> SelectionRecord:
+def choose_within_budget(s: SelectConfig, m: MeasuredOptions, measure_s: float = 0.0) -> SelectionRecord:
     """The exact choice under the budget, and the quality/cost front around it (with int8, among
     the choices whose int8 blocks run to the end of the network, see ``_int8_suffix``)."""
     problem = problem_for(s, m)

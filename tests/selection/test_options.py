@@ -19,7 +19,7 @@ from hpc_bkd.config import ConfigError, load_config
 from hpc_bkd.deploy.export import load_run
 from hpc_bkd.distributed import runtime
 from hpc_bkd.job import stages as pipeline
-from hpc_bkd.selection.options import BudgetError, MeasuredOptions, select
+from hpc_bkd.selection.options import BudgetError, MeasuredOptions, choose_within_budget
 from hpc_bkd.store import atomic_io
 from hpc_bkd.store.records import JobRecord, OptionRecord
 
@@ -72,17 +72,17 @@ def test_select_is_exact_and_names_the_tightest_budget():
     # teacher blocks 2 + 2 + 1 ms, rest 1 ms: 6 ms; candidates trade KL for latency
     m = _options([[2.0, 1.0, 0.5], [2.0, 1.5], [1.0, 0.2]], [[0.0, 0.1, 0.4], [0.0, 0.05], [0.0, 0.3]])
     s = load_config("tiny", ["select.method=budget", "select.latency_batches=1", "select.budget=0.75"]).select
-    chosen = select(s, m)  # 4.5 ms allowed: dropping 1.5 ms at least KL: c1 on block 0 and 1 (0.15) vs ...
+    chosen = choose_within_budget(s, m)  # 4.5 ms allowed: dropping 1.5 ms at least KL: c1 on block 0 and 1 (0.15) vs ...
     assert chosen.predicted["latency_ms@1"] <= 4.5 + 1e-9 and chosen.optimal
     assert chosen.chosen == ["c1", "c1", "teacher"] and chosen.predicted["kl"] == pytest.approx(0.15)
     assert chosen.front[0].fraction == pytest.approx((1 + 0.5 + 1.5 + 0.2) / 6)
     assert chosen.front[-1].totals["kl"] == 0.0
     s = load_config("tiny", ["select.method=budget", "select.latency_batches=1", "select.budget=0.5"]).select
     with pytest.raises(BudgetError, match=r"tightest feasible budget is 0\.533"):
-        select(s, m)
+        choose_within_budget(s, m)
     s = load_config("tiny", ["select.method=budget", "select.latency_batches=1", "select.objective=cost",
                              "select.budget_unit=absolute", "select.budget=0.35"]).select
-    fastest = select(s, m)  # least latency with summed KL <= 0.35: 4.5 ms at KL 0.15 beats 4.7 ms at 0.35
+    fastest = choose_within_budget(s, m)  # least latency with summed KL <= 0.35: 4.5 ms at KL 0.15 beats 4.7 ms at 0.35
     assert fastest.chosen == ["c1", "c1", "teacher"] and fastest.predicted["latency_ms@1"] == pytest.approx(4.5)
     with pytest.raises(ConfigError, match="budget_unit"):
         load_config("tiny", ["select.method=budget", "select.objective=cost"])
@@ -105,17 +105,17 @@ def test_int8_runs_to_the_end_and_its_one_switch_is_paid():
                         {"1": "contiguous"}, "onnxruntime", ("fp32", "int8"), [{"1": 0.2}, {"1": 0.3}])
     s = load_config("tiny", ["select.method=budget", "select.latency_batches=1", "select.objective=cost",
                              "select.budget_unit=absolute", "select.budget=1.0"]).select
-    chosen = select(s, m)
+    chosen = choose_within_budget(s, m)
     labels = [o.label for o in chosen.options if o.chosen]
     assert labels == ["teacher-int8", "teacher-int8", "teacher-int8"]  # 2 + 1 + 1 + 1 = 5.0 ms, no switch
     assert chosen.predicted["latency_ms@1"] == pytest.approx(5.0)
     # int8 block 0 made dear: fp32 up to block 1, then int8, paying the 0.3 ms switch before block 2
     rows[0][1] = replace(rows[0][1], latency_ms={"1": 9.0})
-    chosen = select(s, replace(m, options=rows))
+    chosen = choose_within_budget(s, replace(m, options=rows))
     assert [o.label for o in chosen.options if o.chosen] == ["teacher", "teacher", "teacher-int8"]
     assert chosen.predicted["latency_ms@1"] == pytest.approx(3.0 + 0.5 + 1.0 + 1.0 + 0.3)
     # that switch not offered: the best left is int8 from block 1 on (switch 0.2 ms)
-    chosen = select(s, replace(m, options=rows, switches=[{"1": 0.2}, None]))
+    chosen = choose_within_budget(s, replace(m, options=rows, switches=[{"1": 0.2}, None]))
     assert [o.label for o in chosen.options if o.chosen] == ["teacher", "teacher-int8", "teacher-int8"]
     assert chosen.predicted["latency_ms@1"] == pytest.approx(3.0 + 1.0 + 1.0 + 1.0 + 0.2)
 
