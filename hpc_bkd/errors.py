@@ -32,9 +32,18 @@ class UserError(Exception):
     (exit 4) are endings too, where running the same command again resumes.
     """
 
-    exit_code: ClassVar[int] = EXIT_BAD_INPUT
+    exit_code: int = EXIT_BAD_INPUT
     advice: ClassVar[str] = ""
     """Appended to the one-line message: what to do about it, where that is always the same."""
+
+
+class RootFailed(UserError):
+    """Rank 0 failed in the stages it runs alone (choice, fine-tuning, report) while the other
+    ranks waited for it: they end with its message and its exit code instead of waiting forever."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(f"rank 0 failed: {message}")
+        self.exit_code = exit_code
 
 
 def exit_code_of(exc: BaseException) -> int | None:

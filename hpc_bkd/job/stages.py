@@ -60,6 +60,7 @@ from hpc_bkd.distributed.runtime import (
     peak_memory_mb,
     setup_logging,
 )
+from hpc_bkd.errors import EXIT_FAILED, RootFailed, exit_code_of
 from hpc_bkd.job.limits import check_fits
 from hpc_bkd.job.outcomes import (
     Clock,
@@ -452,9 +453,14 @@ def stop_if_interrupted(rt: Runtime, outcomes: list[RankOutcome], run_dir: RunDi
 
 
 def await_root(rt: Runtime, run_dir: RunDir) -> None:
-    """Sleep while rank 0 fine-tunes and reports, then leave together (or all be interrupted)."""
-    if rt.bcast(None) == "interrupted":
+    """Sleep while rank 0 fine-tunes and reports, then leave together (or all be interrupted, or
+    all end with rank 0's error)."""
+    outcome = rt.bcast(None)
+    if outcome == "interrupted":
         raise Interrupted(str(run_dir))
+    if isinstance(outcome, tuple):
+        _, message, code = outcome
+        raise RootFailed(message, code)
 
 
 def finish_on_root(rt: Runtime, finish: Callable[[], JobRecord]) -> JobRecord:
@@ -463,6 +469,9 @@ def finish_on_root(rt: Runtime, finish: Callable[[], JobRecord]) -> JobRecord:
         record = finish()
     except Interrupted:
         rt.bcast("interrupted")
+        raise
+    except Exception as exc:  # e.g. a budget no choice meets: the others must not wait for "done"
+        rt.bcast(("failed", str(exc), exit_code_of(exc) or EXIT_FAILED))
         raise
     rt.bcast("done")
     return record

@@ -166,6 +166,11 @@ def test_two_ranks_train_the_same_candidates_as_one(tmp_path: Path, tiny_teacher
     for name in one:
         a, b = (atomic_io.load(r / "blocks" / name)["state_dict"] for r in (tmp_path / "np1", tmp_path / "np2"))
         assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5) for k in a), name
+    # a budget no choice meets fails on rank 0 after the ranks have gathered: rank 1 must not wait
+    proc = hpc("distill", *common, "--set", "select.budget=0.01", "--run-dir", str(tmp_path / "np2"), np=2,
+               check=False, timeout=300)
+    assert proc.returncode == 2 and "tightest feasible budget" in proc.stderr, proc.stderr[-3000:]
+    assert "[rank 1/2] error: rank 0 failed: select.budget 0.01" in proc.stderr
 
 
 def test_selection_runtime_and_int8_are_checked_before_any_work(monkeypatch):
