@@ -73,6 +73,7 @@ from .teacher import accuracy, get_teacher, state_fingerprint
 from .teacher_cache import CacheDecision, decide, memory_budget
 from .teams import Team, team_backend
 from .tracking import Trackers
+from .whole_units import add_built_units, built_units
 
 log = logging.getLogger("hpc_bkd")
 T = TypeVar("T")
@@ -111,6 +112,9 @@ class TeacherShare:
     blocks: list[BlockSpec] = field(default_factory=list)
     fingerprint: str = ""
     interrupted: bool = False
+    units: list[Unit] = field(default_factory=list)  # every candidate for every block it fits (rank 0's)
+    built: dict = field(default_factory=dict)  # the narrowed units rank 0 built finding them (whole_units)
+    error: str = ""  # why no candidate fits (raised on every rank)
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ class PreparedTeacher:
     test_acc: float
     blocks: list[BlockSpec]
     fingerprint: str
+    units: list[Unit] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -235,7 +240,7 @@ def _stages(cfg: Config, rt: Runtime, backend: str, progress: RankProgress) -> J
     progress.attach(run_dir.progress(rt.rank))  # past the up-front checks: a refused job leaves no file
     progress.phase("teacher")
     teacher = share_teacher(cfg, rt, data, run_dir, clock)
-    units = candidate_units(cfg, teacher.model, teacher.blocks)
+    units = teacher.units
     choice = agree_schedule(cfg, rt, teacher, data)
     resume = find_finished(cfg, rt, run_dir, teacher, units)
     progress.phase("cost timing")
@@ -327,7 +332,9 @@ def candidate_units(cfg: Config, teacher: nn.Module, blocks: Sequence[BlockSpec]
             left_out.setdefault(candidate.name, []).append((block, why))
         return why is None
 
+    t0 = time.perf_counter()
     units = job_units(len(blocks), job_candidates(cfg), fits)
+    log.info("candidates: %d unit(s) for %d block(s) found in %.1fs", len(units), len(blocks), time.perf_counter() - t0)
     for name, where in left_out.items():
         log.info("candidate %s left out for %d block(s) (%s): %s", name, len(where),
                  ", ".join(str(b) for b, _ in where), where[0][1])
@@ -338,7 +345,9 @@ def candidate_units(cfg: Config, teacher: nn.Module, blocks: Sequence[BlockSpec]
 
 
 def share_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, clock: Clock) -> PreparedTeacher:
-    """Rank 0 prepares the teacher and finds its blocks; every rank gets them (broadcast)."""
+    """Rank 0 prepares the teacher and finds its blocks and their candidates; every rank gets
+    them (broadcast), with the narrowed units rank 0 built (``shrink``), so no other rank repeats
+    Torch-Pruning's probing."""
     share = None
     if rt.is_root:
         try:
@@ -349,12 +358,16 @@ def share_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, clock: 
     assert isinstance(shared, TeacherShare)
     if shared.interrupted or shared.state is None:
         raise Interrupted(str(run_dir))
+    if shared.error:
+        raise ValueError(shared.error)
     teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width, cfg.model.kwargs)
     teacher.load_state_dict(shared.state)
     if rt.is_root:
         clock.mark("broadcast")
+    else:
+        add_built_units(shared.built)
     return PreparedTeacher(teacher.eval(), shared.info or {}, shared.val_acc, shared.test_acc, shared.blocks,
-                           shared.fingerprint)
+                           shared.fingerprint, shared.units)
 
 
 def _prepare_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, clock: Clock) -> TeacherShare:
@@ -367,7 +380,13 @@ def _prepare_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, cloc
     blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
     clock.mark("teacher")
     state = teacher.state_dict()
-    return TeacherShare(state, info, val, test, blocks, job_fingerprint(cfg, state_fingerprint(state), blocks))
+    fingerprint = job_fingerprint(cfg, state_fingerprint(state), blocks)
+    try:
+        units = candidate_units(cfg, teacher, blocks)
+    except ValueError as exc:  # nothing fits: every rank raises it after the broadcast
+        return TeacherShare(state, info, val, test, blocks, fingerprint, error=str(exc))
+    clock.mark("candidates")
+    return TeacherShare(state, info, val, test, blocks, fingerprint, units=units, built=built_units())
 
 
 def agree_schedule(cfg: Config, rt: Runtime, teacher: PreparedTeacher, data: Data) -> ScheduleChoice:

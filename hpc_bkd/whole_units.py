@@ -141,6 +141,18 @@ def _probe(unit: nn.Module, spec: BlockSpec, want: torch.Size) -> list[str]:
 _SHRUNK: dict[tuple, nn.Module | NotApplicable] = {}  # probing is slow; the same unit is built many times
 
 
+def built_units() -> dict[tuple, nn.Module | NotApplicable]:
+    """Every narrowed unit (or why none) built in this process so far, by key: what rank 0 sends
+    with the teacher so the other ranks need not probe and prune the same units again."""
+    return dict(_SHRUNK)
+
+
+def add_built_units(built: dict[tuple, nn.Module | NotApplicable]) -> None:
+    """Take units another process built (``built_units``); a key this process computes differently
+    is simply built again here."""
+    _SHRUNK.update(built)
+
+
 def shrink_unit(teacher: nn.Module, spec: BlockSpec, fraction: float) -> nn.Module:
     """The teacher's unit with every internal width cut to ``fraction``, by weight magnitude (a
     fresh copy each call; remembered by the unit's structure and a checksum of its values)."""
