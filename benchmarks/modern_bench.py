@@ -64,7 +64,7 @@ class ModelSpec:
 # 2 distillation epochs, 3 fine-tuning epochs (ours and Torch-Pruning's alike).
 REDUCED = ("data.train_limit=512", "data.batch_size=32", "distill.epochs=2", "finetune.epochs=3")
 MODELS: dict[str, ModelSpec] = {
-    "resnet50": ModelSpec("digits-resnet50-units", REDUCED + ("teacher.epochs=5", "teacher.lr=0.02", "select.budget=0.45"),
+    "resnet50": ModelSpec("digits-resnet50-units", REDUCED + ("teacher.epochs=18", "teacher.lr=0.02", "select.budget=0.45"),
                           {"batch64": 2.0, "batch1": 1.5, "acc_drop": 1.0}, torch_pruning=True),
     "vit": ModelSpec("digits-vit-units", REDUCED + ("teacher.epochs=15", "select.budget=0.6"),
                      {"batch64": 1.5, "acc_drop": 1.0}, classifier="heads"),
@@ -224,8 +224,9 @@ def bench_model(name: str, spec: ModelSpec, out: Path, np_: int, extra: Sequence
     row: dict[str, Any] = {"model": name, "config": spec.config, "sets": sets, "ranks": np_}
     print(f"[{name}] teacher (reused if cached in {run_dir}) ...", flush=True)
     row["teacher_s"] = _command([*py, "train-teacher", *common, "--set", "run.threads=0"], out / f"{name}-teacher.log")
-    for stale in ("report.json", "students.pt"):  # a re-run chooses and fine-tunes again
-        (run_dir / stale).unlink(missing_ok=True)
+    for stale in run_dir.iterdir():  # a re-run distills, chooses and fine-tunes again: only the teacher stays
+        if stale.name not in ("teacher.pt", "job.lock"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     print(f"[{name}] ours: distillation on {np_} ranks + choice + fine-tuning ...", flush=True)
     row["ours_load_before"] = loadavg()
     row["ours_wall_s"] = _command([_mpirun(), "-np", str(np_), *py, "run", *common, "--set", "run.export=false",

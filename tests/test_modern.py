@@ -109,6 +109,16 @@ def test_skip_is_identity_or_the_cheapest_projection():
     x = torch.randn(3, *same.in_shape)
     student = build_candidate(same, Candidate.parse("skip"), 0, model).eval()
     assert torch.equal(student(x), x) and sum(p.numel() for p in student.parameters()) == 1
+    student.train()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.fill_(0.5)  # a checkpoint's value, or a step: still exactly its input, and in eval no op at all
+    assert torch.equal(student(x), x)
+    student(x).sum().backward()
+    assert all(float(p.grad.abs().sum()) == 0.0 for p in student.parameters())
+    from hpc_bkd.deploy import deploy_form
+    traced = deploy_form(student)
+    assert [n.op for n in traced.graph.nodes] == ["placeholder", "output"]
     proj = build_candidate(down, Candidate.parse("skip"), 0, model)
     convs = [m for m in proj.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.kernel_size, c.stride) for c in convs] == [((1, 1), (2, 2))]
