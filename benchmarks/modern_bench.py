@@ -13,8 +13,9 @@
 3. ``torch-pruning`` (ResNet50): Torch-Pruning's documented global pruning recipe on the same
    teacher (``BasePruner``, ``GroupMagnitudeImportance(p=2)``, ``global_pruning=True``,
    ``round_to=8``, the classifier left out), its pruning ratio searched by bisection until the pruned
-   model's measured batch-64 latency (eager, deploy form) matches our student's (timed interleaved
-   with it), then fine-tuned with the same routine, epochs and data as ours (``finetune.finetune``:
+   model's measured batch-64 latency (deploy form, in the runtime our choice was timed in: ONNX
+   Runtime where the export extra is installed, else eager) matches our student's (timed
+   interleaved with it), then fine-tuned with the same routine, epochs and data as ours (``finetune.finetune``:
    KD from the teacher). Search + fine-tuning is its wall-clock to the student.
 4. Every model of the comparison in deploy form (BatchNorm folded), eager PyTorch and ONNX Runtime,
    at batch 1 and batch 64, timed in interleaved rounds (each keeps its fastest round's median), so a
@@ -178,11 +179,11 @@ def tp_prune(teacher: nn.Module, shape: Sequence[int], ratio: float, classifier:
     return model
 
 
-def match_latency(teacher: nn.Module, ours: Timed, shape: Sequence[int], classifier: str, steps: int = 6
-                  ) -> tuple[nn.Module, float, list[dict[str, float]]]:
-    """Bisect Torch-Pruning's ratio until its deploy-form batch-64 eager latency matches ``ours``'s
-    (each trial timed interleaved with ours); the trial whose ratio of latencies is nearest 1."""
-    from hpc_bkd.deploy import deploy_form
+def match_latency(teacher: nn.Module, ours: Timed, shape: Sequence[int], classifier: str, runtime: str,
+                  threads: int, tmp: Path, steps: int = 6) -> tuple[nn.Module, float, list[dict[str, float]]]:
+    """Bisect Torch-Pruning's ratio until its deploy-form batch-64 latency in ``runtime`` (the one
+    our choice was timed in) matches ``ours``'s (each trial timed interleaved with ours); the trial
+    whose ratio of latencies is nearest 1."""
 
     lo, hi = 0.0, 0.9
     trials: list[dict[str, float]] = []
@@ -190,12 +191,13 @@ def match_latency(teacher: nn.Module, ours: Timed, shape: Sequence[int], classif
     for _ in range(steps):
         ratio = (lo + hi) / 2
         pruned = tp_prune(teacher, shape, ratio, classifier)
-        trial = Timed("tp", deploy_form(pruned))
-        mine = Timed("ours", ours.eager)
-        time_interleaved([mine, trial], shape, ["eager"], rounds=2, batches=(64,))
-        rel = trial.ms["eager@64"] / mine.ms["eager@64"]
-        trials.append({"ratio": ratio, "latency_vs_ours": rel, "tp_ms@64": trial.ms["eager@64"],
-                       "ours_ms@64": mine.ms["eager@64"]})
+        onnx = tmp if runtime == "onnxruntime" else None
+        trial = prepare(f"tp-{ratio:.4f}", pruned, shape, onnx, threads)
+        mine = Timed("ours", ours.eager, ours.onnx, ours.session)
+        time_interleaved([mine, trial], shape, [runtime], rounds=2, batches=(64,))
+        key = f"{runtime}@64"
+        rel = trial.ms[key] / mine.ms[key]
+        trials.append({"ratio": ratio, "latency_vs_ours": rel, "tp_ms@64": trial.ms[key], "ours_ms@64": mine.ms[key]})
         print(f"  torch-pruning ratio {ratio:.3f}: batch-64 latency {rel:.3f}x ours", flush=True)
         if best is None or abs(rel - 1) < abs(best[0] - 1):
             best = (rel, pruned, ratio)
@@ -252,9 +254,12 @@ def bench_model(name: str, spec: ModelSpec, out: Path, np_: int, extra: Sequence
             print(f"[{name}] torch-pruning: ratio for our batch-64 latency, then {cfg.finetune.epochs} epochs of "
                   "fine-tuning ...", flush=True)
             t0 = time.perf_counter()
-            ours_timed = prepare("ours", run.student, shape, None, threads)
+            match = "onnxruntime" if onnx and cfg.select.runtime != "torch" else "eager"
+            row["tp_matched_in"] = match
+            ours_timed = prepare("ours", run.student, shape, Path(tmp) if match == "onnxruntime" else None, threads)
             row["tp_load_before"] = loadavg()
-            pruned, ratio, trials = match_latency(run.teacher, ours_timed, shape, spec.classifier)
+            pruned, ratio, trials = match_latency(run.teacher, ours_timed, shape, spec.classifier, match, threads,
+                                                  Path(tmp))
             row["tp_search_s"] = time.perf_counter() - t0
             row["tp_ratio"], row["tp_trials"] = ratio, trials
             t1 = time.perf_counter()
