@@ -213,7 +213,8 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def bench_model(name: str, spec: ModelSpec, out: Path, np_: int, extra: Sequence[str], onnx: bool) -> dict[str, Any]:
+def bench_model(name: str, spec: ModelSpec, out: Path, np_: int, extra: Sequence[str], onnx: bool,
+                keep_units: bool = False) -> dict[str, Any]:
     from hpc_bkd.config import load_config
     from hpc_bkd.data import load_data
     from hpc_bkd.export import load_run
@@ -226,11 +227,12 @@ def bench_model(name: str, spec: ModelSpec, out: Path, np_: int, extra: Sequence
     sets = [*spec.sets, *extra]
     common = ["-c", spec.config, "--run-dir", str(run_dir), *_sets(sets)]
     py = [sys.executable, "-m", "hpc_bkd"]
-    row: dict[str, Any] = {"model": name, "config": spec.config, "sets": sets, "ranks": np_}
+    row: dict[str, Any] = {"model": name, "config": spec.config, "sets": sets, "ranks": np_, "kept_units": keep_units}
     print(f"[{name}] teacher (reused if cached in {run_dir}) ...", flush=True)
     row["teacher_s"] = _command([*py, "train-teacher", *common, "--set", "run.threads=0"], out / f"{name}-teacher.log")
-    for stale in run_dir.iterdir():  # a re-run distills, chooses and fine-tunes again: only the teacher stays
-        if stale.name not in ("teacher.pt", "job.lock"):
+    keep = ("teacher.pt", "job.lock") + (("blocks", "costs.json", "config.json") if keep_units else ())
+    for stale in run_dir.iterdir():  # a re-run distills (unless --keep-units), chooses and fine-tunes again
+        if stale.name not in keep:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     print(f"[{name}] ours: distillation on {np_} ranks + choice + fine-tuning ...", flush=True)
     row["ours_load_before"] = loadavg()
@@ -348,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models", default="resnet50", help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--np", type=int, default=2, help="ranks of our distillation (mpirun -np)")
     p.add_argument("--no-onnx", action="store_true", help="time eager PyTorch only")
+    p.add_argument("--keep-units", action="store_true",
+                   help="keep the units an earlier run distilled (choose again, e.g. at another select.budget, "
+                        "without training; our wall-clock then leaves the distillation out)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override for every model's runs (after the bench's reduced settings)")
     args = p.parse_args(argv)
@@ -360,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = []
     for n in names:
-        rows.append(bench_model(n, MODELS[n], args.out, args.np, args.set, not args.no_onnx))
+        rows.append(bench_model(n, MODELS[n], args.out, args.np, args.set, not args.no_onnx, args.keep_units))
         result = {"cpu": cpu_model(), "cores": os.cpu_count(), "command": " ".join(sys.argv),
                   "bench_wall_s": time.perf_counter() - t0, "models": rows}
         (args.out / "modern.json").write_text(json.dumps(result, indent=2, default=str))
