@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 NP     ?= 2
 RUN_DIR ?= runs/default
 
-.PHONY: install run run-mpi lint test test-fast bench bench-quick bench-paper-scale bench-select bench-select-paper-scale bench-int8 bench-data modern-table gpu-check slurm-up slurm-down clean
+.PHONY: install run run-mpi lint test test-fast bench bench-quick bench-paper-scale bench-select bench-select-paper-scale bench-int8 bench-data bench-modern modern-table gpu-check slurm-up slurm-down clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,12 @@ slurm-down:
 
 clean:
 	rm -rf runs bench/results bench/results-paper-scale bench/results-select bench/results-select-paper-scale .pytest_cache
+
+# Issue 22: ResNet50 (CIFAR stem, full width, digits 32x32) whole-unit students distilled on 2 ranks against
+# Torch-Pruning's global pruning at the same measured batch-64 latency; MODELS=resnet50,vit,convnext for more.
+MODELS ?= resnet50
+bench-modern: install  ## our ResNet50 student vs Torch-Pruning at equal latency: accuracy, throughput, wall-clock
+	$(PY) -m benchmarks.modern_bench --out bench/results-modern --models $(MODELS) --np $(NP)
 
 modern-table: install  ## blocks found in every torchvision classifier at unit and conv granularity (docs/modern-networks.md)
 	$(PY) -m benchmarks.modern_table --out bench/modern-table

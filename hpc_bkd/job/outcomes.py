@@ -59,6 +59,9 @@ class TeacherShare:
     blocks: list[BlockSpec] = field(default_factory=list)
     fingerprint: str = ""
     interrupted: bool = False
+    units: list[Unit] = field(default_factory=list)  # every candidate for every block it fits (rank 0's)
+    built: dict = field(default_factory=dict)  # the narrowed units rank 0 built finding them (whole_units)
+    error: str = ""  # why no candidate fits (raised on every rank)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class PreparedTeacher:
     test_acc: float
     blocks: list[BlockSpec]
     fingerprint: str
+    units: list[Unit] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from hpc_bkd.blocks.candidates import Candidate, Unit, job_units
 from hpc_bkd.blocks.models import build_model
 from hpc_bkd.blocks.students import applies, build_candidate
 from hpc_bkd.blocks.surgery import BlockSpec, assemble, find_blocks
+from hpc_bkd.blocks.whole_units import add_built_units, built_units
 from hpc_bkd.config import Config, ConfigError, job_candidates
 from hpc_bkd.costs.inputs import exchange_seconds_per_byte
 from hpc_bkd.costs.measure import block_costs, read_costs, team_sizes
@@ -153,7 +154,7 @@ def _stages(cfg: Config, rt: Runtime, backend: str, progress: RankProgress) -> J
     progress.attach(run_dir.progress(rt.rank))  # past the up-front checks: a refused job leaves no file
     progress.phase("teacher")
     teacher = share_teacher(cfg, rt, data, run_dir, clock)
-    units = candidate_units(cfg, teacher.model, teacher.blocks)
+    units = teacher.units
     choice = agree_schedule(cfg, rt, teacher, data)
     resume = find_finished(cfg, rt, run_dir, teacher, units)
     progress.phase("cost timing")
@@ -245,7 +246,9 @@ def candidate_units(cfg: Config, teacher: nn.Module, blocks: Sequence[BlockSpec]
             left_out.setdefault(candidate.name, []).append((block, why))
         return why is None
 
+    t0 = time.perf_counter()
     units = job_units(len(blocks), job_candidates(cfg), fits)
+    log.info("candidates: %d unit(s) for %d block(s) found in %.1fs", len(units), len(blocks), time.perf_counter() - t0)
     for name, where in left_out.items():
         log.info("candidate %s left out for %d block(s) (%s): %s", name, len(where),
                  ", ".join(str(b) for b, _ in where), where[0][1])
@@ -256,7 +259,9 @@ def candidate_units(cfg: Config, teacher: nn.Module, blocks: Sequence[BlockSpec]
 
 
 def share_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, clock: Clock) -> PreparedTeacher:
-    """Rank 0 prepares the teacher and finds its blocks; every rank gets them (broadcast)."""
+    """Rank 0 prepares the teacher and finds its blocks and their candidates; every rank gets
+    them (broadcast), with the narrowed units rank 0 built (``shrink``), so no other rank repeats
+    Torch-Pruning's probing."""
     share = None
     if rt.is_root:
         try:
@@ -267,12 +272,16 @@ def share_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, clock: 
     assert isinstance(shared, TeacherShare)
     if shared.interrupted or shared.state is None:
         raise Interrupted(str(run_dir))
+    if shared.error:
+        raise ValueError(shared.error)
     teacher = build_model(cfg.model.arch, data.num_classes, cfg.model.width, cfg.model.kwargs)
     teacher.load_state_dict(shared.state)
     if rt.is_root:
         clock.mark("broadcast")
+    else:
+        add_built_units(shared.built)
     return PreparedTeacher(teacher.eval(), shared.info or {}, shared.val_acc, shared.test_acc, shared.blocks,
-                           shared.fingerprint)
+                           shared.fingerprint, shared.units)
 
 
 def _prepare_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, clock: Clock) -> TeacherShare:
@@ -285,7 +294,13 @@ def _prepare_teacher(cfg: Config, rt: Runtime, data: Data, run_dir: RunDir, cloc
     blocks = find_blocks(teacher, data.input_shape, cfg.blocks.granularity)
     clock.mark("teacher")
     state = teacher.state_dict()
-    return TeacherShare(state, info, val, test, blocks, job_fingerprint(cfg, state_fingerprint(state), blocks))
+    fingerprint = job_fingerprint(cfg, state_fingerprint(state), blocks)
+    try:
+        units = candidate_units(cfg, teacher, blocks)
+    except ValueError as exc:  # nothing fits: every rank raises it after the broadcast
+        return TeacherShare(state, info, val, test, blocks, fingerprint, error=str(exc))
+    clock.mark("candidates")
+    return TeacherShare(state, info, val, test, blocks, fingerprint, units=units, built=built_units())
 
 
 def agree_schedule(cfg: Config, rt: Runtime, teacher: PreparedTeacher, data: Data) -> ScheduleChoice:

@@ -109,6 +109,16 @@ def test_skip_is_identity_or_the_cheapest_projection():
     x = torch.randn(3, *same.in_shape)
     student = build_candidate(same, Candidate.parse("skip"), 0, model).eval()
     assert torch.equal(student(x), x) and sum(p.numel() for p in student.parameters()) == 1
+    student.train()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.fill_(0.5)  # a checkpoint's value, or a step: still exactly its input, and in eval no op at all
+    assert torch.equal(student(x), x)
+    student(x).sum().backward()
+    assert all(float(p.grad.abs().sum()) == 0.0 for p in student.parameters())
+    from hpc_bkd.deploy.form import deploy_form
+    traced = deploy_form(student)
+    assert [n.op for n in traced.graph.nodes] == ["placeholder", "output"]
     proj = build_candidate(down, Candidate.parse("skip"), 0, model)
     convs = [m for m in proj.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.kernel_size, c.stride) for c in convs] == [((1, 1), (2, 2))]
@@ -204,3 +214,29 @@ def test_unit_job_end_to_end_on_two_ranks_exports_and_resumes(tmp_path):
     again = hpc("distill", *args, timeout=600)
     assert "resuming: " in again.stderr and (blocks / "block-001-shrink-w0.5.pt").is_file()
     assert {n: (blocks / n).stat().st_mtime_ns for n in kept} == kept
+
+
+def test_narrowed_units_built_once_travel_to_other_ranks(monkeypatch):
+    """Rank 0 sends the units it narrowed (``built_units``) with the teacher; a rank that takes them
+    (``add_built_units``) builds the same students without probing or pruning again."""
+    import torch
+
+    from hpc_bkd.blocks import whole_units
+    from hpc_bkd.blocks.candidates import Candidate
+    from hpc_bkd.blocks.students import build_candidate
+    model, blocks = _units("resnet18", None)
+    monkeypatch.setattr(whole_units, "_SHRUNK", {})
+    built = build_candidate(blocks[2], Candidate.parse("shrink-w0.5"), 0, model)
+    sent = whole_units.built_units()
+    assert len(sent) == 1
+    monkeypatch.setattr(whole_units, "_SHRUNK", {})  # another rank: nothing built yet
+
+    def no_pruning(*args, **kwargs):
+        raise AssertionError("pruned again on a rank that was sent the unit")
+
+    monkeypatch.setattr(whole_units, "_shrink_unit", no_pruning)
+    with pytest.raises(AssertionError, match="pruned again"):
+        build_candidate(blocks[2], Candidate.parse("shrink-w0.5"), 0, model)
+    whole_units.add_built_units(sent)
+    again = build_candidate(blocks[2], Candidate.parse("shrink-w0.5"), 0, model)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in built.state_dict().items())
