@@ -39,6 +39,7 @@ class DataSource(ABC):
     name: ClassVar[str]
     needs_root: ClassVar[bool] = True  # reads its files under data.root (refused without one)
     stats_sample: ClassVar[int | None] = None  # images the mean/std come from (None: all of them)
+    streams: ClassVar[bool] = False  # can read its images from disk as it goes (data.storage: stream)
 
     @abstractmethod
     def load(self, cfg: DataConfig, device: torch.device | None, stats: DataStats) -> tuple[Split, Split, list[str]]:
@@ -132,6 +133,7 @@ class ImageFolder(DataSource):
 
     name = "imagefolder"
     stats_sample = STATS_SAMPLE  # either storage: the same first images of the shuffled split
+    streams = True
 
     def load(self, cfg: DataConfig, device: torch.device | None, stats: DataStats) -> tuple[Split, Split, list[str]]:
         """Two ``StreamSet``s (train, val-or-test) sharing one pool of workers, decoded into
@@ -197,11 +199,6 @@ def source_for(cfg: DataConfig) -> DataSource:
     return SOURCES[cfg.dataset]
 
 
-def storage_for(cfg: DataConfig, images: int) -> str:
-    """``data.storage`` resolved for ``images`` images of ``data.dataset``."""
-    return source_for(cfg).storage(cfg, images)
-
-
 def load_data(cfg: DataConfig, seed: int = 0, device: torch.device | None = None) -> Data:
     """Load a dataset and split a validation set off the training set (fixed by ``seed``).
     ``device``: where a streamed batch is going (pinned memory and non-blocking copies on a GPU)."""
@@ -211,7 +208,7 @@ def load_data(cfg: DataConfig, seed: int = 0, device: torch.device | None = None
     if cfg.root is not None and source.needs_root and not Path(cfg.root).is_dir():
         raise DataError(f"data.root={cfg.root!r} is not a directory (dataset {cfg.dataset}); "
                         "datasets are read from local files and never downloaded")
-    if cfg.storage == "stream" and source.storage(cfg, 2**62) != "stream":
+    if cfg.storage == "stream" and not source.streams:
         raise DataError(f"data.storage: stream reads image files (dataset imagefolder); {cfg.dataset} is "
                         "always held in memory: set data.storage to memory or auto")
     _check_reading(cfg)
